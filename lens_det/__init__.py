@@ -1,0 +1,18 @@
+"""lens_det: hooked Bloom and Gemma models that match Hugging Face bit for bit, with and without a KV cache."""
+
+from lens_det.components.positions import positions_from_mask
+from lens_det.config import LensConfig, named_configs
+from lens_det.kv_cache import KVCache
+from lens_det.loading import from_config, from_hf_model, from_pretrained
+from lens_det.model import HookedDecoder
+
+__all__ = [
+    "HookedDecoder",
+    "KVCache",
+    "LensConfig",
+    "from_config",
+    "from_hf_model",
+    "from_pretrained",
+    "named_configs",
+    "positions_from_mask",
+]

@@ -1,0 +1,170 @@
+"""Attention: projections, optional q/k norm, RoPE or ALiBi, the KV cache, masking and the eager core.
+
+The op sequence and tensor layouts mirror HF eager (REFERENCE §1.6, §2.4, §3.5), which is what makes the
+outputs bit-identical; hooks see TransformerLens shapes ([batch, pos, head_index, d_head]).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformer_lens.hook_points import HookPoint
+
+from lens_det import ops
+from lens_det.components.context import ForwardContext
+from lens_det.components.norms import make_optional_norm
+from lens_det.components.positions import alibi_slopes, apply_rope, rope_inv_freq
+from lens_det.config import LensConfig
+
+
+class SoftCap(nn.Module):
+    """tanh(s / cap) * cap, in that op order (REFERENCE §4)."""
+
+    def __init__(self, cap: float):
+        super().__init__()
+        self.cap = cap
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(s / self.cap) * self.cap
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, Hkv, K, d] -> [B, Hkv * n_rep, K, d], kv head g serving query heads g*n_rep ... (HF repeat_kv)."""
+    if n_rep == 1:
+        return x
+    b, h_kv, k, d = x.shape
+    return x[:, :, None, :, :].expand(b, h_kv, n_rep, k, d).reshape(b, h_kv * n_rep, k, d)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LensConfig, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layer = layer
+        h, h_kv, d, d_model = cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.d_model
+        if cfg.fused_qkv:  # Bloom: one [3 * H * d, d_model] projection, per head [q | k | v] (REFERENCE §2.4)
+            self.w_qkv = nn.Parameter(torch.empty(3 * h * d, d_model))
+            self.b_qkv = nn.Parameter(torch.zeros(3 * h * d)) if cfg.attn_bias else None
+            self._project = self._project_fused
+        else:
+            self.w_q = nn.Parameter(torch.empty(h * d, d_model))
+            self.w_k = nn.Parameter(torch.empty(h_kv * d, d_model))
+            self.w_v = nn.Parameter(torch.empty(h_kv * d, d_model))
+            self.b_q = nn.Parameter(torch.zeros(h * d)) if cfg.attn_bias else None
+            self.b_k = nn.Parameter(torch.zeros(h_kv * d)) if cfg.attn_bias else None
+            self.b_v = nn.Parameter(torch.zeros(h_kv * d)) if cfg.attn_bias else None
+            self._project = self._project_split
+        self.w_o = nn.Parameter(torch.empty(d_model, h * d))
+        self.b_o = nn.Parameter(torch.zeros(d_model)) if cfg.attn_bias else None
+
+        self.q_norm = make_optional_norm(cfg, cfg.qk_norm, dim=d)
+        self.k_norm = make_optional_norm(cfg, cfg.qk_norm, dim=d)
+        self.score_cap = SoftCap(cfg.attn_softcap) if cfg.attn_softcap else nn.Identity()
+        self.window = cfg.sliding_window if cfg.layer_types[layer] == "sliding_attention" else None
+        self.use_attn_result = False
+
+        self.hook_q = HookPoint()  # [batch, pos, head_index, d_head]
+        self.hook_k = HookPoint()  # [batch, pos, kv_head_index, d_head]
+        self.hook_v = HookPoint()  # [batch, pos, kv_head_index, d_head]
+        if cfg.positional == "rope":
+            self.rope_key = (cfg.rope_theta[layer], cfg.rope_linear_factor[layer])
+            # Plain float32 attributes, not buffers: model.to(bfloat16) must not round them (REFERENCE §3.4).
+            self.inv_freq = rope_inv_freq(d, *self.rope_key)
+            self.hook_rot_q = HookPoint()  # [batch, pos, head_index, d_head]
+            self.hook_rot_k = HookPoint()  # [batch, pos, kv_head_index, d_head]
+            self._position, self._score_bias = self._rope, self._no_bias
+        else:
+            self.slopes = alibi_slopes(h)
+            self._position, self._score_bias = self._no_rotation, self._alibi_bias
+        self.hook_attn_scores = HookPoint()  # [batch, head_index, query_pos, key_pos] (softmax input)
+        self.hook_pattern = HookPoint()  # [batch, head_index, query_pos, key_pos]
+        self.hook_z = HookPoint()  # [batch, pos, head_index, d_head]
+        self.hook_result = HookPoint()  # [batch, pos, head_index, d_model] (only with use_attn_result)
+
+    # --- projections: return q, k, v as [batch, pos, head, d_head] ---
+    def _project_fused(self, x):
+        b, t, _ = x.shape
+        fused = ops.linear(x, self.w_qkv, self.b_qkv).view(b, t, self.cfg.n_heads, 3, self.cfg.d_head)
+        return fused[..., 0, :], fused[..., 1, :], fused[..., 2, :]
+
+    def _project_split(self, x):
+        b, t, _ = x.shape
+        shape = (b, t, -1, self.cfg.d_head)
+        q = ops.linear(x, self.w_q, self.b_q).view(shape)
+        k = ops.linear(x, self.w_k, self.b_k).view(shape)
+        v = ops.linear(x, self.w_v, self.b_v).view(shape)
+        return q, k, v
+
+    # --- positions: RoPE rotates q and k ([batch, head, pos, d_head]); ALiBi adds a bias to the scores ---
+    def _rope(self, q, k, ctx: ForwardContext):
+        cos, sin = ctx.rope(self.inv_freq, self.rope_key, q.device)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = self.hook_rot_q(q.transpose(1, 2)).transpose(1, 2)
+        k = self.hook_rot_k(k.transpose(1, 2)).transpose(1, 2)
+        return q, k
+
+    def _no_rotation(self, q, k, ctx: ForwardContext):
+        return q, k
+
+    def _no_bias(self, ctx: ForwardContext, key_start: int, device):
+        return None
+
+    def _alibi_bias(self, ctx: ForwardContext, key_start: int, device):
+        return ctx.alibi(self.slopes, key_start, device)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, cache_entry=None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self._project(x)
+        q = self.q_norm(self.hook_q(q)).transpose(1, 2)  # HF layout [batch, head, pos, d_head]
+        k = self.k_norm(self.hook_k(k)).transpose(1, 2)
+        v = self.hook_v(v).transpose(1, 2)
+        q, k = self._position(q, k, ctx)
+        if cache_entry is None:
+            key_start = 0
+        else:
+            k, v, key_start = cache_entry.update(k, v)
+        n_key = k.shape[-2]
+        bias = self._score_bias(ctx, key_start, x.device)
+        k, v = repeat_kv(k, self.cfg.n_rep), repeat_kv(v, self.cfg.n_rep)
+        scores = self.score_cap(ops.attention_scores(q, k, self.cfg.attn_scale, bias))
+        scores = scores + ctx.additive_mask(key_start, n_key, self.window, x.device)
+        scores = self.hook_attn_scores(scores)
+        probs = self.hook_pattern(ops.softmax(scores))
+        z = self.hook_z(ops.attend(probs, v).transpose(1, 2))
+        if self.use_attn_result:
+            w_o = self.w_o.view(self.cfg.d_model, self.cfg.n_heads, self.cfg.d_head)
+            self.hook_result(torch.einsum("bqhd,mhd->bqhm", z, w_o))
+        return ops.linear(z.reshape(b, t, -1), self.w_o, self.b_o)
+
+    # --- TransformerLens-shaped weight views ---
+    def _qkv_weights(self):
+        h, d = self.cfg.n_heads, self.cfg.d_head
+        if self.cfg.fused_qkv:
+            w = self.w_qkv.view(h, 3, d, -1)
+            bias = self.b_qkv.view(h, 3, d) if self.b_qkv is not None else None
+            return [(w[:, i], None if bias is None else bias[:, i]) for i in range(3)]
+        out = []
+        for w, bias in ((self.w_q, self.b_q), (self.w_k, self.b_k), (self.w_v, self.b_v)):
+            n = w.shape[0] // d
+            out.append((w.view(n, d, -1), None if bias is None else bias.view(n, d)))
+        return out
+
+    @property
+    def W_Q(self):  # [head_index, d_model, d_head]
+        return self._qkv_weights()[0][0].transpose(1, 2)
+
+    @property
+    def W_K(self):  # [kv_head_index, d_model, d_head]
+        return self._qkv_weights()[1][0].transpose(1, 2)
+
+    @property
+    def W_V(self):
+        return self._qkv_weights()[2][0].transpose(1, 2)
+
+    @property
+    def W_O(self):  # [head_index, d_head, d_model]
+        return self.w_o.view(self.cfg.d_model, self.cfg.n_heads, self.cfg.d_head).permute(1, 2, 0)
+
+    @property
+    def b_O(self):
+        return self.b_o if self.b_o is not None else torch.zeros_like(self.w_o[:, 0])

@@ -1,0 +1,46 @@
+"""One decoder block; norms that a config lacks are identities, so forward has no architecture branches."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformer_lens.hook_points import HookPoint
+
+from lens_det.components.attention import Attention
+from lens_det.components.context import ForwardContext
+from lens_det.components.mlp import make_mlp
+from lens_det.components.norms import make_norm, make_optional_norm
+from lens_det.config import LensConfig
+
+
+class Block(nn.Module):
+    """x -> x + ln1_post(attn(ln1(x))) -> + ln2_post(mlp(ln2(.))).
+
+    Gemma 1's `post_attention_layernorm` is the pre-MLP norm (ln2); Gemma 2/3's is ln1_post (REFERENCE §9.7).
+    With `residual_from_norm` (Bloom's apply_residual_connection_post_layernorm) the residual branch starts from
+    the norm's output. hook_attn_out / hook_mlp_out are what is added to the residual stream.
+    """
+
+    def __init__(self, cfg: LensConfig, layer: int):
+        super().__init__()
+        self.residual_from_norm = cfg.residual_from_norm
+        self.ln1 = make_norm(cfg)
+        self.attn = Attention(cfg, layer)
+        self.ln1_post = make_optional_norm(cfg, cfg.post_attn_norm)
+        self.ln2 = make_norm(cfg)
+        self.mlp = make_mlp(cfg)
+        self.ln2_post = make_optional_norm(cfg, cfg.post_mlp_norm)
+        self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
+        self.hook_attn_out = HookPoint()  # [batch, pos, d_model]
+        self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
+        self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
+        self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, cache_entry=None) -> torch.Tensor:
+        x = self.hook_resid_pre(x)
+        a = self.ln1(x)
+        attn_out = self.hook_attn_out(self.ln1_post(self.attn(a, ctx, cache_entry)))
+        x = self.hook_resid_mid((a if self.residual_from_norm else x) + attn_out)
+        m = self.ln2(x)
+        mlp_out = self.hook_mlp_out(self.ln2_post(self.mlp(m)))
+        return self.hook_resid_post((m if self.residual_from_norm else x) + mlp_out)

@@ -1,0 +1,44 @@
+"""What every layer of one forward call shares: the mask of everything seen, positions, and memoised masks,
+ALiBi biases and RoPE tables (one copy per device, so layers on several devices each get their own)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lens_det.components.masks import additive_mask
+from lens_det.components.positions import alibi_bias, rope_cos_sin
+
+
+@dataclass
+class ForwardContext:
+    mask: torch.Tensor  # [batch, past + new] 0/1, everything attended so far plus the new tokens
+    query_start: int  # absolute index of the first new token (tokens already in the cache)
+    n_query: int
+    dtype: torch.dtype
+    position_ids: torch.Tensor | None = None  # [batch or 1, n_query] (RoPE models)
+    _memo: dict = field(default_factory=dict)
+
+    def _get(self, key, build):
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
+
+    def additive_mask(self, key_start: int, n_key: int, window: int | None, device) -> torch.Tensor:
+        return self._get(
+            ("mask", key_start, n_key, window, device),
+            lambda: additive_mask(
+                self.mask.to(device), self.query_start, self.n_query, key_start, n_key, window, self.dtype
+            ),
+        )
+
+    def alibi(self, slopes: torch.Tensor, key_start: int, device) -> torch.Tensor:
+        full = self._get(("alibi", device), lambda: alibi_bias(self.mask.to(device), slopes, self.dtype))
+        return full if key_start == 0 else full[..., key_start:]
+
+    def rope(self, inv_freq: torch.Tensor, key, device) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._get(
+            ("rope", key, device),
+            lambda: rope_cos_sin(self.position_ids.to(device), inv_freq.to(device), self.dtype),
+        )

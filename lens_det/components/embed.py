@@ -1,0 +1,55 @@
+"""Token embedding (with Bloom's embedding LayerNorm or Gemma's sqrt(d_model) scale) and the unembedding."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformer_lens.hook_points import HookPoint
+
+from lens_det import ops
+from lens_det.components.attention import SoftCap
+from lens_det.components.norms import make_optional_norm
+from lens_det.config import LensConfig
+
+
+class EmbedScale(nn.Module):
+    """x * sqrt(d_model), the scale cast to x's dtype first and multiplied in that dtype (REFERENCE §3.2)."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.scale = torch.tensor(d_model**0.5, dtype=torch.float32, device="cpu")  # HF's float32 buffer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.to(device=x.device, dtype=x.dtype)
+
+
+class Embed(nn.Module):
+    """hook_embed is the raw lookup W_E[tokens]; what enters the residual stream (after Bloom's `ln` or
+    Gemma's scale) is blocks.0.hook_resid_pre."""
+
+    def __init__(self, cfg: LensConfig):
+        super().__init__()
+        self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))  # [d_vocab, d_model]
+        self.hook_embed = HookPoint()  # [batch, pos, d_model]
+        self.ln = make_optional_norm(cfg, cfg.embed_norm)
+        self.scale = EmbedScale(cfg.d_model) if cfg.embed_scale else nn.Identity()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.scale(self.ln(self.hook_embed(F.embedding(tokens, self.W_E))))
+
+
+class Unembed(nn.Module):
+    def __init__(self, cfg: LensConfig, embed: Embed):
+        super().__init__()
+        # Tied models read the embedding matrix (the unscaled one, REFERENCE §3.7) through `embed`.
+        self._embed = [embed] if cfg.tie_word_embeddings else None  # a list keeps it out of the module tree
+        self.weight = None if cfg.tie_word_embeddings else nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
+        self.final_cap = SoftCap(cfg.final_softcap) if cfg.final_softcap else nn.Identity()
+
+    @property
+    def w(self) -> torch.Tensor:  # [d_vocab, d_model]
+        return self._embed[0].W_E if self.weight is None else self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.final_cap(ops.linear(x, self.w))

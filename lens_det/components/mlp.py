@@ -1,0 +1,68 @@
+"""MLPs: Bloom's (in -> bloom_gelu -> out, with biases) and Gemma's gated GELU-tanh (down(act(gate) * up))."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformer_lens.hook_points import HookPoint
+
+from lens_det import ops
+from lens_det.config import LensConfig
+
+
+def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
+    """Bloom's tanh GELU with the truncated constant and this exact expression order (REFERENCE §2.5)."""
+    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"bloom_gelu": bloom_gelu, "gelu_tanh": gelu_tanh}
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LensConfig):
+        super().__init__()
+        self.act = ACTIVATIONS[cfg.act_fn]
+        self.w_in = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model))
+        self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp)) if cfg.mlp_bias else None
+        self.w_out = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp))
+        self.b_out = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.mlp_bias else None
+        self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
+        self.hook_post = HookPoint()  # [batch, pos, d_mlp]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.hook_pre(ops.linear(x, self.w_in, self.b_in))
+        return ops.linear(self.hook_post(self.act(pre)), self.w_out, self.b_out)
+
+    @property
+    def W_in(self):  # [d_model, d_mlp]
+        return self.w_in.T
+
+    @property
+    def W_out(self):  # [d_mlp, d_model]
+        return self.w_out.T
+
+
+class GatedMLP(MLP):
+    def __init__(self, cfg: LensConfig):
+        super().__init__(cfg)
+        self.w_gate = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model))
+        self.b_gate = nn.Parameter(torch.zeros(cfg.d_mlp)) if cfg.mlp_bias else None
+        self.hook_pre_linear = HookPoint()  # [batch, pos, d_mlp]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.hook_pre(ops.linear(x, self.w_gate, self.b_gate))
+        pre_linear = self.hook_pre_linear(ops.linear(x, self.w_in, self.b_in))
+        return ops.linear(self.hook_post(self.act(pre) * pre_linear), self.w_out, self.b_out)
+
+    @property
+    def W_gate(self):  # [d_model, d_mlp]
+        return self.w_gate.T
+
+
+def make_mlp(cfg: LensConfig) -> MLP:
+    return GatedMLP(cfg) if cfg.gated_mlp else MLP(cfg)

@@ -1,0 +1,76 @@
+"""LayerNorm (Bloom) and RMSNorm (Gemma) with TransformerLens hooks.
+
+hook_scale is the divisor sqrt(var + eps) in fp32, shape [..., 1]; hook_normalized is the norm's output (after
+weight and bias, in the model dtype), i.e. the tensor HF's norm module returns. The scale is computed only when
+something listens to hook_scale, and an edit to it is applied; otherwise the HF-exact op runs unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformer_lens.hook_points import HookPoint
+
+from lens_det import ops
+from lens_det.config import LensConfig
+
+
+def listened(hook: HookPoint) -> bool:
+    """Whether a forward hook is attached (so a value computed only for it is worth computing)."""
+    return bool(hook._forward_hooks)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.w = nn.Parameter(torch.ones(dim))
+        self.b = nn.Parameter(torch.zeros(dim))
+        self.hook_scale = HookPoint()  # [batch, pos, 1]
+        self.hook_normalized = HookPoint()  # [batch, pos, d]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = None
+        if listened(self.hook_scale):
+            scale = ops.norm_scale(x, self.eps, center=True)
+            hooked = self.hook_scale(scale)
+            if hooked is not scale:  # an edited scale is applied, TransformerLens-style
+                xf = x.float()
+                out = ((xf - xf.mean(-1, keepdim=True)) / hooked * self.w.float() + self.b.float()).to(x.dtype)
+        if out is None:
+            out = ops.layer_norm(x, self.w, self.b, self.eps)
+        return self.hook_normalized(out)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, unit_offset: bool):
+        super().__init__()
+        self.eps = eps
+        self.unit_offset = unit_offset
+        self.w = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
+        self.hook_scale = HookPoint()  # [batch, pos, 1] (or [batch, pos, head_index, 1] for q/k norms)
+        self.hook_normalized = HookPoint()  # same shape as the input
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = None
+        if listened(self.hook_scale):
+            scale = ops.norm_scale(x, self.eps, center=False)
+            hooked = self.hook_scale(scale)
+            if hooked is not scale:
+                gain = 1.0 + self.w.float() if self.unit_offset else self.w.float()
+                out = (x.float() / hooked * gain).to(x.dtype)
+        if out is None:
+            out = ops.rms_norm(x, self.w, self.eps, self.unit_offset)
+        return self.hook_normalized(out)
+
+
+def make_norm(cfg: LensConfig, dim: int | None = None) -> nn.Module:
+    dim = cfg.d_model if dim is None else dim
+    if cfg.norm == "layernorm":
+        return LayerNorm(dim, cfg.norm_eps)
+    return RMSNorm(dim, cfg.norm_eps, cfg.rmsnorm_unit_offset)
+
+
+def make_optional_norm(cfg: LensConfig, present: bool, dim: int | None = None) -> nn.Module:
+    """A norm when the config has it, an identity (with no hooks) when it does not."""
+    return make_norm(cfg, dim) if present else nn.Identity()

@@ -1,0 +1,65 @@
+"""Positional mechanisms: ALiBi (Bloom) and RoPE (Gemma), both driven by the 2-D attention mask.
+
+Positions come from the mask, never from pad-token ids.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """Bloom's per-head slopes, float32 `pow` with the odd-power extension (REFERENCE §2.4). Built on the CPU
+    (also under a meta-device context) and moved where needed."""
+    closest = 2 ** math.floor(math.log2(n_heads))
+    base = torch.tensor(2 ** (-(2 ** -(math.log2(closest) - 3))), dtype=torch.float32, device="cpu")
+    slopes = torch.pow(base, torch.arange(1, 1 + closest, dtype=torch.int32, device="cpu"))
+    if closest != n_heads:
+        extra_base = torch.tensor(2 ** (-(2 ** -(math.log2(2 * closest) - 3))), dtype=torch.float32, device="cpu")
+        n_extra = min(closest, n_heads - closest)
+        extra = torch.pow(extra_base, torch.arange(1, 1 + 2 * n_extra, 2, dtype=torch.int32, device="cpu"))
+        slopes = torch.cat([slopes, extra], dim=0)
+    return slopes
+
+
+def alibi_bias(mask: torch.Tensor, slopes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """ALiBi bias [B*H, 1, K] from the full mask [B, K]: slope_h * key position, positions counted over real
+    tokens only (pads -> 0), float32 product cast to dtype (REFERENCE §2.4)."""
+    batch, length = mask.shape
+    key_pos = ((mask.cumsum(dim=-1) - 1) * mask)[:, None, :]
+    bias = slopes.to(mask.device)[..., None] * key_pos
+    return bias.reshape(batch * slopes.shape[0], 1, length).to(dtype)
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The position ids HF `generate` uses: cumsum(mask) - 1, pads at 0 (REFERENCE §1.4)."""
+    mask = mask.long()
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def rope_inv_freq(d_head: int, theta: float, linear_factor: float) -> torch.Tensor:
+    """float32 inverse frequencies, divided by the linear scaling factor (REFERENCE §3.4, §5)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d_head, 2, dtype=torch.int64, device="cpu").float() / d_head))
+    if linear_factor != 1.0:
+        inv_freq /= linear_factor
+    return inv_freq
+
+
+def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos, sin [B or 1, q, d_head] in float32, then cast to dtype (REFERENCE §3.4)."""
+    freqs = position_ids[..., None].float() * inv_freq.to(device=position_ids.device, dtype=torch.float)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split ("NeoX") rotation of x [B, H, q, d] with cos/sin [B, q, d] (REFERENCE §3.4)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (x * cos) + (rotate_half(x) * sin)

@@ -1,0 +1,160 @@
+"""LensConfig: the architecture of a model, named by mechanism rather than by model family.
+
+Runtime options (device, dtype, deterministic mode) are not part of it; see `HookedDecoder`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Literal
+
+LayerType = Literal["full_attention", "sliding_attention"]
+
+
+@dataclass(frozen=True)
+class LensConfig:
+    """Architecture of a hooked decoder.
+
+    Field names follow TransformerLens where one exists (n_layers, d_model, n_heads, d_head, d_mlp, d_vocab,
+    n_key_value_heads), so `transformer_lens.ActivationCache` and `transformer_lens.patching` can read them.
+    Every other field names a mechanism; the model resolves each one once, in `__init__`.
+    """
+
+    architecture: str  # the HF model_type this came from (informational; nothing dispatches on it)
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_head: int
+    d_mlp: int
+    d_vocab: int
+    n_key_value_heads: int
+    positional: Literal["alibi", "rope"]
+    norm: Literal["layernorm", "rmsnorm"]
+    norm_eps: float
+    attn_scale: float  # multiplies Q @ K^T (the exact Python float HF uses)
+    act_fn: Literal["bloom_gelu", "gelu_tanh"]
+    gated_mlp: bool
+    layer_types: tuple[LayerType, ...]
+    rmsnorm_unit_offset: bool = False  # RMSNorm multiplies by (1 + w) (Gemma 1-3)
+    embed_norm: bool = False  # LayerNorm right after the embedding (Bloom)
+    embed_scale: bool = False  # multiply embeddings by sqrt(d_model) cast to the weight dtype (Gemma)
+    post_attn_norm: bool = False  # norm on the attention output before the residual add (Gemma 2/3)
+    post_mlp_norm: bool = False  # norm on the MLP output before the residual add (Gemma 2/3)
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Gemma 3)
+    attn_softcap: float | None = None  # tanh(s / cap) * cap on attention scores, before the mask
+    final_softcap: float | None = None  # tanh(l / cap) * cap on the logits
+    fused_qkv: bool = False  # one projection laid out per head as [q | k | v] (Bloom)
+    attn_bias: bool = False
+    mlp_bias: bool = False
+    residual_from_norm: bool = False  # the residual branch starts from the norm output (Bloom's flag)
+    sliding_window: int | None = None  # keys visible iff 0 <= i - j < sliding_window (padded indices)
+    rope_theta: tuple[float, ...] | None = None  # per layer
+    rope_linear_factor: tuple[float, ...] | None = None  # per layer; inv_freq is divided by it
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    hf_architecture: str | None = None  # the HF class name of the checkpoint (e.g. Gemma3ForConditionalGeneration)
+
+    def __post_init__(self) -> None:
+        if self.d_model <= 0 or self.n_layers <= 0 or self.n_heads <= 0 or self.d_head <= 0:
+            raise ValueError(f"d_model, n_layers, n_heads and d_head must be positive: {self}")
+        if self.n_heads % self.n_key_value_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} is not a multiple of n_key_value_heads={self.n_key_value_heads}"
+            )
+        if self.fused_qkv and self.n_key_value_heads != self.n_heads:
+            raise ValueError("fused_qkv (Bloom layout) needs n_key_value_heads == n_heads")
+        if self.positional not in ("alibi", "rope"):
+            raise ValueError(f"positional must be 'alibi' or 'rope', got {self.positional!r}")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
+        per_layer = {"layer_types": self.layer_types}
+        if self.positional == "rope":
+            if self.rope_theta is None or self.rope_linear_factor is None:
+                raise ValueError("positional='rope' needs rope_theta and rope_linear_factor (one per layer)")
+            per_layer |= {"rope_theta": self.rope_theta, "rope_linear_factor": self.rope_linear_factor}
+        for name, values in per_layer.items():
+            if len(values) != self.n_layers:
+                raise ValueError(f"{name} has {len(values)} entries but n_layers is {self.n_layers}")
+        unknown = set(self.layer_types) - {"full_attention", "sliding_attention"}
+        if unknown:
+            raise NotImplementedError(f"layer_types {sorted(unknown)} are not implemented")
+        if "sliding_attention" in self.layer_types and not self.sliding_window:
+            raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+
+    # --- TransformerLens field names read by ActivationCache and transformer_lens.patching ---
+    @property
+    def normalization_type(self) -> str:
+        return "LN" if self.norm == "layernorm" else "RMS"
+
+    @property
+    def final_rms(self) -> bool:
+        return self.norm == "rmsnorm"
+
+    @property
+    def attn_only(self) -> bool:
+        return False
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per key/value head (1 without GQA/MQA)."""
+        return self.n_heads // self.n_key_value_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # --- construction ---
+    @classmethod
+    def from_hf_config(cls, hf_config: Any) -> LensConfig:
+        """Build from a `transformers` config object (BloomConfig, GemmaConfig, Gemma2Config, Gemma3TextConfig,
+        or a Gemma3Config whose text part is used)."""
+        from lens_det.convert import family_for
+
+        return family_for(hf_config).config_from_hf(hf_config)
+
+    @classmethod
+    def from_name(cls, name: str) -> LensConfig:
+        """Build from a named file in `lens_det/model_configs/` (e.g. "bloom-560m", "gemma-2-2b", "tiny-bloom")."""
+        return cls.from_hf_config(hf_config_from_name(name))
+
+
+def named_configs() -> dict[str, dict[str, Any]]:
+    """All named configs: {name: the JSON record (hf_name, hf_config, sources, notes)}."""
+    records: dict[str, dict[str, Any]] = {}
+    for entry in sorted(resources.files("lens_det.model_configs").iterdir(), key=lambda p: p.name):
+        if not entry.name.endswith(".json"):
+            continue
+        record = json.loads(entry.read_text())
+        name = record["name"]
+        if name in records:
+            raise ValueError(f"two files in lens_det/model_configs declare the name {name!r}")
+        if entry.name != f"{name}.json":
+            raise ValueError(f"lens_det/model_configs/{entry.name} declares name {name!r}; rename one of them")
+        records[name] = record
+    return records
+
+
+def resolve_name(name: str) -> dict[str, Any]:
+    """The named-config record for `name` (short name like "bloom-560m" or the HF id "bigscience/bloom-560m")."""
+    records = named_configs()
+    if name in records:
+        return records[name]
+    for record in records.values():
+        if record.get("hf_name") == name:
+            return record
+    raise ValueError(
+        f"unknown model config {name!r}; known names: {', '.join(sorted(records))} "
+        "(or pass a local directory / an HF model object to from_pretrained)"
+    )
+
+
+def hf_config_from_name(name: str) -> Any:
+    """The `transformers` config object described by the named config."""
+    from transformers import AutoConfig
+
+    fields = dict(resolve_name(name)["hf_config"])
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)

@@ -1,0 +1,127 @@
+"""KVCache: a caller-owned cache of keys, values and the 2-D mask of everything seen.
+
+Per layer it holds keys (post-RoPE, post q/k-norm) and values [batch, kv_heads, pos, d_head] on that layer's
+device, the way HF's DynamicCache does (REFERENCE §1.5): full-attention layers keep everything, sliding-window
+layers keep the last W - 1 positions. Positions are not stored: ALiBi and mask-derived RoPE positions are
+recomputed from the mask history, default RoPE positions continue from the number of tokens seen.
+
+A forward call stages its updates and commits them only when the whole call succeeded, so an error (bad input,
+a hook that raises) leaves the cache unchanged. A frozen cache is read but never grown.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lens_det.config import LensConfig
+
+
+class KVCacheEntry:
+    """Keys and values of one layer; `start` is the absolute (padded) index of the first stored position."""
+
+    def __init__(self, window: int | None):
+        self.window = window
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.start = 0
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Stage k, v [batch, kv_heads, new, d_head]; return (keys, values, start) of everything to attend."""
+        if self.keys is None:  # HF concatenates onto an empty tensor, which makes a contiguous copy
+            keys, values = k.new_empty(*k.shape[:2], 0, k.shape[3]), v.new_empty(*v.shape[:2], 0, v.shape[3])
+        else:
+            keys, values = self.keys, self.values
+        k_all, v_all = torch.cat([keys, k], dim=-2), torch.cat([values, v], dim=-2)
+        self._pending = (k_all, v_all)
+        return k_all, v_all, self.start
+
+    def commit(self) -> None:
+        k_all, v_all = self._pending
+        self._pending = None
+        keep = k_all.shape[-2] if self.window is None else min(k_all.shape[-2], self.window - 1)
+        self.start += k_all.shape[-2] - keep
+        self.keys, self.values = k_all[:, :, k_all.shape[-2] - keep :], v_all[:, :, k_all.shape[-2] - keep :]
+
+    def discard(self) -> None:
+        self._pending = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    @property
+    def nbytes(self) -> int:
+        if self.keys is None:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+
+class KVCache:
+    """Caller-owned KV cache: `model(tokens, attention_mask=full_mask, kv_cache=cache)` appends the new tokens."""
+
+    def __init__(self, config: LensConfig):
+        self.config = config
+        self.layers = [
+            KVCacheEntry(config.sliding_window if t == "sliding_attention" else None) for t in config.layer_types
+        ]
+        self.mask: torch.Tensor | None = None  # [batch, seen] 0/1 (long)
+        self.frozen = False
+
+    @property
+    def length(self) -> int:
+        """Tokens seen so far (pads included): the absolute index the next token gets."""
+        return 0 if self.mask is None else self.mask.shape[1]
+
+    @property
+    def batch_size(self) -> int | None:
+        return None if self.mask is None else self.mask.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(entry.nbytes for entry in self.layers)
+
+    def freeze(self) -> KVCache:
+        """Stop growing: later calls attend to the cached prefix but store nothing (shared-prefix experiments)."""
+        self.frozen = True
+        return self
+
+    def unfreeze(self) -> KVCache:
+        self.frozen = False
+        return self
+
+    def clone(self) -> KVCache:
+        """An independent copy (fork a branch from a shared prefix)."""
+        other = KVCache(self.config)
+        other.mask = None if self.mask is None else self.mask.clone()
+        other.frozen = self.frozen
+        for mine, theirs in zip(self.layers, other.layers):
+            theirs.start = mine.start
+            if mine.keys is not None:
+                theirs.keys, theirs.values = mine.keys.clone(), mine.values.clone()
+        return other
+
+    def to(self, device) -> KVCache:
+        """Move every layer's tensors (and the mask) to one device, in place."""
+        if self.mask is not None:
+            self.mask = self.mask.to(device)
+        for entry in self.layers:
+            if entry.keys is not None:
+                entry.keys, entry.values = entry.keys.to(device), entry.values.to(device)
+        return self
+
+    def _commit(self, mask: torch.Tensor) -> None:
+        for entry in self.layers:
+            entry.commit()
+        self.mask = mask
+
+    def _discard(self) -> None:
+        for entry in self.layers:
+            entry.discard()
+
+    def __repr__(self) -> str:
+        stored = sorted({entry.length for entry in self.layers})
+        return (
+            f"KVCache(layers={len(self.layers)}, tokens_seen={self.length}, batch={self.batch_size}, "
+            f"stored_positions={stored}, bytes={self.nbytes}, frozen={self.frozen})"
+        )

@@ -1,0 +1,128 @@
+"""Loading: from_pretrained (hub name, local directory or HF model object) and from_config (random weights)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lens_det.config import LensConfig, hf_config_from_name
+from lens_det.convert import family_for
+from lens_det.model import HookedDecoder
+
+log = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
+
+
+def text_config(hf_config: Any) -> Any:
+    """The decoder's config: Gemma3ForConditionalGeneration checkpoints nest it as `text_config`."""
+    return getattr(hf_config, "text_config", None) or hf_config
+
+
+def from_hf_model(hf_model: Any, dtype: torch.dtype | None = None, device=None) -> HookedDecoder:
+    """Convert an in-memory HF model (e.g. BloomForCausalLM). dtype defaults to the HF model's."""
+    hf_cfg = text_config(hf_model.config)
+    dtype = dtype or next(hf_model.parameters()).dtype
+    return _build(hf_cfg, hf_model.state_dict(), dtype, device)
+
+
+def from_pretrained(
+    name_or_path: str | Path | Any,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+    tokenizer: bool = True,
+) -> HookedDecoder:
+    """Load a checkpoint: an HF hub name (needs network or the local HF cache), a local `save_pretrained`
+    directory, or an HF model object. Only the decoder (text) weights are read, straight from the weight files.
+
+    Args:
+        name_or_path: e.g. "bigscience/bloom-560m", "/path/to/dir", or a `PreTrainedModel`.
+        dtype: the model dtype (weights are cast to it, as HF `from_pretrained(dtype=...)` does).
+        device: where to put the model.
+        tokenizer: attach the checkpoint's tokenizer when it has one.
+    """
+    if not isinstance(name_or_path, (str, Path)):
+        return from_hf_model(name_or_path, dtype=dtype, device=device)
+    directory = _local_dir(str(name_or_path))
+    from transformers import AutoConfig
+
+    hf_cfg = text_config(AutoConfig.from_pretrained(directory))
+    model = _build(hf_cfg, _read_weights(directory), dtype, device)
+    if tokenizer:
+        model.tokenizer = _load_tokenizer(directory)
+    return model
+
+
+def from_config(name_or_config: str | LensConfig, seed: int = 0, dtype=torch.float32, device=None) -> HookedDecoder:
+    """A model with random weights: an HF model of that config is initialised with `seed` and converted, so
+    the result matches HF for the same seed."""
+    from transformers import AutoModelForCausalLM
+
+    hf_cfg = hf_config_from_name(name_or_config) if isinstance(name_or_config, str) else None
+    if hf_cfg is None:
+        raise TypeError("from_config takes the name of a config in lens_det/model_configs")
+    torch.manual_seed(seed)
+    hf_model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation="eager")
+    return from_hf_model(hf_model, dtype=dtype, device=device)
+
+
+def _build(hf_cfg: Any, hf_state_dict: dict, dtype: torch.dtype, device) -> HookedDecoder:
+    family = family_for(hf_cfg)
+    cfg = family.config_from_hf(hf_cfg)
+    state = family.state_dict_from_hf(hf_state_dict, cfg)
+    with torch.device("meta"):
+        model = HookedDecoder(cfg)
+    state = {k: v.to(dtype) for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise ValueError(f"weight conversion mismatch: missing {missing}, unexpected {unexpected}")
+    return model.to(device=device or "cpu")
+
+
+def _local_dir(name: str) -> Path:
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as err:  # noqa: BLE001 - re-raised with what to do
+        raise ValueError(
+            f"could not find {name!r} as a local directory or download it from the HF hub ({err}); "
+            "pass a directory written by save_pretrained, or an HF model object"
+        ) from err
+
+
+def _read_weights(directory: Path) -> dict:
+    files = sorted(directory.glob("*.safetensors"))
+    if files:
+        from safetensors.torch import load_file
+
+        state: dict = {}
+        for f in files:
+            state |= load_file(f)
+        return state
+    files = sorted(directory.glob("pytorch_model*.bin"))
+    if not files:
+        raise ValueError(f"no *.safetensors or pytorch_model*.bin weights in {directory}")
+    state = {}
+    for f in files:
+        state |= torch.load(f, map_location="cpu", weights_only=True)
+    return state
+
+
+def _load_tokenizer(directory: Path):
+    if not any((directory / n).exists() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception as err:  # noqa: BLE001 - a model without a usable tokenizer still runs on token ids
+        log.warning("could not load the tokenizer in %s: %s", directory, err)
+        return None

@@ -1,0 +1,260 @@
+"""HookedDecoder: the one model class for Bloom and Gemma 1/2/3, a `transformer_lens.HookedRootModule`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import nn
+from transformer_lens import ActivationCache, HookedRootModule
+
+from lens_det.components.block import Block
+from lens_det.components.context import ForwardContext
+from lens_det.components.embed import Embed, Unembed
+from lens_det.components.norms import make_norm
+from lens_det.components.positions import positions_from_mask
+from lens_det.config import LensConfig
+from lens_det.kv_cache import KVCache
+
+PositionIds = Int[torch.Tensor, "batch pos"] | Literal["arange", "mask"] | None
+
+
+class RuntimeConfig:
+    """`model.cfg`: the architecture config plus the runtime fields TransformerLens reads (device, dtype)."""
+
+    def __init__(self, model: HookedDecoder):
+        self._model = model
+
+    def __getattr__(self, name: str):
+        return getattr(self._model.config, name)
+
+    @property
+    def device(self) -> torch.device:
+        return self._model.embed.W_E.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._model.embed.W_E.dtype
+
+    def __repr__(self) -> str:
+        return f"RuntimeConfig({self._model.config}, device={self.device}, dtype={self.dtype})"
+
+
+class HookedDecoder(HookedRootModule):
+    """A decoder-only transformer whose every activation is a TransformerLens-named HookPoint.
+
+    The forward pass reproduces the HF eager model of the same config bit for bit (see REFERENCE.md).
+    """
+
+    def __init__(self, config: LensConfig, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.config = config
+        self.embed = Embed(config)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.ln_final = make_norm(config)
+        self.unembed = Unembed(config, self.embed)
+        self.tokenizer = None
+        self.to(device=device, dtype=dtype)
+        self.setup()
+
+    @property
+    def cfg(self) -> RuntimeConfig:
+        return RuntimeConfig(self)
+
+    # --- TransformerLens-style weight views ---
+    @property
+    def W_E(self) -> Float[torch.Tensor, "d_vocab d_model"]:
+        return self.embed.W_E
+
+    @property
+    def W_U(self) -> Float[torch.Tensor, "d_model d_vocab"]:
+        return self.unembed.w.T
+
+    @property
+    def W_Q(self):
+        return torch.stack([b.attn.W_Q for b in self.blocks])
+
+    @property
+    def W_O(self):
+        return torch.stack([b.attn.W_O for b in self.blocks])
+
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for this model."""
+        return KVCache(self.config)
+
+    def set_use_attn_result(self, use: bool) -> None:
+        """Fire `blocks.{i}.attn.hook_result` (per-head contributions [batch, pos, head, d_model]); off by
+        default because it materialises n_heads copies of the residual stream."""
+        for block in self.blocks:
+            block.attn.use_attn_result = use
+
+    # --- forward ---
+    def forward(
+        self,
+        tokens: Int[torch.Tensor, "batch pos"],
+        attention_mask: Int[torch.Tensor, "batch all_pos"] | None = None,
+        position_ids: PositionIds = None,
+        kv_cache: KVCache | None = None,
+        return_type: Literal["logits", "loss", "both"] | None = "logits",
+    ):
+        """Run the model.
+
+        Args:
+            tokens: token ids [batch, pos] (a 1-D tensor is one sequence).
+            attention_mask: 0/1 [batch, cached + pos]: everything the cache holds plus the new tokens. None
+                means all new tokens are real (and, with a cache, the cached mask is kept).
+            position_ids: RoPE positions. None or "arange": arange(cached, cached + pos) for every row, what HF
+                `forward` does. "mask": cumsum(mask) - 1 with pads at 0, what HF `generate` does, so a left-padded
+                row equals its unpadded prompt. Or an explicit [batch or 1, pos] tensor. Ignored by ALiBi models,
+                whose positions always come from the mask.
+            kv_cache: a `KVCache` (from `model.new_cache()`); the new positions are appended to it.
+            return_type: "logits", "loss" (mean next-token cross-entropy over real tokens), "both" or None.
+        """
+        tokens = self._check_tokens(tokens)
+        mask = self._full_mask(tokens, attention_mask, kv_cache)
+        ctx = self._context(tokens, mask, position_ids, kv_cache)
+        try:
+            x = self.embed(tokens)
+            for i, block in enumerate(self.blocks):
+                x = block(x.to(block.ln1.w.device), ctx, None if kv_cache is None else kv_cache.layers[i])
+            x = self.ln_final(x.to(self.ln_final.w.device))
+            logits = None if return_type is None else self.unembed(x)
+        except BaseException:
+            if kv_cache is not None:
+                kv_cache._discard()
+            raise
+        if kv_cache is not None:
+            kv_cache._discard() if kv_cache.frozen else kv_cache._commit(mask)
+        if return_type in (None, "logits"):
+            return logits
+        loss = next_token_loss(logits, tokens, mask[:, -tokens.shape[1] :])
+        if return_type == "loss":
+            return loss
+        if return_type == "both":
+            return logits, loss
+        raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+
+    def _check_tokens(self, tokens) -> torch.Tensor:
+        if not isinstance(tokens, torch.Tensor):
+            raise TypeError(f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}; "
+                            "use model.to_tokens(text) for strings")
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise TypeError(f"tokens must be integer token ids, got dtype {tokens.dtype}; pass tokens.long()")
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        if tokens.ndim != 2 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens must have shape [batch, pos] with pos >= 1, got {tuple(tokens.shape)}")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.config.d_vocab):
+            bad = tokens[(tokens < 0) | (tokens >= self.config.d_vocab)][0].item()
+            raise ValueError(
+                f"token id {bad} is outside the vocabulary [0, {self.config.d_vocab}); "
+                "check that the tokenizer belongs to this model"
+            )
+        return tokens.to(self.embed.W_E.device)
+
+    def _full_mask(self, tokens, attention_mask, kv_cache) -> torch.Tensor:
+        batch, n_new = tokens.shape
+        past = 0
+        if kv_cache is not None:
+            if kv_cache.config != self.config:
+                raise ValueError("kv_cache was made for a model with a different config; use model.new_cache()")
+            if kv_cache.batch_size is not None and kv_cache.batch_size != batch:
+                raise ValueError(
+                    f"tokens have batch size {batch} but the cache holds batch size {kv_cache.batch_size}; "
+                    "use a new cache (model.new_cache()) or the same batch"
+                )
+            cached = next((e.keys for e in kv_cache.layers if e.keys is not None), None)
+            if cached is not None and cached.dtype != self.embed.W_E.dtype:
+                raise ValueError(f"the cache holds {cached.dtype} but the model runs in {self.embed.W_E.dtype}; "
+                                 "use a new cache after changing the model dtype")
+            past = kv_cache.length
+        device = tokens.device
+        if attention_mask is None:
+            new = torch.ones(batch, n_new, dtype=torch.long, device=device)
+            return new if past == 0 else torch.cat([kv_cache.mask.to(device), new], dim=1)
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+        if attention_mask.shape != (batch, past + n_new):
+            extra = f"the cache holds {past} tokens plus {n_new} new ones; " if past else ""
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but {extra}tokens need "
+                f"{(batch, past + n_new)}: pass the mask for all {past + n_new} positions"
+            )
+        if not ((attention_mask == 0) | (attention_mask == 1)).all():
+            raise ValueError("attention_mask must hold only 0 (pad) and 1 (real token)")
+        mask = attention_mask.to(device=device, dtype=torch.long)
+        if past and not torch.equal(mask[:, :past], kv_cache.mask.to(device)):
+            raise ValueError(
+                "attention_mask disagrees with the mask the cache was built with on the cached positions; "
+                "pass the same history (cache.mask) followed by the new tokens' mask"
+            )
+        return mask
+
+    def _context(self, tokens, mask, position_ids, kv_cache) -> ForwardContext:
+        past = 0 if kv_cache is None else kv_cache.length
+        n_new = tokens.shape[1]
+        if self.config.positional == "alibi":
+            positions = None
+        elif position_ids is None or (isinstance(position_ids, str) and position_ids == "arange"):
+            positions = torch.arange(past, past + n_new, device=tokens.device)[None]
+        elif isinstance(position_ids, str) and position_ids == "mask":
+            positions = positions_from_mask(mask)[:, past:]
+        elif isinstance(position_ids, torch.Tensor):
+            if position_ids.ndim != 2 or position_ids.shape[1] != n_new or position_ids.shape[0] not in (1, len(tokens)):
+                raise ValueError(f"position_ids must have shape [{len(tokens)} or 1, {n_new}], "
+                                 f"got {tuple(position_ids.shape)}")
+            positions = position_ids.to(tokens.device)
+        else:
+            raise ValueError(f"position_ids must be None, 'arange', 'mask' or a tensor, got {position_ids!r}")
+        return ForwardContext(mask, past, n_new, self.embed.W_E.dtype, positions)
+
+    # --- TransformerLens conveniences ---
+    def run_with_cache(self, *model_args, remove_batch_dim: bool = False, **kwargs):
+        """Run and return (output, transformer_lens.ActivationCache of every hook point)."""
+        out, cache_dict = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
+        return out, ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+
+    def to_tokens(self, text: str | list[str], padding_side: Literal["left", "right"] = "left",
+                  prepend_bos: bool = True):
+        """Tokenize with the model's tokenizer: returns (tokens [batch, pos], attention_mask [batch, pos])."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; load one with from_pretrained(..., tokenizer=...) "
+                             "or set model.tokenizer")
+        texts = [text] if isinstance(text, str) else list(text)
+        self.tokenizer.padding_side = padding_side
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=prepend_bos)
+        return enc["input_ids"].to(self.cfg.device), enc["attention_mask"].to(self.cfg.device)
+
+    def to_string(self, tokens) -> str | list[str]:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer")
+        if isinstance(tokens, torch.Tensor) and tokens.ndim == 2:
+            return self.tokenizer.batch_decode(tokens)
+        return self.tokenizer.decode(tokens)
+
+    def to_single_token(self, text: str) -> int:
+        tokens, _ = self.to_tokens(text, prepend_bos=False)
+        if tokens.shape[1] != 1:
+            raise ValueError(f"{text!r} is {tokens.shape[1]} tokens, not one")
+        return int(tokens[0, 0])
+
+    def tokens_to_residual_directions(self, tokens):
+        """Unembedding directions [..., d_model] for token ids (ActivationCache.logit_attrs uses this)."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        if isinstance(tokens, int):
+            return self.W_U[:, tokens]
+        tokens = torch.as_tensor(tokens, device=self.cfg.device)
+        return self.W_U[:, tokens].movedim(0, -1)
+
+
+def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting token t+1 from position t, over pairs where both are real tokens."""
+    logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logprobs.gather(-1, tokens[:, 1:, None])[..., 0]
+    keep = (mask[:, 1:] * mask[:, :-1]).to(nll.dtype)
+    return (nll * keep).sum() / keep.sum().clamp(min=1)
