@@ -18,14 +18,9 @@ log = logging.getLogger(__name__)
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 
 
-def text_config(hf_config: Any) -> Any:
-    """The decoder's config: Gemma3ForConditionalGeneration checkpoints nest it as `text_config`."""
-    return getattr(hf_config, "text_config", None) or hf_config
-
-
 def from_hf_model(hf_model: Any, dtype: torch.dtype | None = None, device=None) -> HookedDecoder:
     """Convert an in-memory HF model (e.g. BloomForCausalLM). dtype defaults to the HF model's."""
-    hf_cfg = text_config(hf_model.config)
+    hf_cfg = hf_model.config
     dtype = dtype or next(hf_model.parameters()).dtype
     return _build(hf_cfg, hf_model.state_dict(), dtype, device)
 
@@ -50,7 +45,7 @@ def from_pretrained(
     directory = _local_dir(str(name_or_path))
     from transformers import AutoConfig
 
-    hf_cfg = text_config(AutoConfig.from_pretrained(directory))
+    hf_cfg = AutoConfig.from_pretrained(directory)
     model = _build(hf_cfg, _read_weights(directory), dtype, device)
     if tokenizer:
         model.tokenizer = _load_tokenizer(directory)

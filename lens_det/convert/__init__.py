@@ -9,9 +9,15 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from lens_det.convert import bloom
+from lens_det.convert import bloom, gemma
 
-FAMILIES: dict[str, ModuleType] = {"bloom": bloom}
+FAMILIES: dict[str, ModuleType] = {
+    "bloom": bloom,
+    "gemma": gemma,
+    "gemma2": gemma,
+    "gemma3_text": gemma,
+    "gemma3": gemma,
+}
 
 
 def family_for(hf_config: Any) -> ModuleType:
@@ -22,14 +28,3 @@ def family_for(hf_config: Any) -> ModuleType:
         )
     return FAMILIES[model_type]
 
-
-def strip_prefix(state_dict: dict, prefixes: tuple[str, ...]) -> dict:
-    """Drop the first matching prefix from every key (checkpoints nest the decoder under different names)."""
-    out = {}
-    for key, value in state_dict.items():
-        for prefix in prefixes:
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-                break
-        out[key] = value
-    return out
