@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import nn
 from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens.hook_points import HookPoint
 
 from lens_det.components.block import Block
 from lens_det.components.context import ForwardContext
@@ -52,6 +53,7 @@ class HookedDecoder(HookedRootModule):
         super().__init__()
         self.config = config
         self.embed = Embed(config)
+        self.hook_embed = HookPoint()  # [batch, pos, d_model]
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.ln_final = make_norm(config)
         self.unembed = Unembed(config, self.embed)
@@ -116,7 +118,7 @@ class HookedDecoder(HookedRootModule):
         mask = self._full_mask(tokens, attention_mask, kv_cache)
         ctx = self._context(tokens, mask, position_ids, kv_cache)
         try:
-            x = self.embed(tokens)
+            x = self.hook_embed(self.embed(tokens))
             for i, block in enumerate(self.blocks):
                 x = block(x.to(block.ln1.w.device), ctx, None if kv_cache is None else kv_cache.layers[i])
             x = self.ln_final(x.to(self.ln_final.w.device))

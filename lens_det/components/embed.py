@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformer_lens.hook_points import HookPoint
 
 from lens_det import ops
 from lens_det.components.attention import SoftCap
@@ -25,18 +24,17 @@ class EmbedScale(nn.Module):
 
 
 class Embed(nn.Module):
-    """hook_embed is the raw lookup W_E[tokens]; what enters the residual stream (after Bloom's `ln` or
-    Gemma's scale) is blocks.0.hook_resid_pre."""
+    """W_E[tokens], then Bloom's LayerNorm (`embed.ln`) or Gemma's scale: what enters the residual stream
+    (the model's hook_embed, as in TransformerLens)."""
 
     def __init__(self, cfg: LensConfig):
         super().__init__()
         self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))  # [d_vocab, d_model]
-        self.hook_embed = HookPoint()  # [batch, pos, d_model]
         self.ln = make_optional_norm(cfg, cfg.embed_norm)
         self.scale = EmbedScale(cfg.d_model) if cfg.embed_scale else nn.Identity()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.scale(self.ln(self.hook_embed(F.embedding(tokens, self.W_E))))
+        return self.scale(self.ln(F.embedding(tokens, self.W_E)))
 
 
 class Unembed(nn.Module):

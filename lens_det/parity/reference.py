@@ -1,0 +1,247 @@
+"""HF reference values for lens_det hook points.
+
+`capture_reference` runs an HF model (BloomForCausalLM, Gemma*/Gemma2/Gemma3 CausalLM or the text part of
+Gemma3ForConditionalGeneration) once and returns, for every lens_det hook point, the value HF computed there:
+read from an HF module's input or output, recorded inside HF's eager attention (registered as a transformers
+attention implementation that calls HF's own `eager_attention_forward`), or derived from HF tensors with HF's
+own operations where HF has no single tensor (the norm divisor, Bloom's pre-softmax scores, per-head results).
+`SOURCES` says which, per hook kind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from lens_det import ops
+from lens_det.config import LensConfig
+
+RECORDER = "lens_det_record"
+
+# How each hook kind's reference is obtained ("module": an HF module's input/output; "attention": recorded in
+# HF's eager attention call; "derived": computed from HF tensors with HF's operations).
+SOURCES = {
+    "hook_embed": "module: the embedding LayerNorm's output (Bloom) / the scaled embedding's output (Gemma)",
+    "hook_scale": "derived: sqrt(var + eps) of the HF norm module's input",
+    "hook_normalized": "module: the HF norm module's output",
+    "hook_resid_pre": "module: the HF decoder layer's input",
+    "hook_resid_mid": "module: the input of the HF pre-MLP norm",
+    "hook_resid_post": "module: the HF decoder layer's output",
+    "hook_attn_out": "module: o_proj/dense output (Gemma 2/3: the post-attention norm's output)",
+    "hook_mlp_out": "module: the MLP down projection's output (Gemma 2/3: the post-feedforward norm's output)",
+    "hook_q": "module: q_proj / fused query_key_value output, split per head",
+    "hook_k": "module: k_proj / fused query_key_value output, split per head",
+    "hook_v": "module: v_proj / fused query_key_value output, split per head",
+    "hook_rot_q": "attention: the query HF's eager attention receives",
+    "hook_rot_k": "attention: the new keys HF's eager attention receives",
+    "hook_attn_scores": "attention/derived: HF's eager score ops (Bloom: baddbmm with HF's build_alibi_tensor)",
+    "hook_pattern": "attention: the weights HF's eager attention returns (Bloom: output_attentions)",
+    "hook_z": "module: the input of o_proj / dense, split per head",
+    "hook_result": "derived: hook_z reference times the o_proj weight per head",
+    "hook_pre": "module: gate_proj / dense_h_to_4h output",
+    "hook_pre_linear": "module: up_proj output",
+    "hook_post": "module: the input of down_proj / dense_4h_to_h",
+}
+
+
+def _decoder(hf_model: Any):
+    """(embedding module, list of decoder layers, final norm) of an HF causal LM."""
+    if hasattr(hf_model, "transformer"):  # Bloom
+        t = hf_model.transformer
+        return t.word_embeddings, list(t.h), t.ln_f, t.word_embeddings_layernorm
+    inner = hf_model.model
+    inner = getattr(inner, "language_model", inner)  # Gemma3ForConditionalGeneration
+    return inner.embed_tokens, list(inner.layers), inner.norm, None
+
+
+def _first(args, kwargs, name):
+    return args[0] if args else kwargs[name]
+
+
+class _Recorder:
+    def __init__(self):
+        self.values: dict[str, torch.Tensor] = {}
+        self.handles: list = []
+
+    def tap(self, module, name: str, where: str, fn: Callable = lambda t: t):
+        """Record fn(module input or output) under `name`."""
+        if where == "out":
+            def hook(mod, args, kwargs, out):
+                self.values[name] = fn(out[0] if isinstance(out, tuple) else out).detach()
+            self.handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        else:
+            def pre(mod, args, kwargs):
+                self.values[name] = fn(_first(args, kwargs, "hidden_states")).detach()
+            self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+
+    def norm(self, module, prefix: str, cfg: LensConfig):
+        center = cfg.norm == "layernorm"
+        self.tap(module, prefix + "hook_normalized", "out")
+        self.tap(module, prefix + "hook_scale", "in", lambda x: ops.norm_scale(x, cfg.norm_eps, center))
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def _recording_attention(hf_model: Any, recorder: _Recorder):
+    """Temporarily route the Gemma family's attention through HF's own eager function, recording its inputs."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask
+
+    def record(module, query, key, value, attention_mask, scaling=None, softcap=None, **kwargs):
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        out, weights = eager(module, query, key, value, attention_mask, scaling=scaling, softcap=softcap, **kwargs)
+        prefix, n_new = f"blocks.{module.layer_idx}.attn.", query.shape[-2]
+        rep = module.num_key_value_groups
+        k_rep = key if rep == 1 else key.repeat_interleave(rep, dim=1)
+        scores = torch.matmul(query, k_rep.transpose(2, 3)) * scaling  # eager_attention_forward's ops
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        recorder.values |= {
+            prefix + "hook_rot_q": query.transpose(1, 2).detach(),
+            prefix + "hook_rot_k": key[:, :, -n_new:].transpose(1, 2).detach(),
+            prefix + "hook_attn_scores": scores.detach(),
+            prefix + "hook_pattern": weights.detach(),
+        }
+        return out, weights
+
+    AttentionInterface.register(RECORDER, record)
+    if RECORDER not in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionMaskInterface.register(RECORDER, eager_mask)
+    configs = {id(c): c for c in (hf_model.config, getattr(hf_model.config, "text_config", None)) if c is not None}
+    before = {k: c._attn_implementation for k, c in configs.items()}
+    if any(v != "eager" for v in before.values()):
+        raise ValueError("build the HF reference with attn_implementation='eager' (sdpa differs by design, "
+                         "REFERENCE §1.3 and §7)")
+    try:
+        for c in configs.values():
+            c._attn_implementation = RECORDER
+        yield
+    finally:
+        for k, c in configs.items():
+            c._attn_implementation = before[k]
+
+
+def capture_reference(
+    hf_model: Any,
+    cfg: LensConfig,
+    tokens: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    past_key_values: Any = None,
+    with_result: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Run `hf_model` once and return (logits, {lens_det hook name: HF value}) for the new positions.
+
+    `attention_mask` must cover cached + new tokens; `past_key_values` (an HF DynamicCache) is updated.
+    """
+    embed, layers, final_norm, embed_ln = _decoder(hf_model)
+    bloom = cfg.fused_qkv
+    h, d = cfg.n_heads, cfg.d_head
+    rec = _Recorder()
+    b, t = tokens.shape
+    per_head = lambda x: x.view(b, t, -1, d)  # noqa: E731
+    bloom_inputs: dict[int, tuple] = {}
+    if embed_ln is not None:
+        rec.norm(embed_ln, "embed.ln.", cfg)
+    rec.tap(embed_ln if embed_ln is not None else embed, "hook_embed", "out")
+    for i, layer in enumerate(layers):
+        p = f"blocks.{i}."
+        rec.tap(layer, p + "hook_resid_pre", "in")
+        rec.tap(layer, p + "hook_resid_post", "out")
+        if bloom:
+            attn, mlp = layer.self_attention, layer.mlp
+            bloom_inputs[i] = None
+            layer_inputs = lambda mod, args, kwargs, i=i: bloom_inputs.__setitem__(  # noqa: E731
+                i, (kwargs["alibi"], kwargs["attention_mask"])
+            )
+            rec.handles.append(layer.register_forward_pre_hook(layer_inputs, with_kwargs=True))
+            rec.norm(layer.input_layernorm, p + "ln1.", cfg)
+            rec.norm(layer.post_attention_layernorm, p + "ln2.", cfg)
+            rec.tap(layer.post_attention_layernorm, p + "hook_resid_mid", "in")
+            for j, name in enumerate("qkv"):
+                rec.tap(attn.query_key_value, f"{p}attn.hook_{name}", "out",
+                        lambda x, j=j: x.view(b, t, h, 3, d)[..., j, :])
+            rec.tap(attn.dense, p + "attn.hook_z", "in", per_head)
+            rec.tap(attn.dense, p + "hook_attn_out", "out")
+            rec.tap(mlp.dense_h_to_4h, p + "mlp.hook_pre", "out")
+            rec.tap(mlp.dense_4h_to_h, p + "mlp.hook_post", "in")
+            rec.tap(mlp.dense_4h_to_h, p + "hook_mlp_out", "out")
+        else:
+            attn, mlp = layer.self_attn, layer.mlp
+            sandwich = cfg.post_attn_norm
+            rec.norm(layer.input_layernorm, p + "ln1.", cfg)
+            pre_mlp = layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm
+            rec.norm(pre_mlp, p + "ln2.", cfg)
+            rec.tap(pre_mlp, p + "hook_resid_mid", "in")
+            for name in "qkv":
+                rec.tap(getattr(attn, f"{name}_proj"), f"{p}attn.hook_{name}", "out", per_head)
+            if cfg.qk_norm:
+                for name in "qk":
+                    norm = getattr(attn, f"{name}_norm")
+                    rec.tap(norm, f"{p}attn.{name}_norm.hook_normalized", "out", lambda x: x.transpose(1, 2))
+                    rec.tap(norm, f"{p}attn.{name}_norm.hook_scale", "in",
+                            lambda x: ops.norm_scale(x.transpose(1, 2), cfg.norm_eps, center=False))
+            rec.tap(attn.o_proj, p + "attn.hook_z", "in", per_head)
+            rec.tap(mlp.gate_proj, p + "mlp.hook_pre", "out")
+            rec.tap(mlp.up_proj, p + "mlp.hook_pre_linear", "out")
+            rec.tap(mlp.down_proj, p + "mlp.hook_post", "in")
+            if sandwich:
+                rec.norm(layer.post_attention_layernorm, p + "ln1_post.", cfg)
+                rec.norm(layer.post_feedforward_layernorm, p + "ln2_post.", cfg)
+                rec.tap(layer.post_attention_layernorm, p + "hook_attn_out", "out")
+                rec.tap(layer.post_feedforward_layernorm, p + "hook_mlp_out", "out")
+            else:
+                rec.tap(attn.o_proj, p + "hook_attn_out", "out")
+                rec.tap(mlp.down_proj, p + "hook_mlp_out", "out")
+    rec.norm(final_norm, "ln_final.", cfg)
+
+    kwargs: dict[str, Any] = {"attention_mask": attention_mask}
+    if past_key_values is not None:
+        kwargs |= {"past_key_values": past_key_values, "use_cache": True}
+    else:
+        kwargs["use_cache"] = False
+    if position_ids is not None and not bloom:
+        kwargs["position_ids"] = position_ids
+    attention = contextlib.nullcontext() if bloom else _recording_attention(hf_model, rec)
+    try:
+        with torch.no_grad(), attention:
+            out = hf_model(tokens, output_attentions=bloom, **kwargs)
+    finally:
+        rec.remove()
+    values = rec.values
+    with torch.no_grad():
+        if bloom:
+            _bloom_attention(values, out.attentions, cfg, bloom_inputs, past_key_values)
+        if with_result:
+            for i, layer in enumerate(layers):
+                o = layer.self_attention.dense if bloom else layer.self_attn.o_proj
+                z = values[f"blocks.{i}.attn.hook_z"]
+                w_o = o.weight.view(cfg.d_model, h, d)
+                values[f"blocks.{i}.attn.hook_result"] = torch.einsum("bqhd,mhd->bqhm", z, w_o)
+    return out.logits, values
+
+
+def _bloom_attention(values, attentions, cfg: LensConfig, inputs: dict, cache) -> None:
+    """Bloom's pattern (output_attentions) and pre-softmax scores: BloomAttention's own op sequence on the
+    query/keys, ALiBi tensor and causal mask that HF passed to each block."""
+    for i, pattern in enumerate(attentions):
+        p = f"blocks.{i}.attn."
+        values[p + "hook_pattern"] = pattern
+        q = values[p + "hook_q"].transpose(1, 2)
+        k = values[p + "hook_k"].transpose(1, 2) if cache is None else cache.layers[i].keys
+        b, h, n_q, d = q.shape
+        alibi, mask = inputs[i]
+        scores = alibi.baddbmm(
+            batch1=q.reshape(b * h, n_q, d), batch2=k.reshape(b * h, -1, d).transpose(-1, -2),
+            beta=1.0, alpha=cfg.attn_scale,
+        ).view(b, h, n_q, -1)
+        values[p + "hook_attn_scores"] = scores + mask
