@@ -75,7 +75,7 @@ def _build(hf_cfg: Any, hf_state_dict: dict, dtype: torch.dtype, device) -> Hook
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f"weight conversion mismatch: missing {missing}, unexpected {unexpected}")
-    return model.to(device=device or "cpu")
+    return model.to(device=device or "cpu").eval()
 
 
 def _local_dir(name: str) -> Path:

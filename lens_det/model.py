@@ -59,6 +59,7 @@ class HookedDecoder(HookedRootModule):
         self.unembed = Unembed(config, self.embed)
         self.tokenizer = None
         self.to(device=device, dtype=dtype)
+        self.eval()  # inference model (no dropout); TransformerLens' patching requires eval mode
         self.setup()
 
     @property

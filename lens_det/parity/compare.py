@@ -41,3 +41,38 @@ def compare_hooks(
     diffs["logits"] = (logits.double() - ref_logits.double()).abs().max().item()
     missing = sorted(set(ours.keys()) - set(reference))
     return diffs, missing
+
+
+def compare_cached(
+    model: Any,
+    hf_model: Any,
+    tokens: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    prefill: int = 1,
+    chunk: int = 1,
+) -> list[dict[str, float]]:
+    """Run both with their KV caches on the same schedule (prefill, then chunks of `chunk` tokens) and return,
+    per step, {hook or "logits": max |diff|} over the new positions."""
+    from transformers import DynamicCache
+
+    n = tokens.shape[1]
+    if not 1 <= prefill <= n or chunk < 1:
+        raise ValueError(f"need 1 <= prefill <= {n} tokens and chunk >= 1, got prefill={prefill}, chunk={chunk}")
+    mask = torch.ones_like(tokens) if attention_mask is None else attention_mask
+    hf_cache, cache = DynamicCache(config=hf_model.config), model.new_cache()
+    bounds = [0, prefill, *range(prefill + chunk, n, chunk), n]
+    steps = []
+    for a, b in zip(bounds, bounds[1:]):
+        if a == b:
+            continue
+        pos = None if position_ids is None else position_ids[:, a:b]
+        with torch.no_grad():
+            logits, ours = model.run_with_cache(tokens[:, a:b], attention_mask=mask[:, :b], position_ids=pos,
+                                                kv_cache=cache)
+        ref_logits, reference = capture_reference(hf_model, model.config, tokens[:, a:b], mask[:, :b], pos,
+                                                  past_key_values=hf_cache)
+        diffs = hook_diffs(dict(ours.items()), reference)
+        diffs["logits"] = (logits.double() - ref_logits.double()).abs().max().item()
+        steps.append(diffs)
+    return steps

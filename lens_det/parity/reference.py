@@ -95,11 +95,10 @@ def _recording_attention(hf_model: Any, recorder: _Recorder):
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask
 
     def record(module, query, key, value, attention_mask, scaling=None, softcap=None, **kwargs):
-        eager = sys.modules[type(module).__module__].eager_attention_forward
-        out, weights = eager(module, query, key, value, attention_mask, scaling=scaling, softcap=softcap, **kwargs)
+        family = sys.modules[type(module).__module__]
+        out, weights = family.eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling, softcap=softcap, **kwargs)
         prefix, n_new = f"blocks.{module.layer_idx}.attn.", query.shape[-2]
-        rep = module.num_key_value_groups
-        k_rep = key if rep == 1 else key.repeat_interleave(rep, dim=1)
+        k_rep = family.repeat_kv(key, module.num_key_value_groups)  # a stride-0 view for MQA, as in HF
         scores = torch.matmul(query, k_rep.transpose(2, 3)) * scaling  # eager_attention_forward's ops
         if softcap is not None:
             scores = torch.tanh(scores / softcap) * softcap

@@ -1,0 +1,25 @@
+"""Seeded random HF reference models for the embedded test configs."""
+
+from __future__ import annotations
+
+import torch
+
+
+def random_hf_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, std: float = 0.3):
+    """HF model of a named config, eager attention, every parameter (norm weights and biases too) drawn from
+    N(0, std) in float32 with `seed`, then rounded to `dtype`.
+
+    Built with `from_config(dtype=...)`, never `.to(dtype)`, so RoPE tables stay float32 as with
+    `from_pretrained` (REFERENCE §3.4). Random norm weights make the (1 + w) and cast-order pitfalls visible.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from lens_det.config import hf_config_from_name
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config_from_name(name), dtype=dtype, attn_implementation="eager")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model.eval()

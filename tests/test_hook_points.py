@@ -1,0 +1,91 @@
+"""Golden hook-name lists per family, and every declared hook fires on every forward."""
+
+import pytest
+import torch
+
+from tests.conftest import ALL, batch
+
+COMMON_BLOCK = [
+    "hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post",
+    "ln1.hook_scale", "ln1.hook_normalized", "ln2.hook_scale", "ln2.hook_normalized",
+    "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z",
+    "attn.hook_result", "mlp.hook_pre", "mlp.hook_post",
+]
+ROPE = ["attn.hook_rot_q", "attn.hook_rot_k", "mlp.hook_pre_linear"]
+SANDWICH = ["ln1_post.hook_scale", "ln1_post.hook_normalized", "ln2_post.hook_scale", "ln2_post.hook_normalized"]
+QK_NORM = ["attn.q_norm.hook_scale", "attn.q_norm.hook_normalized",
+           "attn.k_norm.hook_scale", "attn.k_norm.hook_normalized"]
+GLOBAL = ["hook_embed", "ln_final.hook_scale", "ln_final.hook_normalized"]
+GOLDEN = {
+    "tiny-bloom": (GLOBAL + ["embed.ln.hook_scale", "embed.ln.hook_normalized"], COMMON_BLOCK),
+    "tiny-bloom-resid": (GLOBAL + ["embed.ln.hook_scale", "embed.ln.hook_normalized"], COMMON_BLOCK),
+    "tiny-gemma": (GLOBAL, COMMON_BLOCK + ROPE),
+    "tiny-gemma2": (GLOBAL, COMMON_BLOCK + ROPE + SANDWICH),
+    "tiny-gemma3": (GLOBAL, COMMON_BLOCK + ROPE + SANDWICH + QK_NORM),
+}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_golden_hook_names(model_pair, name):
+    _, model = model_pair(name)
+    top, per_block = GOLDEN[name]
+    expected = set(top) | {f"blocks.{i}.{h}" for i in range(model.cfg.n_layers) for h in per_block}
+    assert set(model.hook_dict) == expected
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_hook_fires_with_tl_shapes(model_pair, name):
+    _, model = model_pair(name)
+    tokens, mask = batch("left", model.cfg.d_vocab, batch_size=2, length=7)
+    model.set_use_attn_result(True)
+    try:
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens, attention_mask=mask)
+    finally:
+        model.set_use_attn_result(False)
+    assert set(cache.keys()) == set(model.hook_dict)
+    c = model.cfg
+    assert cache["blocks.0.attn.hook_q"].shape == (2, 7, c.n_heads, c.d_head)
+    assert cache["blocks.0.attn.hook_k"].shape == (2, 7, c.n_key_value_heads, c.d_head)
+    assert cache["blocks.0.attn.hook_pattern"].shape == (2, c.n_heads, 7, 7)
+    assert cache["blocks.0.attn.hook_result"].shape == (2, 7, c.n_heads, c.d_model)
+    assert cache["blocks.0.hook_resid_pre"].shape == (2, 7, c.d_model)
+    assert cache["ln_final.hook_scale"].shape == (2, 7, 1)
+    assert torch.equal(cache["hook_embed"], cache["blocks.0.hook_resid_pre"])
+
+
+def test_hook_result_is_off_by_default(model_pair):
+    _, model = model_pair("tiny-gemma2")
+    tokens, _ = batch("none", model.cfg.d_vocab, batch_size=1, length=4)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+    assert not any(k.endswith("hook_result") for k in cache.keys())
+    assert len(cache.keys()) == len(model.hook_dict) - model.cfg.n_layers
+
+
+@pytest.mark.parametrize("name", ["tiny-bloom", "tiny-gemma3"])
+def test_edited_norm_scale_is_applied(model_pair, name):
+    """An edit to hook_scale changes the norm output as TransformerLens defines it: (x - mean) / scale * w + b."""
+    _, model = model_pair(name)
+    tokens, _ = batch("none", model.cfg.d_vocab, batch_size=1, length=5)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+        doubled = model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.ln1.hook_scale", lambda s, hook: s * 2)],
+                                       return_type=None)
+        _, patched = model.run_with_cache(
+            tokens, names_filter="blocks.0.ln1.hook_normalized",
+        )
+    assert doubled is None
+    x = cache["blocks.0.hook_resid_pre"].float()
+    norm = model.blocks[0].ln1
+    scale = cache["blocks.0.ln1.hook_scale"] * 2
+    if model.cfg.norm == "layernorm":
+        expected = (x - x.mean(-1, keepdim=True)) / scale * norm.w.float() + norm.b.float()
+    else:
+        expected = x / scale * (1 + norm.w.float())
+    hooks = [("blocks.0.ln1.hook_scale", lambda s, hook: s * 2)]
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        _, edited = model.run_with_cache(tokens, names_filter="blocks.0.ln1.hook_normalized")
+    got = edited["blocks.0.ln1.hook_normalized"]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)  # fp32 x / s vs x * rsqrt: ulp-level
+    assert not torch.allclose(got, patched["blocks.0.ln1.hook_normalized"])

@@ -1,0 +1,104 @@
+"""Loading: save_pretrained -> from_pretrained(dir) equals conversion from memory; named configs."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Gemma3Config, Gemma3ForConditionalGeneration
+
+import lens_det
+from lens_det.config import LensConfig, hf_config_from_name, named_configs
+from tests.conftest import batch, random_hf_model
+
+REAL = ["bloom-560m", "bloom-1b1", "bloom-1b7", "bloom-3b", "bloom-7b1", "bloom", "bloomz-560m", "gemma-2b",
+        "gemma-7b", "gemma-2-2b", "gemma-2-9b", "gemma-2-27b", "gemma-3-270m", "gemma-3-1b", "gemma-3-4b",
+        "gemma-3-12b", "gemma-3-27b"]
+
+
+def assert_same_model(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["tiny-bloom", "tiny-gemma2", "tiny-gemma3"])
+def test_save_pretrained_round_trip(tmp_path, name, dtype):
+    hf = random_hf_model(name)
+    hf.save_pretrained(tmp_path)
+    from_dir = lens_det.from_pretrained(tmp_path, dtype=dtype)
+    from_memory = lens_det.from_hf_model(random_hf_model(name, dtype))
+    assert_same_model(from_dir, from_memory)
+    assert from_dir.cfg.dtype == dtype
+    tokens, mask = batch("left", from_dir.cfg.d_vocab)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype, attn_implementation="eager")
+    with torch.no_grad():
+        assert torch.equal(from_dir(tokens, attention_mask=mask),
+                           reference(tokens, attention_mask=mask, use_cache=False).logits)
+
+
+def test_gemma3_conditional_generation_text_part(tmp_path):
+    """A saved multimodal Gemma 3 loads as its text decoder; that class never applies the final soft-cap."""
+    text = hf_config_from_name("tiny-gemma3").to_dict()
+    cfg = Gemma3Config(text_config=text, vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                       num_attention_heads=2, image_size=28, patch_size=14), mm_tokens_per_image=4)
+    torch.manual_seed(0)
+    hf = Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        for p in hf.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    hf.save_pretrained(tmp_path)
+    model = lens_det.from_pretrained(tmp_path)
+    assert model.cfg.final_softcap is None and model.cfg.hf_architecture == "Gemma3ForConditionalGeneration"
+    tokens, mask = batch("left", model.cfg.d_vocab)
+    reference = Gemma3ForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        ref = reference(input_ids=tokens, attention_mask=mask, use_cache=False).logits
+        assert torch.equal(model(tokens, attention_mask=mask), ref)
+    assert_same_model(model, lens_det.from_hf_model(hf))
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_real_checkpoint_configs(name):
+    """Every named checkpoint config resolves to the shapes recorded in shared/checkpoints.json."""
+    record = named_configs()[name]
+    hf = record["hf_config"]
+    cfg = LensConfig.from_name(name)
+    assert LensConfig.from_name(record["hf_name"]) == cfg
+    assert record["sources"], "a named config must say where its values come from"
+    assert cfg.d_model == hf.get("hidden_size", hf.get("n_embed"))
+    assert cfg.n_layers == hf.get("num_hidden_layers", hf.get("n_layer"))
+    assert cfg.d_vocab == hf["vocab_size"]
+    if cfg.positional == "rope":
+        assert cfg.d_head == hf["head_dim"] and cfg.n_key_value_heads == hf["num_key_value_heads"]
+    if name.startswith("gemma-2-"):
+        assert cfg.layer_types[0] == "sliding_attention" and cfg.attn_scale == hf["query_pre_attn_scalar"] ** -0.5
+    if name.startswith("gemma-3-"):
+        assert [t == "full_attention" for t in cfg.layer_types] == [(i + 1) % 6 == 0 for i in range(cfg.n_layers)]
+
+
+def test_named_configs_ship_in_the_package():
+    from importlib import resources
+
+    files = [p.name for p in resources.files("lens_det.model_configs").iterdir() if p.name.endswith(".json")]
+    assert len(files) == len(named_configs()) >= len(REAL)
+    for f in files:
+        json.loads(resources.files("lens_det.model_configs").joinpath(f).read_text())
+
+
+def test_from_config_matches_hf_with_the_same_seed():
+    model = lens_det.from_config("tiny-gemma2", seed=3)
+    torch.manual_seed(3)
+    hf = AutoModelForCausalLM.from_config(hf_config_from_name("tiny-gemma2"), attn_implementation="eager").eval()
+    tokens, _ = batch("none", model.cfg.d_vocab)
+    with torch.no_grad():
+        assert torch.equal(model(tokens), hf(tokens, use_cache=False).logits)
+
+
+def test_unknown_config_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown model config 'bloom-9000'.*known names"):
+        LensConfig.from_name("bloom-9000")
+    with pytest.raises(ValueError, match="local directory"):
+        lens_det.from_pretrained("/nonexistent/dir/for/lens_det")

@@ -1,0 +1,247 @@
+"""TransformerLens compatibility: run_with_cache / run_with_hooks / hooks(), ActivationCache helpers
+(accumulated_resid, decompose_resid, stack_head_results, logit lens) and transformer_lens.patching run unchanged
+on lens_det models, checked against exact invariants (float32 throughout).
+
+Tolerances: "exact" means torch.equal. Where TL sums pieces in a different order than the forward (heads summed
+one by one vs one matmul over all heads; cached-scale LN), we allow 1e-5 of the reference's max magnitude (a few
+hundred fp32 ulps); a layout or missing-term bug is O(1) off.
+"""
+
+import pytest
+import torch
+import transformer_lens.patching as tl_patching
+from transformer_lens import ActivationCache
+
+from tests.conftest import ALL, batch
+
+CONFIGS = ["tiny-bloom", "tiny-gemma2"]
+# decompose_resid sums to resid_post only when each block adds attn_out / mlp_out to its input; tiny-bloom-resid
+# (apply_residual_connection_post_layernorm) adds them to the norm output instead, so it is checked to NOT sum.
+ADDITIVE = [n for n in ALL if n != "tiny-bloom-resid"]
+REL = 1e-5
+
+
+def close(a, b, rel=REL):
+    err, scale = (a - b).abs().max().item(), b.abs().max().item()
+    assert err <= rel * scale, f"max err {err} > {rel} * {scale}"
+
+
+def tl_model(model_pair, name):
+    return model_pair(name)[1]
+
+
+def final_logits(model, normalized):
+    """ln_final output -> logits the way TL users do it: @ W_U (no b_U), then Gemma 2/3's final soft-cap."""
+    return model.unembed.final_cap(normalized @ model.W_U)
+
+
+def no_hooks_left(model):
+    return all(not hp._forward_hooks and not hp._backward_hooks for hp in model.hook_dict.values())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_run_with_cache_is_an_activation_cache(model_pair, name):
+    model = tl_model(model_pair, name)
+    tokens, _ = batch("none", model.cfg.d_vocab)
+    logits, cache = model.run_with_cache(tokens)
+    assert isinstance(cache, ActivationCache) and cache.model is model
+    assert torch.equal(logits, model(tokens))
+    results = {f"blocks.{i}.attn.hook_result" for i in range(model.cfg.n_layers)}  # off by default
+    assert set(cache.keys()) == set(model.hook_dict) - results
+    L = model.cfg.n_layers
+    # TL's short keys resolve to lens_det hook names; the residual stream chains block to block.
+    assert torch.equal(cache["resid_pre", 0], cache["hook_embed"])
+    for i in range(1, L):
+        assert torch.equal(cache["resid_pre", i], cache[f"blocks.{i - 1}.hook_resid_post"])
+    assert torch.equal(cache["z", L - 1, "attn"], cache[f"blocks.{L - 1}.attn.hook_z"])
+    assert torch.equal(cache["resid_post", -1], cache[f"blocks.{L - 1}.hook_resid_post"])
+    assert torch.equal(final_logits(model, cache["ln_final.hook_normalized"]), logits)
+    _, one = model.run_with_cache(tokens[:1], remove_batch_dim=True)
+    assert not one.has_batch_dim and torch.equal(one["resid_post", 1], cache["resid_post", 1][0])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_accumulated_resid_and_logit_lens(model_pair, name):
+    model = tl_model(model_pair, name)
+    L = model.cfg.n_layers
+    tokens, _ = batch("none", model.cfg.d_vocab)
+    logits, cache = model.run_with_cache(tokens)
+    acc, labels = cache.accumulated_resid(layer=None, return_labels=True)
+    assert labels == [f"{i}_pre" for i in range(L)] + ["final_post"]
+    assert torch.equal(acc, torch.stack([cache["resid_pre", i] for i in range(L)] + [cache["resid_post", L - 1]]))
+    mid = cache.accumulated_resid(layer=1, incl_mid=True, mlp_input=True)
+    assert torch.equal(mid, torch.stack([cache["resid_pre", 0], cache["resid_mid", 0], cache["resid_pre", 1],
+                                         cache["resid_mid", 1]]))
+    # Logit lens: apply_ln=True runs model.ln_final on every entry; the last one is exactly the model's
+    # ln_final output, so @ W_U (+ final soft-cap for Gemma 2/3) reproduces the logits bit for bit.
+    lens = cache.accumulated_resid(apply_ln=True)
+    assert torch.equal(lens[-1], cache["ln_final.hook_normalized"])
+    assert torch.equal(final_logits(model, lens[-1]), logits)
+    for i in range(L):
+        assert torch.equal(lens[i], model.ln_final(cache["resid_pre", i]))
+    # Intermediate layers are a different (and not degenerate) prediction.
+    assert not torch.allclose(final_logits(model, lens[L // 2]), logits, atol=1e-2)
+
+
+@pytest.mark.parametrize("name", ADDITIVE)
+def test_decompose_resid_sums_to_resid(model_pair, name):
+    model = tl_model(model_pair, name)
+    L = model.cfg.n_layers
+    tokens, _ = batch("none", model.cfg.d_vocab)
+    _, cache = model.run_with_cache(tokens)
+    parts, labels = cache.decompose_resid(return_labels=True)
+    assert labels == ["embed"] + [f"{i}_{k}_out" for i in range(L) for k in ("attn", "mlp")]
+    assert torch.equal(parts[0], cache["hook_embed"]) and torch.equal(parts[-1], cache["mlp_out", L - 1])
+    close(parts.sum(0), cache["resid_post", L - 1])
+    for layer in range(L):  # decomposition of each block's input, and of its MLP input
+        close(cache.decompose_resid(layer=layer).sum(0), cache["resid_pre", layer])
+        close(cache.decompose_resid(layer=layer, mlp_input=True).sum(0), cache["resid_mid", layer])
+    # apply_ln=True divides each part by the cached ln_final scale (centering first for LayerNorm): the parts
+    # then sum to the normalised stream, which times ln_final's gain (+ bias) is ln_final's output.
+    normed = cache.decompose_resid(apply_ln=True).sum(0)
+    ln = model.ln_final
+    out = normed * ln.w + ln.b if model.cfg.normalization_type == "LN" else normed * (1 + ln.w)
+    close(out, cache["ln_final.hook_normalized"])
+
+
+def test_decompose_resid_does_not_sum_with_post_layernorm_residual(model_pair):
+    model = tl_model(model_pair, "tiny-bloom-resid")
+    tokens, _ = batch("none", model.cfg.d_vocab)
+    _, cache = model.run_with_cache(tokens)
+    resid = cache["resid_post", -1]
+    assert (cache.decompose_resid().sum(0) - resid).abs().max() > 0.1 * resid.abs().max()
+
+
+@pytest.mark.parametrize("name", CONFIGS + ["tiny-gemma3"])
+def test_stack_head_results(model_pair, name):
+    model = tl_model(model_pair, name)
+    c = model.cfg
+    tokens, _ = batch("none", c.d_vocab)
+    logits_plain, plain = model.run_with_cache(tokens)
+    model.set_use_attn_result(True)
+    try:
+        logits, cache = model.run_with_cache(tokens)
+    finally:
+        model.set_use_attn_result(False)
+    assert torch.equal(logits, logits_plain)  # hook_result is read-only: enabling it changes nothing
+    heads, labels = cache.stack_head_results(layer=-1, return_labels=True)
+    assert heads.shape == (c.n_layers * c.n_heads, *tokens.shape, c.d_model)
+    assert labels == [f"L{l}H{h}" for l in range(c.n_layers) for h in range(c.n_heads)]
+    for l in range(c.n_layers):
+        block = model.blocks[l]
+        result = cache[f"blocks.{l}.attn.hook_result"]
+        assert torch.equal(heads[l * c.n_heads:(l + 1) * c.n_heads], result.movedim(2, 0))
+        # Head h's contribution is z_h @ W_O[h] with TL's W_O layout [n_heads, d_head, d_model].
+        close(result, torch.einsum("bphd,hdm->bphm", cache["z", l, "attn"], block.attn.W_O))
+        attn = result.sum(2) + block.attn.b_O  # the attention module's output
+        # Bloom adds it to the residual as hook_attn_out; Gemma 2/3 pass it through ln1_post first.
+        close(block.ln1_post(attn), cache["attn_out", l])
+    # Without hook_result, TL recomputes the heads from hook_z and blocks[l].attn.W_O: same stack.
+    close(plain.stack_head_results(), heads)
+    rest = cache.stack_head_results(incl_remainder=True)
+    assert torch.equal(rest[:-1], heads)
+    close(rest.sum(0), cache["resid_post", -1])
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_run_with_hooks_and_hooks_context(model_pair, name):
+    model = tl_model(model_pair, name)
+    tokens, _ = batch("none", model.cfg.d_vocab)
+    clean = model(tokens)
+
+    def zero(x, hook):
+        return torch.zeros_like(x)
+
+    ablated = model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_attn_out", zero)])
+    assert no_hooks_left(model) and torch.equal(model(tokens), clean)
+    assert (ablated - clean).abs().max() > 1e-3
+    # Same ablation done by hand: resid_mid := resid_pre (x + 0 == x exactly), so the logits are identical.
+    pre = {}
+    manual = model.run_with_hooks(tokens, fwd_hooks=[
+        ("blocks.0.hook_resid_pre", lambda x, hook: pre.setdefault("x", x.clone())),
+        ("blocks.0.hook_resid_mid", lambda x, hook: pre["x"]),
+    ])
+    assert torch.equal(manual, ablated)
+
+    # hooks() context: same result, caching composes with it, and everything is removed on exit.
+    with model.hooks(fwd_hooks=[("blocks.0.hook_attn_out", zero)]):
+        assert torch.equal(model(tokens), ablated)
+        logits, cache = model.run_with_cache(tokens)
+        assert not no_hooks_left(model)  # the ablation hook stays for the rest of the context
+    assert torch.equal(logits, ablated) and torch.equal(cache["attn_out", 0], torch.zeros_like(cache["attn_out", 0]))
+    assert torch.equal(cache["resid_mid", 0], cache["resid_pre", 0])
+    assert no_hooks_left(model) and torch.equal(model(tokens), clean)
+
+    # Name filters fire once per matching hook point; an exception inside the context still removes hooks.
+    seen = []
+    model.run_with_hooks(tokens, fwd_hooks=[(lambda n: n.endswith("hook_resid_pre"),
+                                             lambda x, hook: seen.append(hook.name))])
+    assert seen == [f"blocks.{i}.hook_resid_pre" for i in range(model.cfg.n_layers)]
+    with pytest.raises(RuntimeError, match="boom"):
+        with model.hooks(fwd_hooks=[("hook_embed", lambda x, hook: (_ for _ in ()).throw(RuntimeError("boom")))]):
+            model(tokens)
+    assert no_hooks_left(model) and torch.equal(model(tokens), clean)
+
+
+def patch_setup(model, length=5, p0=2):
+    """Clean and corrupted batches differing only at position p0, and a scalar metric on the last position."""
+    clean, _ = batch("none", model.cfg.d_vocab, batch_size=2, length=length)
+    corrupted = clean.clone()
+    corrupted[:, p0] = (corrupted[:, p0] + 7) % model.cfg.d_vocab
+    return clean, corrupted, (lambda logits: logits[:, -1, 5].mean())
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@torch.no_grad()
+def test_patching_resid_pre_and_heads(model_pair, name):
+    model = tl_model(model_pair, name)
+    c, p0 = model.cfg, 2
+    clean, corrupted, metric = patch_setup(model, p0=p0)
+    clean_logits, clean_cache = model.run_with_cache(clean)
+    m_clean, m_corr = metric(clean_logits), metric(model(corrupted))
+    assert (m_clean - m_corr).abs() > 1e-3
+
+    resid = tl_patching.get_act_patch_resid_pre(model, corrupted, clean_cache, metric)
+    assert resid.shape == (c.n_layers, clean.shape[1])
+    # Before p0 clean == corrupted activations (causal), so the patch is a no-op: corrupted metric, exactly.
+    assert (resid[:, :p0] == m_corr).all()
+    # Layer 0 = the embeddings: patching p0 makes the whole input clean; later positions are no-ops.
+    assert resid[0, p0] == m_clean and (resid[0, p0 + 1:] == m_corr).all()
+
+    z = tl_patching.get_act_patch_attn_head_out_by_pos(model, corrupted, clean_cache, metric)
+    assert z.shape == (c.n_layers, clean.shape[1], c.n_heads)
+    assert (z[:, :p0] == m_corr).all() and (z[:, p0:] != m_corr).any()
+    v = tl_patching.get_act_patch_attn_head_v_all_pos(model, corrupted, clean_cache, metric)
+    assert v.shape == (c.n_layers, c.n_key_value_heads)  # GQA: TL sweeps kv heads for k / v
+    assert (v != m_corr).any()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@torch.no_grad()
+def test_patching_mlp_out_matches_manual(model_pair, name):
+    model = tl_model(model_pair, name)
+    L, p0 = model.cfg.n_layers, 2
+    clean, corrupted, metric = patch_setup(model, p0=p0)
+    _, clean_cache = model.run_with_cache(clean)
+    _, corr_cache = model.run_with_cache(corrupted)
+    out = tl_patching.get_act_patch_mlp_out(model, corrupted, clean_cache, metric, baseline=True)
+    assert out.values.shape == (L, clean.shape[1]) and out.baseline == metric(model(corrupted))
+    # Last layer, last position: resid_post = corrupted resid_mid + clean mlp_out there, then ln_final/unembed.
+    x = corr_cache["resid_post", L - 1].clone()
+    x[:, -1] = corr_cache["resid_mid", L - 1][:, -1] + clean_cache["mlp_out", L - 1][:, -1]
+    expected = metric(model.unembed(model.ln_final(x)))
+    assert torch.equal(out.values[L - 1, -1], expected.detach())
+    assert torch.equal(out.values[:, :p0], out.baseline.expand(L, p0))
+
+
+def test_loaded_model_is_eval(model_pair):
+    """Loaded models are in eval mode, so TL's patching runs without model.eval()."""
+    import lens_det
+    from lens_det.parity.models import random_hf_model
+
+    model = lens_det.from_hf_model(random_hf_model("tiny-bloom"))
+    assert not model.training
+    clean, corrupted, metric = patch_setup(model)
+    _, cache = model.run_with_cache(clean)
+    result = tl_patching.get_act_patch_resid_pre(model, corrupted, cache, metric)
+    assert result.shape == (model.cfg.n_layers, clean.shape[1])
