@@ -60,8 +60,9 @@ class KVCacheEntry:
 class KVCache:
     """Caller-owned KV cache: `model(tokens, attention_mask=full_mask, kv_cache=cache)` appends the new tokens."""
 
-    def __init__(self, config: LensConfig):
+    def __init__(self, config: LensConfig, max_length: int | None = None):
         self.config = config
+        self.max_length = max_length
         self.layers = [
             KVCacheEntry(config.sliding_window if t == "sliding_attention" else None) for t in config.layer_types
         ]
@@ -92,7 +93,7 @@ class KVCache:
 
     def clone(self) -> KVCache:
         """An independent copy (fork a branch from a shared prefix)."""
-        other = KVCache(self.config)
+        other = KVCache(self.config, self.max_length)
         other.mask = None if self.mask is None else self.mask.clone()
         other.frozen = self.frozen
         for mine, theirs in zip(self.layers, other.layers):

@@ -83,9 +83,25 @@ class HookedDecoder(HookedRootModule):
     def W_O(self):
         return torch.stack([b.attn.W_O for b in self.blocks])
 
-    def new_cache(self) -> KVCache:
-        """An empty KV cache for this model."""
-        return KVCache(self.config)
+    def new_cache(self, max_length: int | None = None) -> KVCache:
+        """An empty KV cache for this model; `max_length` caps the tokens it may hold (checked before compute)."""
+        return KVCache(self.config, max_length=max_length)
+
+    def place(self, device_map: dict | None = None, n_devices: int | None = None) -> HookedDecoder:
+        """Spread the model over devices: an explicit map ({"embed": ..., "blocks.3": "cuda:1", "ln_final": ...,
+        "unembed": ...}, or accelerate's map of the HF model), or `n_devices` CUDA devices split evenly."""
+        from lens_det.devices import balanced_device_map, place
+
+        if (device_map is None) == (n_devices is None):
+            raise ValueError("pass exactly one of device_map and n_devices")
+        place(self, device_map if device_map is not None else balanced_device_map(self.cfg.n_layers, n_devices))
+        return self
+
+    def generate(self, tokens, attention_mask=None, **kwargs):
+        """Generate tokens; see `lens_det.generation.generate` for the options. Returns a GenerationOutput."""
+        from lens_det.generation import generate
+
+        return generate(self, tokens, attention_mask, **kwargs)
 
     def set_use_attn_result(self, use: bool) -> None:
         """Fire `blocks.{i}.attn.hook_result` (per-head contributions [batch, pos, head, d_model]); off by
@@ -101,6 +117,7 @@ class HookedDecoder(HookedRootModule):
         position_ids: PositionIds = None,
         kv_cache: KVCache | None = None,
         return_type: Literal["logits", "loss", "both"] | None = "logits",
+        logits_to_keep: int = 0,
     ):
         """Run the model.
 
@@ -114,7 +131,13 @@ class HookedDecoder(HookedRootModule):
                 whose positions always come from the mask.
             kv_cache: a `KVCache` (from `model.new_cache()`); the new positions are appended to it.
             return_type: "logits", "loss" (mean next-token cross-entropy over real tokens), "both" or None.
+            logits_to_keep: unembed only the last k positions (0: all), as HF's `logits_to_keep`; HF generate
+                uses 1, and the logits of one row are rounded differently than those of all rows.
         """
+        if return_type not in ("logits", "loss", "both", None):
+            raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+        if logits_to_keep and return_type in ("loss", "both"):
+            raise ValueError("the loss needs every position's logits; use logits_to_keep=0 with return_type='loss'")
         tokens = self._check_tokens(tokens)
         mask = self._full_mask(tokens, attention_mask, kv_cache)
         ctx = self._context(tokens, mask, position_ids, kv_cache)
@@ -123,7 +146,7 @@ class HookedDecoder(HookedRootModule):
             for i, block in enumerate(self.blocks):
                 x = block(x.to(block.ln1.w.device), ctx, None if kv_cache is None else kv_cache.layers[i])
             x = self.ln_final(x.to(self.ln_final.w.device))
-            logits = None if return_type is None else self.unembed(x)
+            logits = None if return_type is None else self.unembed(x[:, -logits_to_keep:] if logits_to_keep else x)
         except BaseException:
             if kv_cache is not None:
                 kv_cache._discard()
@@ -133,11 +156,7 @@ class HookedDecoder(HookedRootModule):
         if return_type in (None, "logits"):
             return logits
         loss = next_token_loss(logits, tokens, mask[:, -tokens.shape[1] :])
-        if return_type == "loss":
-            return loss
-        if return_type == "both":
-            return logits, loss
-        raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+        return loss if return_type == "loss" else (logits, loss)
 
     def _check_tokens(self, tokens) -> torch.Tensor:
         if not isinstance(tokens, torch.Tensor):
@@ -173,6 +192,11 @@ class HookedDecoder(HookedRootModule):
                 raise ValueError(f"the cache holds {cached.dtype} but the model runs in {self.embed.W_E.dtype}; "
                                  "use a new cache after changing the model dtype")
             past = kv_cache.length
+            if kv_cache.max_length is not None and past + n_new > kv_cache.max_length:
+                raise ValueError(
+                    f"the cache holds {past} tokens and {n_new} more would exceed its max_length "
+                    f"{kv_cache.max_length}; use a larger max_length or a new cache"
+                )
         device = tokens.device
         if attention_mask is None:
             new = torch.ones(batch, n_new, dtype=torch.long, device=device)

@@ -50,4 +50,5 @@ class Unembed(nn.Module):
         return self._embed[0].W_E if self.weight is None else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.final_cap(ops.linear(x, self.w))
+        w = self.w
+        return self.final_cap(ops.linear(x.to(w.device), w))

@@ -1,0 +1,67 @@
+"""Placing blocks on several devices. Activations follow the blocks; each KV-cache entry is created on (and
+stays with) its layer's device, so cached and new keys never sit on different devices."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+_BLOCK = re.compile(r"(?:^|\.)(?:blocks|layers|h)\.(\d+)$")
+_EMBED = ("embed", "word_embeddings", "embed_tokens", "wte")
+_FINAL = ("ln_final", "ln_f", "norm")
+_UNEMBED = ("unembed", "lm_head")
+
+
+def _device(value: Any) -> torch.device:
+    if isinstance(value, int):
+        return torch.device("cuda", value)
+    return torch.device(value)
+
+
+def resolve_device_map(device_map: dict[str, Any], n_layers: int) -> dict[str, torch.device]:
+    """{"embed", "blocks.{i}", "ln_final", "unembed"} -> device, from a lens_det map or an accelerate map of
+    the HF model ("model.layers.3": 0, "transformer.h.3": "cuda:1", "lm_head": "cpu", "": "cpu" ...)."""
+    placed: dict[str, torch.device] = {}
+    default = device_map.get("")
+    for key, value in device_map.items():
+        if key == "":
+            continue
+        last = key.split(".")[-1]
+        match = _BLOCK.search(key)
+        if match:
+            placed[f"blocks.{int(match.group(1))}"] = _device(value)
+        elif last in _EMBED or key.endswith("word_embeddings_layernorm"):
+            placed.setdefault("embed", _device(value))
+        elif last in _FINAL:
+            placed["ln_final"] = _device(value)
+        elif last in _UNEMBED:
+            placed["unembed"] = _device(value)
+        elif key not in ("model", "transformer", "model.language_model"):
+            raise ValueError(f"device_map key {key!r} names no part of the decoder; use 'embed', 'blocks.N', "
+                             "'ln_final', 'unembed' or the HF module names")
+    parts = ["embed", *(f"blocks.{i}" for i in range(n_layers)), "ln_final", "unembed"]
+    missing = [p for p in parts if p not in placed and default is None]
+    if missing:
+        raise ValueError(f"device_map places no device for {missing}; add them or a default under ''")
+    return {p: placed.get(p, _device(default) if default is not None else None) for p in parts}
+
+
+def balanced_device_map(n_layers: int, n_devices: int, device_type: str = "cuda") -> dict[str, str]:
+    """Blocks split into `n_devices` contiguous groups; embedding on the first device, the rest on the last."""
+    per = -(-n_layers // n_devices)
+    mapping = {f"blocks.{i}": f"{device_type}:{i // per}" for i in range(n_layers)}
+    return {"embed": f"{device_type}:0", **mapping, "ln_final": f"{device_type}:{n_devices - 1}",
+            "unembed": f"{device_type}:{n_devices - 1}"}
+
+
+def place(model, device_map: dict[str, Any]) -> None:
+    """Move each part of `model` to its device (in place)."""
+    devices = resolve_device_map(device_map, model.cfg.n_layers)
+    model.embed.to(devices["embed"])
+    for i, block in enumerate(model.blocks):
+        block.to(devices[f"blocks.{i}"])
+    model.ln_final.to(devices["ln_final"])
+    if model.unembed.weight is not None:
+        model.unembed.to(devices["unembed"])

@@ -1,0 +1,131 @@
+"""Generation with or without the KV cache, mirroring HF `generate` (REFERENCE §1.4).
+
+Positions are HF generate's mask-derived ones (cumsum(mask) - 1, pads at 0; ALiBi always uses the mask), the
+mask grows by a column of ones each step, and rows that hit a stop token are continued with the pad token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from transformer_lens import ActivationCache
+
+from lens_det.kv_cache import KVCache
+
+
+@dataclass
+class GenerationOutput:
+    tokens: Int[torch.Tensor, "batch pos"]  # prompt plus generated tokens
+    attention_mask: Int[torch.Tensor, "batch pos"]
+    logits: list[Float[torch.Tensor, "batch d_vocab"]] = field(default_factory=list)  # raw logits per step
+    kv_cache: KVCache | None = None
+    activations: ActivationCache | None = None
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Top-k, then top-p (nucleus) filtering as HF's warpers do; removed entries become -inf."""
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=False)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cumulative <= (1 - top_p)
+        remove_sorted[..., -1:] = False  # always keep the most likely token
+        remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def generate(
+    model: Any,
+    tokens: Int[torch.Tensor, "batch pos"],
+    attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
+    max_new_tokens: int = 20,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    stop_tokens: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    use_kv_cache: bool = True,
+    kv_cache: KVCache | None = None,
+    fwd_hooks: list | tuple = (),
+    return_cache: bool = False,
+    return_activations: bool = False,
+    verbose: bool = False,
+) -> GenerationOutput:
+    """Generate up to `max_new_tokens` tokens for a (left-padded) batch.
+
+    Args:
+        tokens, attention_mask: the prompt [batch, pos] and its 0/1 mask (left padding, as HF generate).
+        do_sample: greedy when False; otherwise sample from softmax(logits / temperature) after top-k/top-p,
+            with `generator` for reproducible draws.
+        stop_tokens: token id(s) that end a row (default: the config's eos_token_id); finished rows continue
+            with `pad_token_id`, like HF generate, and generation stops when every row has finished.
+        use_kv_cache: decode one token per step from the cache, or re-run the whole sequence each step.
+        kv_cache: continue from an existing cache (it must hold exactly the tokens before `tokens`).
+        fwd_hooks: (name, fn) pairs active during every step (with the cache they see the new positions only).
+        return_cache: return the final KVCache.
+        return_activations: return an ActivationCache of one uncached forward over the final sequence (with
+            `fwd_hooks` active), i.e. every hook over the whole generated text.
+        verbose: show a progress bar.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if do_sample and temperature <= 0:
+        raise ValueError("temperature must be > 0 when sampling; use do_sample=False for greedy decoding")
+    tokens = model._check_tokens(tokens)
+    batch = tokens.shape[0]
+    device = tokens.device
+    past = 0 if kv_cache is None else kv_cache.length
+    mask = torch.ones(batch, past + tokens.shape[1], dtype=torch.long, device=device)
+    if attention_mask is not None:
+        mask = attention_mask.to(device=device, dtype=torch.long)
+    stops = model.cfg.eos_token_id if stop_tokens is None else stop_tokens
+    stops = torch.tensor([] if stops is None else ([stops] if isinstance(stops, int) else list(stops)),
+                         dtype=torch.long, device=device)
+    pad = model.cfg.pad_token_id if pad_token_id is None else pad_token_id
+    if pad is None and stops.numel():
+        pad = int(stops[0])
+    cache = (kv_cache if kv_cache is not None else model.new_cache()) if use_kv_cache else None
+    out = GenerationOutput(tokens, mask)
+    sequence, new_input = tokens, tokens
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    steps = range(max_new_tokens)
+    if verbose:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="generate")
+    with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
+        for _ in steps:
+            if cache is None:
+                logits = model(sequence, attention_mask=mask, position_ids="mask", logits_to_keep=1)
+            else:
+                logits = model(new_input, attention_mask=mask, position_ids="mask", kv_cache=cache, logits_to_keep=1)
+            last = logits[:, -1]
+            out.logits.append(last)
+            if do_sample:
+                probs = filter_logits(last.float() / temperature, top_k, top_p).softmax(-1)
+                next_token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            else:
+                next_token = last.argmax(-1)
+            if stops.numel():
+                next_token = torch.where(finished, torch.full_like(next_token, pad), next_token)
+                finished |= torch.isin(next_token, stops)
+            new_input = next_token[:, None]
+            sequence = torch.cat([sequence, new_input], dim=1)
+            mask = torch.cat([mask, torch.ones_like(new_input)], dim=1)
+            if stops.numel() and finished.all():
+                break
+    out.tokens, out.attention_mask = sequence, mask
+    if return_cache:
+        out.kv_cache = cache
+    if return_activations:
+        with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
+            _, out.activations = model.run_with_cache(sequence, attention_mask=mask, position_ids="mask")
+    return out
