@@ -102,3 +102,28 @@ def test_unknown_config_name_is_a_clear_error():
         LensConfig.from_name("bloom-9000")
     with pytest.raises(ValueError, match="local directory"):
         lens_det.from_pretrained("/nonexistent/dir/for/lens_det")
+
+
+def test_tokenizer_from_the_checkpoint_dir_left_pads(tmp_path):
+    """A saved tokenizer is attached; to_tokens returns tokens and mask, left-padded by default."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "<pad>", "the", "cat", "sat", "on", "mat"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+    random_hf_model("tiny-bloom").save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model = lens_det.from_pretrained(tmp_path)
+    tokens, mask = model.to_tokens(["the cat sat on the mat", "the cat"])
+    assert tokens.tolist() == [[4, 5, 6, 7, 4, 8], [3, 3, 3, 3, 4, 5]]
+    assert mask.tolist() == [[1] * 6, [0, 0, 0, 0, 1, 1]]
+    right, _ = model.to_tokens(["the cat sat", "cat"], padding_side="right")
+    assert right.tolist() == [[4, 5, 6], [5, 3, 3]]
+    assert model.to_string(tokens[1, 4:]) == "the cat"
+    assert model.to_single_token("mat") == 8
+    with torch.no_grad():  # the padded row equals the prompt alone at its real tokens (ALiBi from the mask)
+        padded = model(tokens, attention_mask=mask)
+        alone = model(tokens[1:, 4:])
+    torch.testing.assert_close(padded[1, 4:], alone[0], rtol=0, atol=1e-5)  # fp32 row-count rounding only
