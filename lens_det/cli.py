@@ -30,48 +30,82 @@ def _models(name: str, dtype: torch.dtype, seed: int):
     return hf, lens_det.from_hf_model(hf)
 
 
-def _tokens(model, batch: int, length: int, padding: str, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, model.cfg.d_vocab, (batch, length), generator=gen)
+def _inputs(model, args):
+    """(tokens, mask) from --tokens / --prompt, or random ids; --padding pads the first row."""
+    if args.tokens:
+        rows = [[int(t) for t in row.split(",") if t.strip()] for row in args.tokens.split(";")]
+        width = max(map(len, rows))
+        tokens = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros_like(tokens)
+        for i, row in enumerate(rows):  # left padding
+            tokens[i, width - len(row):], mask[i, width - len(row):] = torch.tensor(row), 1
+        return tokens, mask
+    if args.prompt:
+        return model.to_tokens(args.prompt, padding_side="right" if args.padding == "right" else "left")
+    gen = torch.Generator().manual_seed(args.seed)
+    tokens = torch.randint(0, model.cfg.d_vocab, (args.batch, args.length), generator=gen)
     mask = torch.ones_like(tokens)
-    pad = max(1, length // 4)
-    if padding == "left":
+    pad = max(1, args.length // 4)
+    if args.padding == "left":
         mask[0, :pad] = 0
-    elif padding == "right":
+    elif args.padding == "right":
         mask[0, -pad:] = 0
     return tokens, mask
 
 
+def _suffixed(path: str, name: str, dtype: str, several: bool) -> str:
+    if not several:
+        return path
+    stem, dot, ext = path.rpartition(".")
+    tag = f"{name.replace('/', '_')}-{dtype}"
+    return f"{stem}-{tag}.{ext}" if dot else f"{path}-{tag}"
+
+
 def cmd_parity(args) -> int:
-    from lens_det.components.positions import positions_from_mask
-    from lens_det.parity import compare_cached, compare_hooks
+    import json
+
+    from lens_det.parity import compare
 
     names = args.model or TINY
-    dtypes = [DTYPES[d] for d in args.dtype]
-    print(f"lens-det parity: every hook point vs HF eager (transformers), max |diff|; tolerance {args.tol:g}")
-    header = f"{'model':<20} {'dtype':<9} {'hooks':>5} {'uncached':>10} {'cached':>10}  {'schedule':<22} result"
+    several = len(names) * len(args.dtype) > 1
+    tol = "0 (bit-identical)" if args.atol == 0 == args.rtol else f"atol {args.atol:g} + rtol {args.rtol:g}"
+    print(f"lens-det parity: every hook point vs the HF reference (eager attention), uncached and with both KV "
+          f"caches on the same schedule; tolerance {tol}")
+    header = (f"{'model':<20} {'dtype':<9} {'hooks':>5} {'coverage':>8} {'uncached':>9} {'cached':>9}  "
+              f"{'schedule':<16} result")
     print(header)
     print("-" * len(header))
-    failed = False
+    failed, reports = False, []
     for name in names:
-        for dtype in dtypes:
+        for dtype_name in args.dtype:
             start = time.perf_counter()
-            hf, model = _models(name, dtype, args.seed)
+            hf, model = _models(name, DTYPES[dtype_name], args.seed)
             model.set_use_attn_result(True)
-            tokens, mask = _tokens(model, args.batch, args.length, args.padding, args.seed)
-            positions = positions_from_mask(mask) if model.cfg.positional == "rope" else None
-            diffs, missing = compare_hooks(model, hf, tokens, mask, positions)
-            steps = compare_cached(model, hf, tokens, mask, positions, prefill=args.prefill, chunk=args.chunk)
-            uncached = max(diffs.values())
-            cached = max(max(s.values()) for s in steps)
-            ok = uncached <= args.tol and cached <= args.tol and not missing
-            failed |= not ok
-            schedule = f"prefill {args.prefill}, chunk {args.chunk}"
-            result = "PASS" if ok else "FAIL" + (f" (no reference: {missing})" if missing else "")
-            print(f"{name:<20} {str(dtype).removeprefix('torch.'):<9} {len(diffs) - 1:>5} {uncached:>10.3g} "
-                  f"{cached:>10.3g}  {schedule:<22} {result}  [{time.perf_counter() - start:.1f}s]")
-    print("all hook points bit-identical" if not failed and args.tol == 0 else
-          ("PASS" if not failed else "FAIL: differences over tolerance"))
+            tokens, mask = _inputs(model, args)
+            positions = "mask" if model.cfg.positional == "rope" and args.positions == "mask" else None
+            report = compare(model, hf, tokens, mask, positions, prefill=args.prefill,
+                             decode_steps=args.decode_steps, chunk=args.chunk, atol=args.atol, rtol=args.rtol,
+                             title=f"{name} ({dtype_name})")
+            reports.append(report)
+            failed |= not report.passed
+            s = report.schedule
+            first = report.first_divergence
+            result = "PASS" if report.passed else (
+                f"FAIL at {first.step}, {first.hook}, pos {first.position}" if first else "FAIL (coverage)")
+            print(f"{name:<20} {dtype_name:<9} {report.n_hooks:>5} {report.coverage:>8.0%} "
+                  f"{report.max_abs(False):>9.3g} {report.max_abs(True):>9.3g}  "
+                  f"{f'{s.prefill}+{s.decode_steps}x{s.chunk}':<16} {result}  [{time.perf_counter() - start:.1f}s]")
+            if args.plot:
+                report.plot(_suffixed(args.plot, name, dtype_name, several))
+    for report in reports:
+        if not report.passed or args.verbose:
+            print("\n" + report.to_text())
+    if args.json:
+        payload = [r.to_json() for r in reports]
+        with open(args.json, "w") as f:
+            json.dump(payload if several else payload[0], f, indent=1, default=str)
+    print("\nall hook points bit-identical, cache off and on" if not failed and args.atol == 0 == args.rtol else
+          ("\nPASS" if not failed else "\nFAIL: differences over tolerance (details above)"))
     return 1 if failed else 0
 
 
@@ -81,12 +115,22 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("parity", help="compare every hook point with the HF reference, cache off and on")
     p.add_argument("--model", nargs="*", help="named configs, HF hub names or local dirs (default: the tiny configs)")
     p.add_argument("--dtype", nargs="*", default=["float32", "bfloat16"], choices=list(DTYPES))
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--prompt", nargs="+", help="text prompts (needs the checkpoint's tokenizer)")
+    source.add_argument("--tokens", help="token ids: '1,2,3;4,5' (rows separated by ';', left-padded)")
     p.add_argument("--padding", default="left", choices=["left", "right", "none"])
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--length", type=int, default=16)
+    p.add_argument("--positions", default="mask", choices=["mask", "arange"],
+                   help="RoPE positions for both models: HF generate's (mask) or HF forward's default (arange)")
+    p.add_argument("--batch", type=int, default=2, help="rows of random tokens (without --prompt/--tokens)")
+    p.add_argument("--length", type=int, default=16, help="length of random tokens")
     p.add_argument("--prefill", type=int, default=5)
-    p.add_argument("--chunk", type=int, default=1)
-    p.add_argument("--tol", type=float, default=0.0, help="max |diff| allowed (default 0.0: bit-identical)")
+    p.add_argument("--decode-steps", type=int, default=None, help="default: as many as the tokens allow")
+    p.add_argument("--chunk", type=int, default=1, help="tokens per cached step after the prefill")
+    p.add_argument("--atol", type=float, default=0.0, help="allowed max |diff| (default 0: bit-identical)")
+    p.add_argument("--rtol", type=float, default=0.0, help="allowed max |diff| relative to each hook's scale")
+    p.add_argument("--json", help="write the report(s) as JSON")
+    p.add_argument("--plot", help="write a heatmap PNG (one per model and dtype)")
+    p.add_argument("--verbose", action="store_true", help="print the full report of every model")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_parity)
     args = parser.parse_args(argv)

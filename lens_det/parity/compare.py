@@ -1,4 +1,4 @@
-"""Per-hook comparison of a lens_det model against its HF reference."""
+"""compare (lens_det vs HF, cache off and on), self_parity (lens_det cached vs uncached) and assert_parity."""
 
 from __future__ import annotations
 
@@ -6,73 +6,150 @@ from typing import Any
 
 import torch
 
+from lens_det.components.positions import positions_from_mask
 from lens_det.parity.reference import capture_reference
+from lens_det.parity.report import ParityReport, Schedule, diff_hook
+
+_KEYED = ("hook_pattern", "hook_attn_scores")  # [batch, head, query, key]: sliced on both position dims
 
 
-def hook_diffs(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, float]:
-    """max |ours - reference| per hook present in both (float64 differences; inf on a shape mismatch)."""
-    diffs = {}
-    for name, ref in reference.items():
-        if name not in ours:
-            continue
-        mine = ours[name]
-        if mine.shape != ref.shape:
-            diffs[name] = float("inf")
-            continue
-        diffs[name] = (mine.double() - ref.double()).abs().max().item() if ref.numel() else 0.0
-    return diffs
+def _prepare(model, tokens, attention_mask, position_ids, schedule, prefill, decode_steps, chunk):
+    """Validate everything before any compute; return (tokens, mask, positions tensor or None, schedule)."""
+    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2:
+        raise ValueError("tokens must be a [batch, pos] tensor of token ids")
+    tokens = model._check_tokens(tokens)
+    mask = torch.ones_like(tokens) if attention_mask is None else attention_mask
+    if mask.shape != tokens.shape:
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but tokens have {tuple(tokens.shape)}; "
+                         "pass one 0/1 entry per token")
+    if not ((mask == 0) | (mask == 1)).all():
+        raise ValueError("attention_mask must hold only 0 (pad) and 1 (real token)")
+    schedule = schedule or Schedule.fit(tokens.shape[1], prefill, decode_steps, chunk)
+    if schedule.length > tokens.shape[1]:
+        raise ValueError(f"the schedule needs {schedule.length} tokens but only {tokens.shape[1]} were given")
+    n = schedule.length
+    tokens, mask = tokens[:, :n], mask[:, :n].long()
+    if model.cfg.positional == "alibi" or position_ids is None or (isinstance(position_ids, str)
+                                                                   and position_ids == "arange"):
+        positions = None  # both models then use arange from the cache offset (HF forward's default)
+    elif isinstance(position_ids, str) and position_ids == "mask":
+        positions = positions_from_mask(mask)
+    elif isinstance(position_ids, torch.Tensor):
+        if position_ids.shape[-1] < n:
+            raise ValueError(f"position_ids cover {position_ids.shape[-1]} positions but the schedule needs {n}")
+        positions = position_ids[:, :n]
+    else:
+        raise ValueError(f"position_ids must be None, 'arange', 'mask' or a tensor, got {position_ids!r}")
+    return tokens, mask, positions, schedule
 
 
-def compare_hooks(
+def _slice(positions, a, b):
+    return None if positions is None else positions[:, a:b]
+
+
+def compare(
     model: Any,
     hf_model: Any,
     tokens: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
-    position_ids: torch.Tensor | None = None,
-) -> tuple[dict[str, float], list[str]]:
-    """One uncached forward of both: ({hook or "logits": max |diff|}, hooks of `model` with no reference)."""
-    with torch.no_grad():
-        logits, ours = model.run_with_cache(tokens, attention_mask=attention_mask, position_ids=position_ids)
-    ref_logits, reference = capture_reference(
-        hf_model, model.config, tokens, attention_mask, position_ids,
-        with_result=model.blocks[0].attn.use_attn_result,
-    )
-    diffs = hook_diffs(dict(ours.items()), reference)
-    diffs["logits"] = (logits.double() - ref_logits.double()).abs().max().item()
-    missing = sorted(set(ours.keys()) - set(reference))
-    return diffs, missing
-
-
-def compare_cached(
-    model: Any,
-    hf_model: Any,
-    tokens: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    position_ids: torch.Tensor | None = None,
-    prefill: int = 1,
+    position_ids: torch.Tensor | str | None = None,
+    schedule: Schedule | None = None,
+    prefill: int | None = None,
+    decode_steps: int | None = None,
     chunk: int = 1,
-) -> list[dict[str, float]]:
-    """Run both with their KV caches on the same schedule (prefill, then chunks of `chunk` tokens) and return,
-    per step, {hook or "logits": max |diff|} over the new positions."""
+    atol: float = 0.0,
+    rtol: float = 0.0,
+    title: str | None = None,
+) -> ParityReport:
+    """Every hook point of `model` against the HF reference `hf_model` (eager attention), without a cache over
+    the schedule's tokens and with both caches on the schedule (prefill, then decode steps of `chunk`).
+
+    Default tolerance 0.0: lens_det's contract is bit-identity with HF eager. `position_ids` (RoPE models):
+    None (HF forward's arange), "mask" (HF generate's), or a tensor; both models get the same positions.
+    """
     from transformers import DynamicCache
 
-    n = tokens.shape[1]
-    if not 1 <= prefill <= n or chunk < 1:
-        raise ValueError(f"need 1 <= prefill <= {n} tokens and chunk >= 1, got prefill={prefill}, chunk={chunk}")
-    mask = torch.ones_like(tokens) if attention_mask is None else attention_mask
-    hf_cache, cache = DynamicCache(config=hf_model.config), model.new_cache()
-    bounds = [0, prefill, *range(prefill + chunk, n, chunk), n]
-    steps = []
-    for a, b in zip(bounds, bounds[1:]):
-        if a == b:
-            continue
-        pos = None if position_ids is None else position_ids[:, a:b]
+    from lens_det.config import LensConfig
+
+    hf_cfg = LensConfig.from_hf_config(hf_model.config)
+    if hf_cfg != model.config:
+        diff = {k: (v, getattr(hf_cfg, k)) for k, v in model.config.to_dict().items() if getattr(hf_cfg, k) != v}
+        raise ValueError(f"the HF model has a different architecture or vocabulary than the lens_det model: {diff}")
+    tokens, mask, positions, schedule = _prepare(model, tokens, attention_mask, position_ids, schedule,
+                                                 prefill, decode_steps, chunk)
+    report = ParityReport(title or f"lens_det vs HF {type(hf_model).__name__} ({model.cfg.dtype})",
+                          schedule, atol, rtol)
+    with_result = model.blocks[0].attn.use_attn_result
+
+    def run(step, a, b, cache, hf_cache):
         with torch.no_grad():
-            logits, ours = model.run_with_cache(tokens[:, a:b], attention_mask=mask[:, :b], position_ids=pos,
-                                                kv_cache=cache)
-        ref_logits, reference = capture_reference(hf_model, model.config, tokens[:, a:b], mask[:, :b], pos,
-                                                  past_key_values=hf_cache)
-        diffs = hook_diffs(dict(ours.items()), reference)
-        diffs["logits"] = (logits.double() - ref_logits.double()).abs().max().item()
-        steps.append(diffs)
-    return steps
+            logits, ours = model.run_with_cache(tokens[:, a:b], attention_mask=mask[:, :b],
+                                                position_ids=_slice(positions, a, b), kv_cache=cache)
+        ref_logits, reference = capture_reference(hf_model, model.config, tokens[:, a:b], mask[:, :b],
+                                                  _slice(positions, a, b), past_key_values=hf_cache,
+                                                  with_result=with_result)
+        for hook in ours.keys():  # firing order, so the first failing row is the first divergence
+            if hook in reference:
+                report.rows.append(diff_hook(step, hook, ours[hook], reference[hook], atol, rtol, a))
+            else:
+                report.missing[hook] = "no HF reference captured"
+        report.rows.append(diff_hook(step, "logits", logits, ref_logits, atol, rtol, a))
+        return len(ours.keys())
+
+    report.n_hooks = run("uncached", 0, schedule.length, None, None)
+    cache, hf_cache = model.new_cache(), DynamicCache(config=hf_model.config)
+    for i, (a, b) in enumerate(schedule.bounds()):
+        run(f"cached:{i}", a, b, cache, hf_cache)
+    return report
+
+
+def self_parity(
+    model: Any,
+    tokens: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | str | None = "mask",
+    schedule: Schedule | None = None,
+    prefill: int | None = None,
+    decode_steps: int | None = None,
+    chunk: int = 1,
+    atol: float = 0.0,
+    rtol: float = 1e-4,
+) -> ParityReport:
+    """lens_det with its KV cache on the schedule vs lens_det without a cache, hook by hook (no HF needed).
+
+    In the default (HF-exact) mode the two differ by float rounding (prefill and decode multiply matrices of
+    different shapes), hence the default rtol 1e-4 of each hook's scale; pass rtol=0 in deterministic mode.
+    Left-pad query positions are excluded (a fully masked row spreads evenly over whatever keys are present).
+    """
+    tokens, mask, positions, schedule = _prepare(model, tokens, attention_mask, position_ids, schedule,
+                                                 prefill, decode_steps, chunk)
+    report = ParityReport(f"lens_det cached vs uncached ({model.cfg.dtype})", schedule, atol, rtol)
+    with torch.no_grad():
+        full_logits, full = model.run_with_cache(tokens, attention_mask=mask, position_ids=positions)
+    report.n_hooks = len(full.keys())
+    cache = model.new_cache()
+    real = mask.bool()
+    for i, (a, b) in enumerate(schedule.bounds()):
+        with torch.no_grad():
+            logits, ours = model.run_with_cache(tokens[:, a:b], attention_mask=mask[:, :b],
+                                                position_ids=_slice(positions, a, b), kv_cache=cache)
+        rows_real = real[:, a:b]
+        for hook in [*ours.keys(), "logits"]:
+            mine, whole = (logits, full_logits) if hook == "logits" else (ours[hook], full[hook])
+            if hook.endswith(_KEYED):  # keys attended in this step: the last mine.shape[-1] of [0, b)
+                whole = whole[:, :, a:b, b - mine.shape[-1] : b]
+                keep = rows_real[:, None, :, None]
+            else:
+                whole = whole[:, a:b]
+                keep = rows_real.view(*rows_real.shape, *[1] * (mine.ndim - 2))
+            mine, whole = torch.where(keep, mine, 0), torch.where(keep, whole, 0)
+            report.rows.append(diff_hook(f"cached:{i}", hook, mine, whole, atol, rtol, a))
+    return report
+
+
+def assert_parity(model: Any, hf_model: Any, tokens: torch.Tensor, **kwargs) -> ParityReport:
+    """pytest helper: `compare(...)`, raising AssertionError with the first divergence and the worst hooks."""
+    report = compare(model, hf_model, tokens, **kwargs)
+    if not report.passed:
+        raise AssertionError("lens_det differs from HF\n" + report.to_text())
+    return report

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lens_det
-from lens_det.parity import compare_cached
+from lens_det.parity import compare
 from tests.conftest import ALL, DTYPES, batch
 
 
@@ -20,12 +20,12 @@ def test_cached_steps_bit_identical_to_hf(model_pair, name, chunk, dtype):
     hf, model = model_pair(name, dtype)
     tokens, mask = batch("left", model.cfg.d_vocab, length=16)  # >= 3 windows of 4-5 for Gemma 2/3
     positions = lens_det.positions_from_mask(mask) if model.cfg.positional == "rope" else None
-    steps = compare_cached(model, hf, tokens, mask, positions, prefill=5, chunk=chunk)
-    assert len(steps) == 1 + -(-11 // chunk)
-    for i, diffs in enumerate(steps):
-        bad = {k: v for k, v in diffs.items() if v != 0.0}
-        assert not bad, f"step {i}: {bad}"
-        assert len(diffs) == len(model.hook_dict) - model.cfg.n_layers + 1  # all but hook_result, plus logits
+    report = compare(model, hf, tokens, mask, positions, prefill=5, chunk=chunk)
+    steps = {r.step for r in report.rows if r.step.startswith("cached")}
+    assert len(steps) == 1 + 11 // chunk
+    n_hooks = len(model.hook_dict) - model.cfg.n_layers  # every hook but the opt-in hook_result
+    assert report.n_hooks == n_hooks and len(report.rows) == (1 + len(steps)) * (n_hooks + 1)
+    assert report.passed and report.max_abs() == 0.0, report.to_text()
 
 
 @pytest.mark.parametrize("name", ALL)

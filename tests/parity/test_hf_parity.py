@@ -8,16 +8,22 @@ import pytest
 import torch
 
 import lens_det
-from lens_det.parity import capture_reference, compare_hooks
+from lens_det.parity import capture_reference, compare
 from tests.conftest import ALL, BLOOM, DTYPES, GEMMA, batch
 
 PADDINGS = ["none", "left", "right", "inner"]
 
 
-def assert_all_zero(diffs: dict, missing: list) -> None:
-    assert not missing, f"hooks with no HF reference: {missing}"
-    bad = {k: v for k, v in diffs.items() if v != 0.0}
-    assert not bad, f"hooks differing from HF: {bad}"
+def assert_bit_identical(model, hf, tokens, mask, positions=None):
+    """compare() at tolerance 0: uncached, and cached with the whole batch as one prefill."""
+    model.set_use_attn_result(True)
+    try:
+        report = compare(model, hf, tokens, mask, positions, prefill=tokens.shape[1], decode_steps=0)
+    finally:
+        model.set_use_attn_result(False)
+    assert report.n_hooks == len(model.hook_dict) and report.coverage == 1.0, report.missing
+    assert len(report.rows) == 2 * (len(model.hook_dict) + 1)  # every hook plus the logits, twice
+    assert report.passed and report.max_abs() == 0.0, report.to_text()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -26,13 +32,7 @@ def assert_all_zero(diffs: dict, missing: list) -> None:
 def test_bloom_every_hook_bit_identical(model_pair, name, padding, dtype):
     hf, model = model_pair(name, dtype)
     tokens, mask = batch(padding, model.cfg.d_vocab)
-    model.set_use_attn_result(True)
-    try:
-        diffs, missing = compare_hooks(model, hf, tokens, mask)
-    finally:
-        model.set_use_attn_result(False)
-    assert len(diffs) == len(model.hook_dict) + 1  # every hook point plus the logits
-    assert_all_zero(diffs, missing)
+    assert_bit_identical(model, hf, tokens, mask)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -47,15 +47,9 @@ def test_gemma_every_hook_bit_identical(model_pair, name, padding, positions, dt
     with torch.no_grad():
         ours = model(tokens, attention_mask=mask, position_ids=positions)
     hf_positions = lens_det.positions_from_mask(mask) if positions == "mask" else None
-    model.set_use_attn_result(True)
-    try:
-        diffs, missing = compare_hooks(model, hf, tokens, mask, hf_positions)
-    finally:
-        model.set_use_attn_result(False)
-    if positions == "mask":  # compare_hooks passed the explicit tensor; the "mask" option must equal it
-        ref_logits, _ = capture_reference(hf, model.config, tokens, mask, hf_positions)
-        assert torch.equal(ours, ref_logits)
-    assert_all_zero(diffs, missing)
+    assert_bit_identical(model, hf, tokens, mask, hf_positions)
+    ref_logits, _ = capture_reference(hf, model.config, tokens, mask, hf_positions)
+    assert torch.equal(ours, ref_logits)  # the "arange"/"mask" options equal HF's default / explicit positions
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -1,0 +1,206 @@
+"""ParityReport: per hook x step differences, coverage and the first divergence, as text, JSON or a plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+# Where the position and head dimensions of each hook kind are (batch is always dim 0).
+_QUERY_KEY = ("hook_pattern", "hook_attn_scores")  # [batch, head, query_pos, key_pos]
+_PER_HEAD = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_rot_q", "hook_rot_k", "hook_result",
+             "q_norm.hook_scale", "q_norm.hook_normalized", "k_norm.hook_scale", "k_norm.hook_normalized")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How the cached run is fed: `prefill` tokens at once, then `decode_steps` calls of `chunk` tokens."""
+
+    prefill: int
+    decode_steps: int
+    chunk: int = 1
+
+    @property
+    def length(self) -> int:
+        return self.prefill + self.decode_steps * self.chunk
+
+    def bounds(self) -> list[tuple[int, int]]:
+        ends = [self.prefill + self.chunk * s for s in range(self.decode_steps + 1)]
+        return list(zip([0, *ends[:-1]], ends))
+
+    @classmethod
+    def fit(cls, n_tokens: int, prefill: int | None = None, decode_steps: int | None = None,
+            chunk: int = 1) -> Schedule:
+        """A schedule over `n_tokens`: prefill defaults to half, decode_steps to as many as fit."""
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        prefill = max(1, n_tokens // 2) if prefill is None else prefill
+        if prefill < 1:
+            raise ValueError(f"prefill must be >= 1, got {prefill}")
+        if decode_steps is None:
+            decode_steps = max(0, (n_tokens - prefill) // chunk)
+        schedule = cls(prefill, decode_steps, chunk)
+        if schedule.length > n_tokens:
+            raise ValueError(
+                f"the schedule needs {schedule.length} tokens (prefill {prefill} + {decode_steps} steps x "
+                f"{chunk}) but only {n_tokens} were given; pass more tokens or a shorter schedule"
+            )
+        return schedule
+
+
+@dataclass
+class HookDiff:
+    step: str  # "uncached" or "cached:<i>" (i = 0 is the prefill)
+    hook: str
+    layer: int | None
+    max_abs: float
+    max_rel: float  # max |diff| / max |reference| (masked score entries excluded)
+    bitwise: bool
+    passed: bool
+    position: int | None = None  # first absolute position over tolerance
+    head: int | None = None  # first head over tolerance at that position
+
+
+def layer_of(hook: str) -> int | None:
+    match = re.match(r"blocks\.(\d+)\.", hook)
+    return int(match.group(1)) if match else None
+
+
+def kind_of(hook: str) -> str:
+    return re.sub(r"^blocks\.\d+\.", "", hook)
+
+
+def diff_hook(step: str, hook: str, ours: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float,
+              offset: int) -> HookDiff:
+    """Compare one hook's tensors; `offset` is the absolute position of the first new token."""
+    if ours.shape != ref.shape:
+        return HookDiff(step, hook, layer_of(hook), math.inf, math.inf, False, False)
+    a, b = ours.detach().double().cpu(), ref.detach().double().cpu()
+    d = (a - b).abs()
+    d = torch.where(torch.isnan(a) & torch.isnan(b), torch.zeros_like(d), d.nan_to_num(nan=math.inf))
+    finite = b[b > torch.finfo(ref.dtype).min / 2] if ref.is_floating_point() else b
+    scale = finite.abs().max().item() if finite.numel() else 0.0
+    max_abs = d.max().item() if d.numel() else 0.0
+    threshold = atol + rtol * scale
+    result = HookDiff(step, hook, layer_of(hook), max_abs, max_abs / scale if scale else max_abs,
+                      bool(max_abs == 0.0), max_abs <= threshold)
+    if not result.passed:
+        over = d > threshold
+        kind = kind_of(hook)
+        if kind.startswith("attn.") and kind.endswith(_QUERY_KEY):
+            pos_dim, head_dim = 2, 1
+        elif kind.startswith("attn.") and kind.endswith(_PER_HEAD):
+            pos_dim, head_dim = 1, 2
+        else:
+            pos_dim, head_dim = 1, None
+        if over.ndim > pos_dim:
+            pos = over.movedim(pos_dim, 0).reshape(over.shape[pos_dim], -1).any(1).nonzero()[0, 0].item()
+            result.position = offset + pos
+            if head_dim is not None:
+                at_pos = over.select(pos_dim, pos)
+                dim = head_dim if head_dim < pos_dim else head_dim - 1
+                result.head = at_pos.movedim(dim, 0).reshape(at_pos.shape[dim], -1).any(1).nonzero()[0, 0].item()
+    return result
+
+
+@dataclass
+class ParityReport:
+    """Differences of every hook point, uncached and on each cached step of a schedule."""
+
+    title: str
+    schedule: Schedule
+    atol: float
+    rtol: float
+    rows: list[HookDiff] = field(default_factory=list)
+    missing: dict[str, str] = field(default_factory=dict)  # hook -> why it has no reference
+    n_hooks: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return not self.missing and all(r.passed for r in self.rows)
+
+    @property
+    def coverage(self) -> float:
+        return 1.0 if not self.n_hooks else (self.n_hooks - len(self.missing)) / self.n_hooks
+
+    @property
+    def first_divergence(self) -> HookDiff | None:
+        """The earliest failing (step, hook in execution order, position, head): rows are kept in that order."""
+        return next((r for r in self.rows if not r.passed), None)
+
+    def worst(self, n: int = 10) -> list[HookDiff]:
+        return sorted(self.rows, key=lambda r: -r.max_abs)[:n]
+
+    def max_abs(self, cached: bool | None = None) -> float:
+        rows = [r for r in self.rows if cached is None or r.step.startswith("cached") == cached]
+        return max((r.max_abs for r in rows), default=0.0)
+
+    def to_text(self, n_worst: int = 8) -> str:
+        s = self.schedule
+        tol = "0 (bit-identical)" if self.atol == 0 == self.rtol else f"atol {self.atol:g} + rtol {self.rtol:g}"
+        lines = [
+            f"{self.title}",
+            f"  schedule: prefill {s.prefill}, {s.decode_steps} decode steps of {s.chunk}; tolerance {tol}",
+            f"  coverage: {self.n_hooks - len(self.missing)}/{self.n_hooks} hook points have a reference"
+            + (f"; missing: {self.missing}" if self.missing else ""),
+            f"  max |diff|: uncached {self.max_abs(False):.3g}, cached {self.max_abs(True):.3g} -> "
+            + ("PASS" if self.passed else "FAIL"),
+        ]
+        first = self.first_divergence
+        if first is not None:
+            where = f"position {first.position}" + ("" if first.head is None else f", head {first.head}")
+            lines.append(f"  first divergence: {first.step}, layer {first.layer}, {kind_of(first.hook)}, {where} "
+                         f"(max |diff| {first.max_abs:.3g})")
+        lines.append(f"  worst hooks:  {'step':<10} {'hook':<36} {'max|diff|':>10} {'rel':>9}  bitwise")
+        for r in self.worst(n_worst):
+            lines.append(f"                {r.step:<10} {r.hook:<36} {r.max_abs:>10.3g} {r.max_rel:>9.2g}  "
+                         f"{'yes' if r.bitwise else 'no'}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {
+            "title": self.title, "schedule": asdict(self.schedule), "atol": self.atol, "rtol": self.rtol,
+            "passed": self.passed, "coverage": self.coverage, "missing": self.missing,
+            "first_divergence": None if self.first_divergence is None else asdict(self.first_divergence),
+            "rows": [asdict(r) for r in self.rows],
+        }
+
+    def save_json(self, path) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_json(), f, indent=1, default=str)
+
+    def plot(self, path=None):
+        """Heatmap of log10 max |diff| by hook kind x layer, cache off and on (bit-identical cells in green)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+
+        layered = [r for r in self.rows if r.layer is not None]
+        kinds = sorted({kind_of(r.hook) for r in layered})
+        n_layers = 1 + max((r.layer for r in layered), default=0)
+        fig, axes = plt.subplots(1, 2, figsize=(4 + 0.45 * n_layers * 2, 1.5 + 0.28 * len(kinds)), squeeze=False)
+        for ax, cached in zip(axes[0], (False, True)):
+            grid = np.full((len(kinds), n_layers), np.nan)
+            for r in layered:
+                if r.step.startswith("cached") == cached and r.max_abs > 0:
+                    i, j = kinds.index(kind_of(r.hook)), r.layer
+                    grid[i, j] = np.nanmax([grid[i, j], math.log10(min(r.max_abs, 1e30))])
+            cmap = matplotlib.colormaps["magma"].copy()
+            cmap.set_bad("#b8e0b0")  # NaN: no difference at all
+            image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=-8, vmax=1)
+            ax.set_title(f"cache {'on' if cached else 'off'}: log10 max|diff| (green = 0)", fontsize=9)
+            ax.set_xticks(range(n_layers))
+            ax.set_xlabel("layer")
+            ax.set_yticks(range(len(kinds)))
+            ax.set_yticklabels(kinds if not cached else [], fontsize=7)
+        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+        fig.suptitle(self.title, fontsize=10)
+        if path is not None:
+            fig.savefig(path, dpi=110, bbox_inches="tight")
+            plt.close(fig)
+        return fig

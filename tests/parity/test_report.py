@@ -1,0 +1,126 @@
+"""compare() as a product: it finds injected bugs and names where they start; reports; bad input."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from lens_det.components.context import ForwardContext
+from lens_det.parity import Schedule, assert_parity, compare, self_parity
+from lens_det.parity.report import kind_of
+from tests.conftest import batch
+
+
+def first(report):
+    assert not report.passed
+    d = report.first_divergence
+    return d.step, d.layer, kind_of(d.hook), d.position
+
+
+def test_tl28_bloom_alibi_row0_on_cached_steps_is_caught(model_pair, monkeypatch):
+    """TransformerLens 2.8: cached steps used row 0 of the ALiBi matrix (the bias of query 0, which is 0 for
+    every later key), i.e. no position information once decoding from the cache."""
+    hf, model = model_pair("tiny-bloom")
+    tokens, mask = batch("left", model.cfg.d_vocab, length=12)
+    assert compare(model, hf, tokens, mask, prefill=6).passed
+    correct = ForwardContext.alibi
+    monkeypatch.setattr(ForwardContext, "alibi", lambda self, slopes, start, device: (
+        correct(self, slopes, start, device) * (0 if self.query_start > 0 else 1)))
+    report = compare(model, hf, tokens, mask, prefill=6)
+    assert report.max_abs(cached=False) == 0.0  # the uncached run is unaffected
+    assert first(report) == ("cached:1", 0, "attn.hook_attn_scores", 6)
+
+
+def test_rope_offset_off_by_one_after_the_cache_is_caught(model_pair, monkeypatch):
+    hf, model = model_pair("tiny-gemma2")
+    tokens, mask = batch("left", model.cfg.d_vocab, length=12)
+    correct = ForwardContext.rope
+
+    def shifted(self, inv_freq, key, device):
+        if self.query_start == 0:
+            return correct(self, inv_freq, key, device)
+        return correct(ForwardContext(self.mask, 0, self.n_query, self.dtype, self.position_ids + 1), inv_freq, key,
+                       device)
+
+    monkeypatch.setattr(ForwardContext, "rope", shifted)
+    assert first(compare(model, hf, tokens, mask, "mask", prefill=6)) == ("cached:1", 0, "attn.hook_rot_q", 6)
+
+
+def test_sliding_window_off_by_one_is_caught(model_pair, monkeypatch):
+    hf, model = model_pair("tiny-gemma2")
+    tokens, mask = batch("none", model.cfg.d_vocab, length=12)
+    window = model.cfg.sliding_window
+    monkeypatch.setattr(model.blocks[2].attn, "window", window + 1)  # layer 2 slides (even layers)
+    # query `window` is the first that sees one key too many
+    assert first(compare(model, hf, tokens, mask, prefill=6)) == ("uncached", 2, "attn.hook_attn_scores", window)
+
+
+def test_mask_that_ignores_padding_is_caught(model_pair, monkeypatch):
+    hf, model = model_pair("tiny-gemma3")
+    tokens, mask = batch("left", model.cfg.d_vocab, length=12)
+    correct = ForwardContext.additive_mask
+
+    def no_padding(self, key_start, n_key, window, device):
+        everything = ForwardContext(torch.ones_like(self.mask), self.query_start, self.n_query, self.dtype)
+        return correct(everything, key_start, n_key, window, device)
+
+    monkeypatch.setattr(ForwardContext, "additive_mask", no_padding)
+    assert first(compare(model, hf, tokens, mask, "mask", prefill=6)) == ("uncached", 0, "attn.hook_attn_scores", 0)
+
+
+def test_wrong_attention_scale_in_one_layer_is_caught(model_pair, monkeypatch):
+    hf, model = model_pair("tiny-gemma3")
+    tokens, mask = batch("none", model.cfg.d_vocab, length=10)
+    attn = model.blocks[3].attn
+    monkeypatch.setattr(attn, "cfg", dataclasses.replace(attn.cfg, attn_scale=model.cfg.d_head ** -0.5))
+    step, layer, kind, position = first(compare(model, hf, tokens, mask, prefill=5))
+    assert (step, layer, kind, position) == ("uncached", 3, "attn.hook_attn_scores", 0)
+    assert compare(model, hf, tokens, mask, prefill=5).first_divergence.head == 0
+
+
+def test_report_text_json_plot(model_pair, tmp_path):
+    hf, model = model_pair("tiny-gemma2")
+    tokens, mask = batch("left", model.cfg.d_vocab, length=10)
+    report = compare(model, hf, tokens, mask, "mask", prefill=4, decode_steps=3, chunk=2)
+    assert report.schedule == Schedule(4, 3, 2) and report.coverage == 1.0 and report.passed
+    text = report.to_text()
+    n = len(model.hook_dict) - model.cfg.n_layers  # hook_result is opt-in
+    assert "PASS" in text and f"coverage: {n}/{n}" in text and "prefill 4, 3 decode steps of 2" in text
+    report.save_json(tmp_path / "r.json")
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["passed"] and len(data["rows"]) == 5 * (n + 1) and data["first_divergence"] is None
+    report.plot(tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_assert_parity_message_names_the_first_divergence(model_pair, monkeypatch):
+    hf, model = model_pair("tiny-gemma")
+    tokens, mask = batch("none", model.cfg.d_vocab, length=8)
+    assert_parity(model, hf, tokens, attention_mask=mask)
+    monkeypatch.setattr(model.blocks[1].mlp, "act", lambda x: torch.nn.functional.gelu(x))  # erf, not tanh
+    with pytest.raises(AssertionError, match=r"first divergence: uncached, layer 1, mlp.hook_post"):
+        assert_parity(model, hf, tokens, attention_mask=mask)
+
+
+def test_self_parity_cached_vs_uncached(model_pair):
+    _, model = model_pair("tiny-gemma3")
+    tokens, mask = batch("left", model.cfg.d_vocab, length=14)
+    report = self_parity(model, tokens, mask, prefill=5, chunk=3)
+    assert report.passed, report.to_text()  # default mode: within rtol 1e-4 of each hook's scale
+    assert 0 < report.max_abs() < 1e-3  # fp32 prefill-vs-decode shapes: rounding, not zero (HF: same)
+    exact = self_parity(model, tokens, mask, prefill=5, chunk=3, rtol=0.0)
+    assert not exact.passed  # the check can see the rounding differences it claims to
+
+
+def test_bad_input_fails_before_compute(model_pair, monkeypatch):
+    hf, model = model_pair("tiny-gemma2")
+    other_hf, _ = model_pair("tiny-gemma3")
+    tokens, mask = batch("none", model.cfg.d_vocab, length=8)
+    monkeypatch.setattr(model, "run_with_cache", lambda *a, **k: pytest.fail("computed before validating"))
+    with pytest.raises(ValueError, match="different architecture or vocabulary"):
+        compare(model, other_hf, tokens, mask)
+    with pytest.raises(ValueError, match="needs 12 tokens .*only 8"):
+        compare(model, hf, tokens, mask, prefill=4, decode_steps=4, chunk=2)
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(3, 7\)"):
+        compare(model, hf, tokens, mask[:, 1:])
