@@ -5,11 +5,13 @@ from lens_det.config import LensConfig, named_configs
 from lens_det.kv_cache import KVCache
 from lens_det.loading import from_config, from_hf_model, from_pretrained
 from lens_det.model import HookedDecoder
+from lens_det.ops import deterministic
 
 __all__ = [
     "HookedDecoder",
     "KVCache",
     "LensConfig",
+    "deterministic",
     "from_config",
     "from_hf_model",
     "from_pretrained",

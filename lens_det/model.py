@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from lens_det import ops
 from lens_det.components.block import Block
 from lens_det.components.context import ForwardContext
 from lens_det.components.embed import Embed, Unembed
@@ -58,6 +60,7 @@ class HookedDecoder(HookedRootModule):
         self.ln_final = make_norm(config)
         self.unembed = Unembed(config, self.embed)
         self.tokenizer = None
+        self.deterministic = False  # batch-invariant ops on every forward (same as `with lens_det.deterministic()`)
         self.to(device=device, dtype=dtype)
         self.eval()  # inference model (no dropout); TransformerLens' patching requires eval mode
         self.setup()
@@ -141,12 +144,10 @@ class HookedDecoder(HookedRootModule):
         tokens = self._check_tokens(tokens)
         mask = self._full_mask(tokens, attention_mask, kv_cache)
         ctx = self._context(tokens, mask, position_ids, kv_cache)
+        mode = ops.deterministic() if self.deterministic else contextlib.nullcontext()
         try:
-            x = self.hook_embed(self.embed(tokens))
-            for i, block in enumerate(self.blocks):
-                x = block(x.to(block.ln1.w.device), ctx, None if kv_cache is None else kv_cache.layers[i])
-            x = self.ln_final(x.to(self.ln_final.w.device))
-            logits = None if return_type is None else self.unembed(x[:, -logits_to_keep:] if logits_to_keep else x)
+            with mode:
+                logits = self._forward_layers(tokens, ctx, kv_cache, return_type, logits_to_keep)
         except BaseException:
             if kv_cache is not None:
                 kv_cache._discard()
@@ -157,6 +158,13 @@ class HookedDecoder(HookedRootModule):
             return logits
         loss = next_token_loss(logits, tokens, mask[:, -tokens.shape[1] :])
         return loss if return_type == "loss" else (logits, loss)
+
+    def _forward_layers(self, tokens, ctx, kv_cache, return_type, logits_to_keep):
+        x = self.hook_embed(self.embed(tokens))
+        for i, block in enumerate(self.blocks):
+            x = block(x.to(block.ln1.w.device), ctx, None if kv_cache is None else kv_cache.layers[i])
+        x = self.ln_final(x.to(self.ln_final.w.device))
+        return None if return_type is None else self.unembed(x[:, -logits_to_keep:] if logits_to_keep else x)
 
     def _check_tokens(self, tokens) -> torch.Tensor:
         if not isinstance(tokens, torch.Tensor):

@@ -1,18 +1,63 @@
 """Every reduction the models do: linear layers, norms, attention scores, softmax and the attention-weighted sum.
 
 The default implementations reproduce Hugging Face eager bit for bit (REFERENCE.md names the section for each
-operation order). Keeping them here, and nowhere else, is what lets a deterministic mode swap them in one place.
+operation order). Keeping them here, and nowhere else, is what lets the deterministic mode swap them in one place.
+
+Deterministic (batch-invariant) mode, `with lens_det.deterministic():` (DETERMINISM.md). A CPU BLAS picks its
+kernel from the matrix shapes (measured here: fp32 sgemm rounds a row differently when the matrix has 1-3 rows),
+and a reduction's order depends on where its inputs sit. So in this mode:
+  * every matrix multiply gets a row count padded to a multiple of ROW_TILE (never the small-matrix path);
+  * attention scores are computed one KEY_BLOCK-wide block of keys at a time (one GEMM shape for every call);
+  * sums over keys (softmax denominator, probs @ V) run over fixed KEY_BLOCK blocks aligned on each key's
+    real-token index (its position among unmasked keys), in float32, added block after block in order; masked
+    keys are exact zeros. A prompt alone, left-padded in a batch, chunked, or decoded from the cache then reduces
+    the same numbers in the same order.
+Norms reduce each row on its own already (checked by the invariance tests) and are unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 import torch.nn.functional as F
+
+ROW_TILE = 16
+KEY_BLOCK = 64
+_DETERMINISTIC = contextvars.ContextVar("lens_det_deterministic", default=False)
+
+
+@contextlib.contextmanager
+def deterministic(enabled: bool = True):
+    """Run the models with batch-invariant ops inside this block (see the module docstring)."""
+    token = _DETERMINISTIC.set(enabled)
+    try:
+        yield
+    finally:
+        _DETERMINISTIC.reset(token)
+
+
+def is_deterministic() -> bool:
+    return _DETERMINISTIC.get()
+
+
+def _pad(x: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:
+    extra = -x.shape[dim] % multiple
+    if not extra:
+        return x
+    shape = list(x.shape)
+    shape[dim] = extra
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`x @ weight.T + bias` as `nn.Linear` computes it (weight in HF layout [out, in])."""
-    return F.linear(x, weight, bias)
+    if not _DETERMINISTIC.get():
+        return F.linear(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1])
+    out = F.linear(_pad(rows, 0, ROW_TILE), weight, bias)[: rows.shape[0]]
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -44,6 +89,12 @@ def attention_scores(
     With a positional `bias` [B*H, 1, K] (ALiBi) this is Bloom's fused `baddbmm(bias, Q, K^T, alpha=scale)`
     (REFERENCE §2.4: separate ops differ in bf16). Without, `(Q @ K^T) * scale` (REFERENCE §1.6).
     """
+    if _DETERMINISTIC.get():
+        n_q, n_k = q.shape[2], k.shape[2]
+        qp, kp = _pad(q, 2, ROW_TILE), _pad(k, 2, KEY_BLOCK)
+        blocks = [torch.matmul(qp, kp[:, :, s : s + KEY_BLOCK].transpose(2, 3)) for s in range(0, kp.shape[2], KEY_BLOCK)]
+        scores = torch.cat(blocks, dim=-1)[:, :, :n_q, :n_k] * scale
+        return scores if bias is None else scores + bias.view(q.shape[0], q.shape[1], 1, n_k)
     if bias is None:
         return torch.matmul(q, k.transpose(2, 3)) * scale
     b, h, n_q, d = q.shape
@@ -53,11 +104,47 @@ def attention_scores(
     return scores.view(b, h, n_q, -1)
 
 
-def softmax(scores: torch.Tensor) -> torch.Tensor:
-    """Softmax over keys in fp32, cast back to the scores' dtype (REFERENCE §1.6)."""
-    return F.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+def softmax(scores: torch.Tensor, key_pos: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax over keys in fp32, cast back to the scores' dtype (REFERENCE §1.6). `key_pos` [B, K] (each key's
+    real-token index, -1 for pads) is used by the deterministic mode only."""
+    if not _DETERMINISTIC.get():
+        return F.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+    s = scores.float()
+    e = torch.exp(s - s.amax(dim=-1, keepdim=True))  # the max is exact whatever the order
+    ones = e.new_ones(*e.shape[:2], e.shape[-1], 1)
+    return (e / _blocked_matmul(e, ones, key_pos)).to(scores.dtype)
 
 
-def attend(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def attend(probs: torch.Tensor, v: torch.Tensor, key_pos: torch.Tensor | None = None) -> torch.Tensor:
     """probs [B, H, q, K] @ v [B, H, K, d] -> [B, H, q, d]."""
-    return torch.matmul(probs, v)
+    if not _DETERMINISTIC.get():
+        return torch.matmul(probs, v)
+    return _blocked_matmul(probs, v, key_pos).to(v.dtype)
+
+
+def _blocked_matmul(p: torch.Tensor, v: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
+    """p [B, H, q, K] @ v [B, H, K, n] in float32, summed over KEY_BLOCK blocks of keys aligned on key_pos."""
+    n_q = p.shape[2]
+    p_c, v_c = _compact(p.float(), v.float(), key_pos)
+    p_c = _pad(p_c, 2, ROW_TILE)
+    out = None
+    for s in range(0, p_c.shape[-1], KEY_BLOCK):
+        block = torch.matmul(p_c[..., s : s + KEY_BLOCK], v_c[:, :, s : s + KEY_BLOCK])
+        out = block if out is None else out + block
+    return out[:, :, :n_q]
+
+
+def _compact(p: torch.Tensor, v: torch.Tensor, key_pos: torch.Tensor):
+    """Move each key to slot (real index - base) of a zero tensor, base = the row's first real index rounded
+    down to KEY_BLOCK, so blocks hold the same keys however the row was padded, chunked or trimmed."""
+    real = key_pos >= 0
+    first = torch.where(real, key_pos, key_pos.new_full((), 2**62)).amin(dim=-1, keepdim=True)
+    base = torch.where(first < 2**62, first, 0) // KEY_BLOCK * KEY_BLOCK
+    slot = key_pos - base
+    width = -(-(int(slot.max()) + 1) // KEY_BLOCK) * KEY_BLOCK if bool(real.any()) else KEY_BLOCK
+    slot = torch.where(real, slot, width)  # pads go to a dump column that is cut off
+    b, h, n_q, _ = p.shape
+    p_out = p.new_zeros(b, h, n_q, width + 1).scatter_(-1, slot[:, None, None, :].expand(b, h, n_q, -1), p)
+    n = v.shape[-1]
+    v_out = v.new_zeros(b, h, width + 1, n).scatter_(2, slot[:, None, :, None].expand(b, h, -1, n), v)
+    return p_out[..., :width], v_out[:, :, :width]

@@ -129,8 +129,9 @@ class Attention(nn.Module):
         scores = self.score_cap(ops.attention_scores(q, k, self.cfg.attn_scale, bias))
         scores = scores + ctx.additive_mask(key_start, n_key, self.window, x.device)
         scores = self.hook_attn_scores(scores)
-        probs = self.hook_pattern(ops.softmax(scores))
-        z = self.hook_z(ops.attend(probs, v).transpose(1, 2))
+        key_pos = ctx.key_positions(key_start, n_key, x.device) if ops.is_deterministic() else None
+        probs = self.hook_pattern(ops.softmax(scores, key_pos))
+        z = self.hook_z(ops.attend(probs, v, key_pos).transpose(1, 2))
         if self.use_attn_result:
             w_o = self.w_o.view(self.cfg.d_model, self.cfg.n_heads, self.cfg.d_head)
             self.hook_result(torch.einsum("bqhd,mhd->bqhm", z, w_o))

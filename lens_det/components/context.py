@@ -33,6 +33,14 @@ class ForwardContext:
             ),
         )
 
+    def key_positions(self, key_start: int, n_key: int, device) -> torch.Tensor:
+        """Each key's index among the real tokens of its row ([batch, n_key]; -1 for pads)."""
+        def build():
+            mask = self.mask.to(device)
+            pos = torch.where(mask.bool(), mask.cumsum(-1) - 1, -1)
+            return pos[:, key_start : key_start + n_key]
+        return self._get(("key_pos", key_start, n_key, device), build)
+
     def alibi(self, slopes: torch.Tensor, key_start: int, device) -> torch.Tensor:
         full = self._get(("alibi", device), lambda: alibi_bias(self.mask.to(device), slopes, self.dtype))
         return full if key_start == 0 else full[..., key_start:]
