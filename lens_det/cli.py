@@ -109,6 +109,40 @@ def cmd_parity(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_determinism(args) -> int:
+    from lens_det.determinism import check_all
+    from lens_det.ops import deterministic
+    from lens_det.parity.report import kind_of, op_of
+
+    names = args.model or TINY
+    print("lens-det determinism: a prompt's every hook point alone vs in batches of 2..16 (with padding), prefill "
+          "chunked 1/2/3/7/all, cache on vs off, repeated runs; max |diff| per check (0 = bit-identical)")
+    header = f"{'model':<18} {'dtype':<9} {'mode':<14} " + " ".join(f"{c:>9}" for c in CHECKS) + "  first divergence"
+    print(header)
+    print("-" * len(header))
+    broken = False
+    for name in names:
+        for dtype_name in args.dtype:
+            _, model = _models(name, DTYPES[dtype_name], args.seed)
+            gen = torch.Generator().manual_seed(args.seed)
+            prompt = torch.randint(0, model.cfg.d_vocab, (args.length,), generator=gen)
+            for mode in ("default", "deterministic"):
+                with deterministic(mode == "deterministic"):
+                    reports = check_all(model, prompt, threads=args.threads)
+                cells = " ".join(f"{reports[c].max_abs():>9.2g}" if c in reports else f"{'-':>9}" for c in CHECKS)
+                first = next((r.first_divergence for r in reports.values() if r.first_divergence), None)
+                where = "-" if first is None else \
+                    f"{first.step} {kind_of(first.hook)} (layer {first.layer}, op {op_of(first.hook)})"
+                print(f"{name:<18} {dtype_name:<9} {mode:<14} {cells}  {where}")
+                contract = [r for c, r in reports.items() if c not in ("threads", "device")]
+                broken |= mode == "deterministic" and any(not r.passed for r in contract)
+    print("\ndeterministic mode: bitwise invariant" if not broken else "\nFAIL: deterministic mode varied")
+    return 1 if broken else 0
+
+
+CHECKS = ("batch", "chunk", "cache", "run", "threads", "device")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lens-det", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -133,6 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verbose", action="store_true", help="print the full report of every model")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_parity)
+    d = sub.add_parser("determinism", help="batch / chunk / cache / run / device invariance, default vs "
+                                           "deterministic mode")
+    d.add_argument("--model", nargs="*", help="named configs, HF hub names or local dirs (default: the tiny configs)")
+    d.add_argument("--dtype", nargs="*", default=["float32", "bfloat16"], choices=list(DTYPES))
+    d.add_argument("--length", type=int, default=5, help="prompt length (random token ids)")
+    d.add_argument("--threads", type=int, default=None,
+                   help="also compare a run with this many threads (reported; not part of the contract)")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_determinism)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -23,7 +23,7 @@ import contextvars
 import torch
 import torch.nn.functional as F
 
-ROW_TILE = 16
+ROW_TILE = 8
 KEY_BLOCK = 64
 _DETERMINISTIC = contextvars.ContextVar("lens_det_deterministic", default=False)
 

@@ -127,9 +127,17 @@ def self_parity(
     with torch.no_grad():
         full_logits, full = model.run_with_cache(tokens, attention_mask=mask, position_ids=positions)
     report.n_hooks = len(full.keys())
+    diff_chunked_run(report, model, tokens, mask, positions, schedule.bounds(), full, full_logits, "cached")
+    return report
+
+
+def diff_chunked_run(report, model, tokens, mask, positions, bounds, full, full_logits, step: str) -> None:
+    """Run `model` with a fresh KV cache over `bounds` [(a, b), ...] and append to `report` each step's hooks
+    against the same positions of an uncached run (`full`, `full_logits`). Pad query positions are zeroed on
+    both sides (a fully masked row spreads evenly over whatever keys are present, REFERENCE §1.3)."""
     cache = model.new_cache()
     real = mask.bool()
-    for i, (a, b) in enumerate(schedule.bounds()):
+    for i, (a, b) in enumerate(bounds):
         with torch.no_grad():
             logits, ours = model.run_with_cache(tokens[:, a:b], attention_mask=mask[:, :b],
                                                 position_ids=_slice(positions, a, b), kv_cache=cache)
@@ -143,8 +151,7 @@ def self_parity(
                 whole = whole[:, a:b]
                 keep = rows_real.view(*rows_real.shape, *[1] * (mine.ndim - 2))
             mine, whole = torch.where(keep, mine, 0), torch.where(keep, whole, 0)
-            report.rows.append(diff_hook(f"cached:{i}", hook, mine, whole, atol, rtol, a))
-    return report
+            report.rows.append(diff_hook(f"{step}:{i}", hook, mine, whole, report.atol, report.rtol, a))
 
 
 def assert_parity(model: Any, hf_model: Any, tokens: torch.Tensor, **kwargs) -> ParityReport:

@@ -64,6 +64,22 @@ class HookDiff:
     head: int | None = None  # first head over tolerance at that position
 
 
+# The op that produces each hook kind: the first differing hook in firing order names the op that broke.
+OPS = {
+    "hook_embed": "embedding", "hook_scale": "norm", "hook_normalized": "norm", "hook_q": "linear",
+    "hook_k": "linear", "hook_v": "linear", "hook_rot_q": "rope", "hook_rot_k": "rope",
+    "hook_attn_scores": "attention_scores", "hook_pattern": "softmax", "hook_z": "attend",
+    "hook_result": "linear (per head)", "hook_attn_out": "linear (o_proj) / norm", "hook_pre": "linear",
+    "hook_pre_linear": "linear", "hook_post": "activation", "hook_mlp_out": "linear (down) / norm",
+    "hook_resid_pre": "residual add", "hook_resid_mid": "residual add", "hook_resid_post": "residual add",
+    "logits": "linear (unembed)",
+}
+
+
+def op_of(hook: str) -> str:
+    return OPS.get(hook.rsplit(".", 1)[-1], "?")
+
+
 def layer_of(hook: str) -> int | None:
     match = re.match(r"blocks\.(\d+)\.", hook)
     return int(match.group(1)) if match else None
@@ -152,8 +168,8 @@ class ParityReport:
         first = self.first_divergence
         if first is not None:
             where = f"position {first.position}" + ("" if first.head is None else f", head {first.head}")
-            lines.append(f"  first divergence: {first.step}, layer {first.layer}, {kind_of(first.hook)}, {where} "
-                         f"(max |diff| {first.max_abs:.3g})")
+            lines.append(f"  first divergence: {first.step}, layer {first.layer}, {kind_of(first.hook)} "
+                         f"(op: {op_of(first.hook)}), {where} (max |diff| {first.max_abs:.3g})")
         lines.append(f"  worst hooks:  {'step':<10} {'hook':<36} {'max|diff|':>10} {'rel':>9}  bitwise")
         for r in self.worst(n_worst):
             lines.append(f"                {r.step:<10} {r.hook:<36} {r.max_abs:>10.3g} {r.max_rel:>9.2g}  "

@@ -1,0 +1,171 @@
+"""Invariance checks: does a prompt's every hook point depend on batch composition, prefill chunking, the KV
+cache, the run, or the device? Each check returns a `ParityReport` (0.0 tolerance) whose first divergence names
+the step, hook and op where invariance broke. Run them in the default mode to see the differences, and inside
+`lens_det.deterministic()` (or with `model.deterministic = True`) to see them vanish.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from lens_det.ops import deterministic
+from lens_det.parity.compare import _KEYED, diff_chunked_run
+from lens_det.parity.report import ParityReport, Schedule, diff_hook
+
+__all__ = [
+    "batch_invariance", "cache_invariance", "check_all", "chunk_invariance", "deterministic",
+    "device_invariance", "run_to_run", "thread_invariance",
+]
+
+
+def _prompt(model, prompt) -> torch.Tensor:
+    prompt = torch.as_tensor(prompt, device=model.cfg.device)
+    prompt = prompt[None] if prompt.ndim == 1 else prompt
+    if prompt.shape[0] != 1:
+        raise ValueError(f"pass one prompt (a 1-D tensor of token ids), got shape {tuple(prompt.shape)}")
+    return model._check_tokens(prompt)
+
+
+def _run(model, tokens, mask, position_ids="mask"):
+    with torch.no_grad():
+        logits, acts = model.run_with_cache(tokens, attention_mask=mask, position_ids=position_ids)
+    return {**dict(acts.items()), "logits": logits}
+
+
+def _diff_runs(report: ParityReport, step: str, ours: dict, ref: dict, row: int = 0, pad: int = 0) -> None:
+    """Append ours[hook][row] (its real positions start at `pad`) against ref[hook][0] for every hook."""
+    for hook, value in ours.items():
+        mine = value[row : row + 1]
+        mine = mine[:, :, pad:, pad:] if hook.endswith(_KEYED) else mine[:, pad:]
+        report.rows.append(diff_hook(step, hook, mine, ref[hook], report.atol, report.rtol, 0))
+
+
+def batch_invariance(model: Any, prompt, batch_sizes=(2, 3, 4, 8, 16), max_extra: int = 8, seed: int = 0,
+                     position_ids: str = "mask") -> ParityReport:
+    """The prompt alone vs the prompt inside batches of other random prompts of random lengths (up to
+    `max_extra` longer), left-padded to the longest, at a varying row. 0.0 means batch-invariant."""
+    prompt = _prompt(model, prompt)
+    n = prompt.shape[1]
+    report = ParityReport(f"batch invariance ({model.cfg.dtype})", Schedule(n, 0), 0.0, 0.0)
+    reference = _run(model, prompt, None, position_ids)
+    report.n_hooks = len(reference) - 1
+    gen = torch.Generator().manual_seed(seed)
+    for size in batch_sizes:
+        lengths = torch.randint(1, n + max_extra + 1, (size,), generator=gen).tolist()
+        row = size // 2
+        lengths[row] = n
+        width = max(lengths)
+        tokens = torch.randint(0, model.cfg.d_vocab, (size, width), generator=gen).to(prompt.device)
+        mask = torch.zeros_like(tokens)
+        for i, length in enumerate(lengths):
+            mask[i, width - length :] = 1
+        tokens[row, width - n :] = prompt[0]
+        _diff_runs(report, f"batch:{size}", _run(model, tokens, mask, position_ids), reference, row, width - n)
+    return report
+
+
+def chunk_invariance(model: Any, tokens, attention_mask=None, chunk_sizes=(1, 2, 3, 7, None),
+                     position_ids: str = "mask") -> ParityReport:
+    """Prefill through the KV cache in chunks of each size (None: all at once) vs one uncached forward."""
+    tokens = model._check_tokens(torch.as_tensor(tokens))
+    mask = torch.ones_like(tokens) if attention_mask is None else attention_mask
+    n = tokens.shape[1]
+    report = ParityReport(f"chunked-prefill invariance ({model.cfg.dtype})", Schedule(n, 0), 0.0, 0.0)
+    full = _run(model, tokens, mask, position_ids)
+    report.n_hooks = len(full) - 1
+    from lens_det.components.positions import positions_from_mask
+
+    positions = positions_from_mask(mask) if position_ids == "mask" and model.cfg.positional == "rope" else None
+    for size in chunk_sizes:
+        size = size or n
+        bounds = [(a, min(a + size, n)) for a in range(0, n, size)]
+        diff_chunked_run(report, model, tokens, mask, positions, bounds, full, full["logits"], f"chunk{size}")
+    return report
+
+
+def cache_invariance(model: Any, tokens, attention_mask=None, prefill: int | None = None,
+                     position_ids: str = "mask") -> ParityReport:
+    """Prefill then one token per step from the KV cache vs one uncached forward (lens_det.parity.self_parity
+    at tolerance 0)."""
+    from lens_det.parity import self_parity
+
+    tokens = torch.as_tensor(tokens)
+    tokens = tokens[None] if tokens.ndim == 1 else tokens
+    return self_parity(model, tokens, attention_mask, position_ids, prefill=prefill, rtol=0.0)
+
+
+def run_to_run(model: Any, tokens, attention_mask=None, repeats: int = 3, position_ids: str = "mask",
+               ) -> ParityReport:
+    """Repeated runs (same thread count) against the first."""
+    tokens = model._check_tokens(torch.as_tensor(tokens))
+    report = ParityReport(f"run-to-run ({model.cfg.dtype})", Schedule(tokens.shape[1], 0), 0.0, 0.0)
+    reference = _run(model, tokens, attention_mask, position_ids)
+    report.n_hooks = len(reference) - 1
+    for i in range(1, repeats):
+        _diff_runs_all(report, f"run:{i}", _run(model, tokens, attention_mask, position_ids), reference)
+    return report
+
+
+def thread_invariance(model: Any, tokens, threads: int, attention_mask=None, position_ids: str = "mask",
+                      ) -> ParityReport:
+    """A run with `threads` threads against one with the current count (outside the contract: reported)."""
+    tokens = model._check_tokens(torch.as_tensor(tokens))
+    report = ParityReport(f"thread count {torch.get_num_threads()} vs {threads} ({model.cfg.dtype})",
+                          Schedule(tokens.shape[1], 0), 0.0, 0.0)
+    reference = _run(model, tokens, attention_mask, position_ids)
+    report.n_hooks = len(reference) - 1
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours = _run(model, tokens, attention_mask, position_ids)
+    finally:
+        torch.set_num_threads(before)
+    _diff_runs_all(report, f"threads:{threads}", ours, reference)
+    return report
+
+
+def _diff_runs_all(report, step, ours, ref) -> None:
+    for hook, value in ours.items():
+        report.rows.append(diff_hook(step, hook, value, ref[hook], report.atol, report.rtol, 0))
+
+
+def device_invariance(model: Any, tokens, attention_mask=None, devices=None,
+                      position_ids: str = "mask") -> ParityReport | None:
+    """The same run on each other device (a copy of the model) vs on the model's device; None when only one
+    device exists. Different hardware runs different kernels, so this reports, it does not promise 0.0."""
+    if devices is None:
+        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    devices = [torch.device(d) for d in devices if torch.device(d) != model.cfg.device]
+    if not devices:
+        return None
+    tokens = model._check_tokens(torch.as_tensor(tokens))
+    report = ParityReport(f"device invariance ({model.cfg.dtype})", Schedule(tokens.shape[1], 0), 0.0, 0.0)
+    reference = _run(model, tokens, attention_mask, position_ids)
+    report.n_hooks = len(reference) - 1
+    for device in devices:
+        other = copy.deepcopy(model).to(device)
+        mask = None if attention_mask is None else attention_mask.to(device)
+        ours = {k: v.to(model.cfg.device) for k, v in _run(other, tokens.to(device), mask, position_ids).items()}
+        _diff_runs_all(report, f"device:{device}", ours, reference)
+    return report
+
+
+def check_all(model: Any, prompt, batch_sizes=(2, 3, 4, 8, 16), chunk_sizes=(1, 2, 3, 7, None),
+              threads: int | None = None) -> dict[str, ParityReport]:
+    """Every check on one prompt: {"batch", "chunk", "cache", "run", ("threads"), ("device")} -> report."""
+    prompt = _prompt(model, prompt)
+    reports = {
+        "batch": batch_invariance(model, prompt, batch_sizes),
+        "chunk": chunk_invariance(model, prompt, chunk_sizes=chunk_sizes),
+        "cache": cache_invariance(model, prompt, prefill=max(1, prompt.shape[1] // 2)),
+        "run": run_to_run(model, prompt),
+    }
+    if threads is not None:
+        reports["threads"] = thread_invariance(model, prompt, threads)
+    device = device_invariance(model, prompt)
+    if device is not None:
+        reports["device"] = device
+    return reports
