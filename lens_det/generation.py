@@ -55,6 +55,7 @@ def generate(
     use_kv_cache: bool = True,
     kv_cache: KVCache | None = None,
     fwd_hooks: list | tuple = (),
+    step_hooks: dict[int, list] | None = None,
     return_cache: bool = False,
     return_activations: bool = False,
     verbose: bool = False,
@@ -70,6 +71,8 @@ def generate(
         use_kv_cache: decode one token per step from the cache, or re-run the whole sequence each step.
         kv_cache: continue from an existing cache (it must hold exactly the tokens before `tokens`).
         fwd_hooks: (name, fn) pairs active during every step (with the cache they see the new positions only).
+        step_hooks: {step: [(name, fn)]} active only at that step (0: the prompt's forward; t: the forward that
+            produces generated token t). Use lens_det.patching.patch_hook for position-aware patches.
         return_cache: return the final KVCache.
         return_activations: return an ActivationCache of one uncached forward over the final sequence (with
             `fwd_hooks` active), i.e. every hook over the whole generated text.
@@ -101,12 +104,15 @@ def generate(
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="generate")
+    step_hooks = step_hooks or {}
     with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
-        for _ in steps:
-            if cache is None:
-                logits = model(sequence, attention_mask=mask, position_ids="mask", logits_to_keep=1)
-            else:
-                logits = model(new_input, attention_mask=mask, position_ids="mask", kv_cache=cache, logits_to_keep=1)
+        for step in steps:
+            with model.hooks(fwd_hooks=list(step_hooks.get(step, ()))):
+                if cache is None:
+                    logits = model(sequence, attention_mask=mask, position_ids="mask", logits_to_keep=1)
+                else:
+                    logits = model(new_input, attention_mask=mask, position_ids="mask", kv_cache=cache,
+                                   logits_to_keep=1)
             last = logits[:, -1]
             out.logits.append(last)
             if do_sample:

@@ -61,6 +61,7 @@ class HookedDecoder(HookedRootModule):
         self.unembed = Unembed(config, self.embed)
         self.tokenizer = None
         self.deterministic = False  # batch-invariant ops on every forward (same as `with lens_det.deterministic()`)
+        self.query_start = 0  # absolute index of the current call's first token (hooks under a KV cache read it)
         self.to(device=device, dtype=dtype)
         self.eval()  # inference model (no dropout); TransformerLens' patching requires eval mode
         self.setup()
@@ -145,6 +146,7 @@ class HookedDecoder(HookedRootModule):
         mask = self._full_mask(tokens, attention_mask, kv_cache)
         ctx = self._context(tokens, mask, position_ids, kv_cache)
         mode = ops.deterministic() if self.deterministic else contextlib.nullcontext()
+        self.query_start = ctx.query_start
         try:
             with mode:
                 logits = self._forward_layers(tokens, ctx, kv_cache, return_type, logits_to_keep)
