@@ -119,9 +119,6 @@ class PatchingResult:
 
     def plot(self, path=None, labels: Sequence[str] | None = None, title: str | None = None):
         """Heatmap of the normalised metric, layer x pos (or head)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(1.5 + 0.5 * self.values.shape[1], 1.2 + 0.4 * self.values.shape[0]))

@@ -191,8 +191,6 @@ class ParityReport:
     def plot(self, path=None):
         """Heatmap of log10 max |diff| by hook kind x layer, cache off and on (bit-identical cells in green)."""
         import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         import numpy as np
 

@@ -1,13 +1,11 @@
 """compare() as a product: it finds injected bugs and names where they start; reports; bad input."""
 
-import dataclasses
 import json
 
 import pytest
 import torch
 
-from lens_det.components.context import ForwardContext
-from lens_det.parity import Schedule, assert_parity, compare, self_parity
+from lens_det.parity import Schedule, assert_parity, compare, faults, self_parity
 from lens_det.parity.report import kind_of
 from tests.conftest import batch
 
@@ -18,65 +16,52 @@ def first(report):
     return d.step, d.layer, kind_of(d.hook), d.position
 
 
-def test_tl28_bloom_alibi_row0_on_cached_steps_is_caught(model_pair, monkeypatch):
+def test_tl28_bloom_alibi_row0_on_cached_steps_is_caught(model_pair):
     """TransformerLens 2.8: cached steps used row 0 of the ALiBi matrix (the bias of query 0, which is 0 for
     every later key), i.e. no position information once decoding from the cache."""
     hf, model = model_pair("tiny-bloom")
     tokens, mask = batch("left", model.cfg.d_vocab, length=12)
     assert compare(model, hf, tokens, mask, prefill=6).passed
-    correct = ForwardContext.alibi
-    monkeypatch.setattr(ForwardContext, "alibi", lambda self, slopes, start, device: (
-        correct(self, slopes, start, device) * (0 if self.query_start > 0 else 1)))
-    report = compare(model, hf, tokens, mask, prefill=6)
+    with faults.alibi_row0_on_cached_steps():
+        report = compare(model, hf, tokens, mask, prefill=6)
     assert report.max_abs(cached=False) == 0.0  # the uncached run is unaffected
     assert first(report) == ("cached:1", 0, "attn.hook_attn_scores", 6)
+    assert compare(model, hf, tokens, mask, prefill=6).passed  # restored on exit
 
 
-def test_rope_offset_off_by_one_after_the_cache_is_caught(model_pair, monkeypatch):
+def test_rope_offset_off_by_one_after_the_cache_is_caught(model_pair):
     hf, model = model_pair("tiny-gemma2")
     tokens, mask = batch("left", model.cfg.d_vocab, length=12)
-    correct = ForwardContext.rope
-
-    def shifted(self, inv_freq, key, device):
-        if self.query_start == 0:
-            return correct(self, inv_freq, key, device)
-        return correct(ForwardContext(self.mask, 0, self.n_query, self.dtype, self.position_ids + 1), inv_freq, key,
-                       device)
-
-    monkeypatch.setattr(ForwardContext, "rope", shifted)
-    assert first(compare(model, hf, tokens, mask, "mask", prefill=6)) == ("cached:1", 0, "attn.hook_rot_q", 6)
+    with faults.rope_offset_after_cache(1):
+        assert first(compare(model, hf, tokens, mask, "mask", prefill=6)) == ("cached:1", 0, "attn.hook_rot_q", 6)
 
 
-def test_sliding_window_off_by_one_is_caught(model_pair, monkeypatch):
+def test_sliding_window_off_by_one_is_caught(model_pair):
     hf, model = model_pair("tiny-gemma2")
     tokens, mask = batch("none", model.cfg.d_vocab, length=12)
-    window = model.cfg.sliding_window
-    monkeypatch.setattr(model.blocks[2].attn, "window", window + 1)  # layer 2 slides (even layers)
-    # query `window` is the first that sees one key too many
-    assert first(compare(model, hf, tokens, mask, prefill=6)) == ("uncached", 2, "attn.hook_attn_scores", window)
+    with faults.sliding_window_off_by_one(model, layer=2):  # layer 2 slides (even layers)
+        # query `window` is the first that sees one key too many
+        assert first(compare(model, hf, tokens, mask, prefill=6)) == \
+            ("uncached", 2, "attn.hook_attn_scores", model.cfg.sliding_window)
+    with pytest.raises(ValueError, match="not a sliding-window layer"):
+        faults.sliding_window_off_by_one(model, layer=1)
 
 
-def test_mask_that_ignores_padding_is_caught(model_pair, monkeypatch):
+def test_mask_that_ignores_padding_is_caught(model_pair):
     hf, model = model_pair("tiny-gemma3")
     tokens, mask = batch("left", model.cfg.d_vocab, length=12)
-    correct = ForwardContext.additive_mask
-
-    def no_padding(self, key_start, n_key, window, device):
-        everything = ForwardContext(torch.ones_like(self.mask), self.query_start, self.n_query, self.dtype)
-        return correct(everything, key_start, n_key, window, device)
-
-    monkeypatch.setattr(ForwardContext, "additive_mask", no_padding)
-    assert first(compare(model, hf, tokens, mask, "mask", prefill=6)) == ("uncached", 0, "attn.hook_attn_scores", 0)
+    with faults.mask_ignores_padding():
+        assert first(compare(model, hf, tokens, mask, "mask", prefill=6)) == \
+            ("uncached", 0, "attn.hook_attn_scores", 0)
 
 
-def test_wrong_attention_scale_in_one_layer_is_caught(model_pair, monkeypatch):
+def test_wrong_attention_scale_in_one_layer_is_caught(model_pair):
     hf, model = model_pair("tiny-gemma3")
     tokens, mask = batch("none", model.cfg.d_vocab, length=10)
-    attn = model.blocks[3].attn
-    monkeypatch.setattr(attn, "cfg", dataclasses.replace(attn.cfg, attn_scale=model.cfg.d_head ** -0.5))
-    step, layer, kind, position = first(compare(model, hf, tokens, mask, prefill=5))
-    assert (step, layer, kind, position) == ("uncached", 3, "attn.hook_attn_scores", 0)
-    assert compare(model, hf, tokens, mask, prefill=5).first_divergence.head == 0
+    with faults.wrong_attention_scale(model, layer=3):
+        report = compare(model, hf, tokens, mask, prefill=5)
+    assert first(report) == ("uncached", 3, "attn.hook_attn_scores", 0)
+    assert report.first_divergence.head == 0
 
 
 def test_report_text_json_plot(model_pair, tmp_path):

@@ -1,0 +1,75 @@
+"""Known bugs, injectable into a lens_det model, to show that a parity or invariance check catches them (and
+where). Each is a context manager that restores the model on exit.
+
+    with faults.alibi_row0_on_cached_steps():   # TransformerLens 2.8's Bloom KV-cache bug
+        report = compare(model, hf_model, tokens, mask, prefill=8)
+    report.first_divergence                     # cached:1, layer 0, attn.hook_attn_scores
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import torch
+
+from lens_det.components.context import ForwardContext
+
+
+@contextlib.contextmanager
+def _patched(owner, name: str, value):
+    before = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, before)
+
+
+def alibi_row0_on_cached_steps():
+    """TransformerLens 2.8's Bloom bug: cached steps used row 0 of the ALiBi matrix (the bias of query 0, zero
+    for every later key), so decoding from the cache lost all position information."""
+    correct = ForwardContext.alibi
+
+    def alibi(self, slopes, key_start, device):
+        bias = correct(self, slopes, key_start, device)
+        return bias * 0 if self.query_start > 0 else bias
+    return _patched(ForwardContext, "alibi", alibi)
+
+
+def rope_offset_after_cache(offset: int = 1):
+    """RoPE positions of cached steps shifted by `offset` (a cache that miscounts the tokens it holds)."""
+    correct = ForwardContext.rope
+
+    def rope(self, inv_freq, key, device):
+        if self.query_start == 0:
+            return correct(self, inv_freq, key, device)
+        shifted = ForwardContext(self.mask, 0, self.n_query, self.dtype, self.position_ids + offset)
+        return correct(shifted, inv_freq, key, device)
+    return _patched(ForwardContext, "rope", rope)
+
+
+def mask_ignores_padding():
+    """Attention masks built as if every token were real (pads attended to)."""
+    correct = ForwardContext.additive_mask
+
+    def additive_mask(self, key_start, n_key, window, device):
+        everything = ForwardContext(torch.ones_like(self.mask), self.query_start, self.n_query, self.dtype)
+        return correct(everything, key_start, n_key, window, device)
+    return _patched(ForwardContext, "additive_mask", additive_mask)
+
+
+def sliding_window_off_by_one(model, layer: int):
+    """One sliding-window layer sees one key too many."""
+    attn = model.blocks[layer].attn
+    if attn.window is None:
+        raise ValueError(f"layer {layer} is not a sliding-window layer")
+    return _patched(attn, "window", attn.window + 1)
+
+
+def wrong_attention_scale(model, layer: int, scale: float | None = None):
+    """One layer scales scores by head_dim ** -0.5 (or `scale`) instead of the configured factor, the classic
+    Gemma 2/3 query_pre_attn_scalar mistake."""
+    attn = model.blocks[layer].attn
+    scale = attn.cfg.d_head**-0.5 if scale is None else scale
+    return _patched(attn, "cfg", dataclasses.replace(attn.cfg, attn_scale=scale))
