@@ -204,8 +204,7 @@ class ParityReport:
                 if r.step.startswith("cached") == cached and r.max_abs > 0:
                     i, j = kinds.index(kind_of(r.hook)), r.layer
                     grid[i, j] = np.nanmax([grid[i, j], math.log10(min(r.max_abs, 1e30))])
-            cmap = matplotlib.colormaps["magma"].copy()
-            cmap.set_bad("#b8e0b0")  # NaN: no difference at all
+            cmap = matplotlib.colormaps["magma"].with_extremes(bad="#b8e0b0")  # NaN: no difference at all
             image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=-8, vmax=1)
             ax.set_title(f"cache {'on' if cached else 'off'}: log10 max|diff| (green = 0)", fontsize=9)
             ax.set_xticks(range(n_layers))
