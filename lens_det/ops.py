@@ -65,10 +65,17 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool) -> torch.Tensor:
-    """fp32 normalise, times (1 + w) or w in fp32, one cast at the end (REFERENCE §3.3)."""
+def mean_square(x: torch.Tensor) -> torch.Tensor:
+    """mean(x^2) over the last dim in fp32, [..., 1] (RMSNorm's statistic)."""
+    return x.float().pow(2).mean(-1, keepdim=True)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool,
+             mean_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 normalise, times (1 + w) or w in fp32, one cast at the end (REFERENCE §3.3). `mean_sq` reuses an
+    already computed `mean_square(x)` (the same ops, so the same bits)."""
     xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    y = xf * torch.rsqrt((mean_square(xf) if mean_sq is None else mean_sq) + eps)
     scale = 1.0 + weight.float() if unit_offset else weight.float()
     return (y * scale).type_as(x)
 

@@ -52,16 +52,15 @@ class RMSNorm(nn.Module):
         self.hook_normalized = HookPoint()  # same shape as the input
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = None
-        if listened(self.hook_scale):
-            scale = ops.norm_scale(x, self.eps, center=False)
+        mean_sq = None
+        if listened(self.hook_scale):  # the statistic is computed once, for the hook and the norm
+            mean_sq = ops.mean_square(x)
+            scale = (mean_sq + self.eps).sqrt()
             hooked = self.hook_scale(scale)
             if hooked is not scale:
                 gain = 1.0 + self.w.float() if self.unit_offset else self.w.float()
-                out = (x.float() / hooked * gain).to(x.dtype)
-        if out is None:
-            out = ops.rms_norm(x, self.w, self.eps, self.unit_offset)
-        return self.hook_normalized(out)
+                return self.hook_normalized((x.float() / hooked * gain).to(x.dtype))
+        return self.hook_normalized(ops.rms_norm(x, self.w, self.eps, self.unit_offset, mean_sq))
 
 
 def make_norm(cfg: LensConfig, dim: int | None = None) -> nn.Module:

@@ -60,7 +60,7 @@ def test_casting_before_the_unit_offset_multiply_fails(model_pair, monkeypatch):
     tokens, mask = batch("left", model.cfg.d_vocab)
     assert logit_gap(model, hf, tokens, mask) == 0.0
 
-    def llama_order(x, weight, eps, unit_offset):
+    def llama_order(x, weight, eps, unit_offset, mean_sq=None):
         xf = x.float()
         y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
         return y * (1.0 + weight)
