@@ -119,7 +119,9 @@ def softmax(scores: torch.Tensor, key_pos: torch.Tensor | None = None) -> torch.
     s = scores.float()
     e = torch.exp(s - s.amax(dim=-1, keepdim=True))  # the max is exact whatever the order
     ones = e.new_ones(*e.shape[:2], e.shape[-1], 1)
-    return (e / _blocked_matmul(e, ones, key_pos)).to(scores.dtype)
+    total = _blocked_matmul(e, ones, key_pos)
+    # A batch row with no real token at all has nothing to attend to: attend to nothing (0), never NaN.
+    return torch.where(total > 0, e / total, 0.0).to(scores.dtype)
 
 
 def attend(probs: torch.Tensor, v: torch.Tensor, key_pos: torch.Tensor | None = None) -> torch.Tensor:

@@ -86,3 +86,15 @@ def test_thread_count_is_reported(model_pair):
     with lens_det.deterministic():
         report = thread_invariance(model, PROMPT, threads=1)
     assert report.rows and all(r.step == "threads:1" for r in report.rows)
+
+
+@pytest.mark.parametrize("name", ["tiny-bloom", "tiny-gemma2"])
+def test_deterministic_mode_never_nan_on_padding_only_rows(model_pair, name):
+    _, model = model_pair(name)
+    tokens, mask = batch("left", model.cfg.d_vocab)
+    mask[2] = 0  # a row with no real token
+    with torch.no_grad(), lens_det.deterministic():
+        out = model(tokens, attention_mask=mask, position_ids="mask")
+        alone = model(tokens[:1, 5:], position_ids="mask")
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[0, 5:], alone[0])  # the padded row is still its prompt alone, bit for bit
