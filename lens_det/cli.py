@@ -27,7 +27,12 @@ def _models(name: str, dtype: torch.dtype, seed: int):
 
         source = record["hf_name"] if record else name
         hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager").eval()
-    return hf, lens_det.from_hf_model(hf)
+    model = lens_det.from_hf_model(hf)
+    if record is None or record.get("hf_name"):  # a checkpoint: its tokenizer, for --prompt
+        from lens_det.loading import _load_tokenizer, _local_dir
+
+        model.tokenizer = _load_tokenizer(_local_dir(record["hf_name"] if record else name))
+    return hf, model
 
 
 def _inputs(model, args):
@@ -41,6 +46,8 @@ def _inputs(model, args):
             tokens[i, width - len(row):], mask[i, width - len(row):] = torch.tensor(row), 1
         return tokens, mask
     if args.prompt:
+        if model.tokenizer is None:
+            raise SystemExit("--prompt needs a checkpoint with a tokenizer; use --tokens with token ids instead")
         return model.to_tokens(args.prompt, padding_side="right" if args.padding == "right" else "left")
     gen = torch.Generator().manual_seed(args.seed)
     tokens = torch.randint(0, model.cfg.d_vocab, (args.batch, args.length), generator=gen)

@@ -12,6 +12,8 @@ _BLOCK = re.compile(r"(?:^|\.)(?:blocks|layers|h)\.(\d+)$")
 _EMBED = ("embed", "word_embeddings", "embed_tokens", "wte")
 _FINAL = ("ln_final", "ln_f", "norm")
 _UNEMBED = ("unembed", "lm_head")
+_BLOCK_LISTS = ("blocks", "layers", "h")
+_STATELESS = ("rotary_emb",)  # HF modules with no weights lens_det places
 
 
 def _device(value: Any) -> torch.device:
@@ -20,18 +22,21 @@ def _device(value: Any) -> torch.device:
     return torch.device(value)
 
 
-def resolve_device_map(device_map: dict[str, Any], n_layers: int) -> dict[str, torch.device]:
+def resolve_device_map(device_map: dict[str, Any], n_layers: int, tied: bool = False) -> dict[str, torch.device]:
     """{"embed", "blocks.{i}", "ln_final", "unembed"} -> device, from a lens_det map or an accelerate map of
-    the HF model ("model.layers.3": 0, "transformer.h.3": "cuda:1", "lm_head": "cpu", "": "cpu" ...)."""
+    the HF model ("model.layers.3": 0, "transformer.h": "cuda:1", "lm_head": "cpu", "": "cpu" ...). A tied model
+    needs no "unembed" entry (it reads the embedding matrix)."""
     placed: dict[str, torch.device] = {}
     default = device_map.get("")
     for key, value in device_map.items():
-        if key == "":
+        if key == "" or key.split(".")[-1] in _STATELESS:
             continue
         last = key.split(".")[-1]
         match = _BLOCK.search(key)
         if match:
             placed[f"blocks.{int(match.group(1))}"] = _device(value)
+        elif last in _BLOCK_LISTS:  # every block at once
+            placed |= {f"blocks.{i}": _device(value) for i in range(n_layers)}
         elif last in _EMBED or key.endswith("word_embeddings_layernorm"):
             placed.setdefault("embed", _device(value))
         elif last in _FINAL:
@@ -41,7 +46,7 @@ def resolve_device_map(device_map: dict[str, Any], n_layers: int) -> dict[str, t
         elif key not in ("model", "transformer", "model.language_model"):
             raise ValueError(f"device_map key {key!r} names no part of the decoder; use 'embed', 'blocks.N', "
                              "'ln_final', 'unembed' or the HF module names")
-    parts = ["embed", *(f"blocks.{i}" for i in range(n_layers)), "ln_final", "unembed"]
+    parts = ["embed", *(f"blocks.{i}" for i in range(n_layers)), "ln_final", *([] if tied else ["unembed"])]
     missing = [p for p in parts if p not in placed and default is None]
     if missing:
         raise ValueError(f"device_map places no device for {missing}; add them or a default under ''")
@@ -58,10 +63,11 @@ def balanced_device_map(n_layers: int, n_devices: int, device_type: str = "cuda"
 
 def place(model, device_map: dict[str, Any]) -> None:
     """Move each part of `model` to its device (in place)."""
-    devices = resolve_device_map(device_map, model.cfg.n_layers)
+    tied = model.unembed.weight is None
+    devices = resolve_device_map(device_map, model.cfg.n_layers, tied)
     model.embed.to(devices["embed"])
     for i, block in enumerate(model.blocks):
         block.to(devices[f"blocks.{i}"])
     model.ln_final.to(devices["ln_final"])
-    if model.unembed.weight is not None:
+    if not tied:
         model.unembed.to(devices["unembed"])

@@ -69,7 +69,9 @@ def generate(
         stop_tokens: token id(s) that end a row (default: the config's eos_token_id); finished rows continue
             with `pad_token_id`, like HF generate, and generation stops when every row has finished.
         use_kv_cache: decode one token per step from the cache, or re-run the whole sequence each step.
-        kv_cache: continue from an existing cache (it must hold exactly the tokens before `tokens`).
+        kv_cache: continue from an existing cache (it must hold exactly the tokens before `tokens`; the
+            mask then covers the cached tokens too, and the returned `attention_mask` is the whole history while
+            `tokens` holds this call's tokens plus the generated ones).
         fwd_hooks: (name, fn) pairs active during every step (with the cache they see the new positions only).
         step_hooks: {step: [(name, fn)]} active only at that step (0: the prompt's forward; t: the forward that
             produces generated token t). Use lens_det.patching.patch_hook for position-aware patches.
@@ -82,16 +84,21 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if do_sample and temperature <= 0:
         raise ValueError("temperature must be > 0 when sampling; use do_sample=False for greedy decoding")
+    if kv_cache is not None and not use_kv_cache:
+        raise ValueError("kv_cache was given but use_kv_cache=False; drop one of them")
+    if kv_cache is not None and (return_activations or kv_cache.frozen):
+        raise ValueError("continuing from a kv_cache supports neither return_activations nor a frozen cache "
+                         "(generation must grow it); clone() a frozen prefix first")
     tokens = model._check_tokens(tokens)
     batch = tokens.shape[0]
     device = tokens.device
-    past = 0 if kv_cache is None else kv_cache.length
-    mask = torch.ones(batch, past + tokens.shape[1], dtype=torch.long, device=device)
+    mask = torch.ones(batch, tokens.shape[1], dtype=torch.long, device=device)
+    if kv_cache is not None and kv_cache.mask is not None:
+        mask = torch.cat([kv_cache.mask.to(device), mask], dim=1)
     if attention_mask is not None:
         mask = attention_mask.to(device=device, dtype=torch.long)
     stops = model.cfg.eos_token_id if stop_tokens is None else stop_tokens
-    stops = torch.tensor([] if stops is None else ([stops] if isinstance(stops, int) else list(stops)),
-                         dtype=torch.long, device=device)
+    stops = torch.as_tensor([] if stops is None else stops, dtype=torch.long, device=device).flatten()
     pad = model.cfg.pad_token_id if pad_token_id is None else pad_token_id
     if pad is None and stops.numel():
         pad = int(stops[0])

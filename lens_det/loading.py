@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from lens_det.config import LensConfig, hf_config_from_name
+from lens_det.config import hf_config_from_name
 from lens_det.convert import family_for
 from lens_det.model import HookedDecoder
 
@@ -52,14 +52,14 @@ def from_pretrained(
     return model
 
 
-def from_config(name_or_config: str | LensConfig, seed: int = 0, dtype=torch.float32, device=None) -> HookedDecoder:
-    """A model with random weights: an HF model of that config is initialised with `seed` and converted, so
-    the result matches HF for the same seed."""
+def from_config(name: str, seed: int = 0, dtype=torch.float32, device=None) -> HookedDecoder:
+    """A model with random weights for a named config (lens_det/model_configs): an HF model of that config is
+    initialised with `seed` and converted, so the result matches HF for the same seed."""
     from transformers import AutoModelForCausalLM
 
-    hf_cfg = hf_config_from_name(name_or_config) if isinstance(name_or_config, str) else None
-    if hf_cfg is None:
-        raise TypeError("from_config takes the name of a config in lens_det/model_configs")
+    if not isinstance(name, str):
+        raise TypeError(f"from_config takes the name of a config in lens_det/model_configs, got {type(name).__name__}")
+    hf_cfg = hf_config_from_name(name)
     torch.manual_seed(seed)
     hf_model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation="eager")
     return from_hf_model(hf_model, dtype=dtype, device=device)
@@ -85,7 +85,11 @@ def _local_dir(name: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt"]
+        path = Path(snapshot_download(name, allow_patterns=patterns))
+        if not any(path.glob("*.safetensors")):  # older repos ship only pytorch_model*.bin
+            path = Path(snapshot_download(name, allow_patterns=[*patterns, "pytorch_model*.bin"]))
+        return path
     except Exception as err:  # noqa: BLE001 - re-raised with what to do
         raise ValueError(
             f"could not find {name!r} as a local directory or download it from the HF hub ({err}); "

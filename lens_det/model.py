@@ -31,6 +31,8 @@ class RuntimeConfig:
         self._model = model
 
     def __getattr__(self, name: str):
+        if name.startswith("_"):  # copy/pickle probe dunders before __init__ ran
+            raise AttributeError(name)
         return getattr(self._model.config, name)
 
     @property
@@ -260,10 +262,14 @@ class HookedDecoder(HookedRootModule):
             raise ValueError("this model has no tokenizer; load one with from_pretrained(..., tokenizer=...) "
                              "or set model.tokenizer")
         texts = [text] if isinstance(text, str) else list(text)
-        self.tokenizer.padding_side = padding_side
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=prepend_bos)
+        tok, side, pad = self.tokenizer, self.tokenizer.padding_side, self.tokenizer.pad_token
+        try:  # leave the tokenizer as it was
+            tok.padding_side = padding_side
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=prepend_bos)
+        finally:
+            tok.padding_side, tok.pad_token = side, pad
         return enc["input_ids"].to(self.cfg.device), enc["attention_mask"].to(self.cfg.device)
 
     def to_string(self, tokens) -> str | list[str]:

@@ -50,7 +50,8 @@ def patch_hook(model: Any, clean: torch.Tensor, position: int | Sequence[int] | 
         keyed = hook.name.endswith(_QUERY_KEY)
         pos_dim, head_dim = (2, 1) if keyed else (1, 2)
         start, n = getattr(model, "query_start", 0), act.shape[pos_dim]
-        wanted = range(start, start + n) if position is None else _as_list(position)
+        total = clean.shape[pos_dim]  # negative positions count from the end of the clean run
+        wanted = range(start, start + n) if position is None else [p % total for p in _as_list(position)]
         local = [p - start for p in wanted if start <= p < start + n]
         if not local:
             return act
@@ -63,7 +64,11 @@ def patch_hook(model: Any, clean: torch.Tensor, position: int | Sequence[int] | 
             index[head_dim] = source[head_dim] = _as_list(head)
         if keyed:  # this call attends to the last act.shape[3] keys of [0, start + n)
             key_offset = start + n - act.shape[3]
-            keys = range(key_offset, start + n) if key_position is None else _as_list(key_position)
+            keys = range(key_offset, start + n) if key_position is None else \
+                [k % (start + n) for k in _as_list(key_position) if -(start + n) <= k < start + n]
+            keys = [k for k in keys if k >= key_offset]  # keys outside this call's window are not attended
+            if not keys:
+                return act
             index[3] = [k - key_offset for k in keys]
             source[3] = list(keys)
         out = act.clone()
@@ -155,12 +160,16 @@ def patch_sweep(model: Any, clean_tokens: torch.Tensor, corrupted_tokens: torch.
         corrupted_logits = model(corrupted_tokens, **kwargs)
     clean_value, corrupted_value = metric(clean_logits).item(), metric(corrupted_logits).item()
     n_layers = model.cfg.n_layers
-    size = clean_tokens.shape[1] if by == "pos" else model.cfg.n_heads
+    first = clean_cache.cache_dict.get(f"blocks.0.{full}")
+    if first is None:
+        raise ValueError(f"blocks.0.{full} is not a hook point of this model (hook={hook!r})")
+    if by == "head" and first.ndim < 4:
+        raise ValueError(f"{full} has no head dimension; use by='pos'")
+    keyed = full.endswith(_QUERY_KEY)
+    size = clean_tokens.shape[1] if by == "pos" else first.shape[1 if keyed else 2]  # kv heads for hook_k/v
     raw = torch.zeros(n_layers, size)
     for layer in range(n_layers):
         name = f"blocks.{layer}.{full}"
-        if name not in clean_cache.cache_dict:
-            raise ValueError(f"{name} is not a hook point of this model (hook={hook!r})")
         for i in range(size):
             fn = patch_hook(model, clean_cache[name], position=i if by == "pos" else None,
                             head=i if by == "head" else None)

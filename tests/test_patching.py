@@ -97,3 +97,40 @@ def test_patch_during_generation_persists_and_equals_uncached_rerun(pair, det):
             assert torch.equal(logits, expected)
         else:
             assert (logits - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_edited_hook_result_changes_the_output(pair):
+    """An edit to the per-head results is what the layer adds to the residual stream (TransformerLens)."""
+    model, clean, _ = pair
+    model.set_use_attn_result(True)
+    try:
+        with torch.no_grad():
+            base, cache = model.run_with_cache(clean, position_ids="mask")
+            kept = model.run_with_hooks(clean, position_ids="mask",
+                                        fwd_hooks=[("blocks.1.attn.hook_result", lambda r, hook: r.clone())])
+            zeroed = model.run_with_hooks(clean, position_ids="mask", fwd_hooks=[
+                ("blocks.1.attn.hook_result", lambda r, hook: r * 0),
+                ("blocks.1.ln1_post.hook_normalized", lambda x, hook: cache.cache_dict.__setitem__("seen", x))])
+            by_z = model.run_with_hooks(clean, position_ids="mask",
+                                        fwd_hooks=[("blocks.1.attn.hook_z", lambda z, hook: z * 0)])
+    finally:
+        model.set_use_attn_result(False)
+    torch.testing.assert_close(kept, base, rtol=0, atol=1e-4)  # head sum vs one GEMM: rounding only
+    assert torch.equal(zeroed, by_z)  # zero heads == zero z (no attention bias in Gemma)
+    assert not torch.allclose(zeroed, base)
+
+
+def test_negative_positions_and_kv_head_sweeps(pair):
+    model, clean, corrupted = pair
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean, position_ids="mask")
+        name = "blocks.0.hook_resid_pre"
+        last = model.run_with_hooks(corrupted, position_ids="mask",
+                                    fwd_hooks=[(name, patch_hook(model, cache[name], position=-1))])
+        explicit = model.run_with_hooks(corrupted, position_ids="mask",
+                                        fwd_hooks=[(name, patch_hook(model, cache[name], position=6))])
+    assert torch.equal(last, explicit)
+    result = patch_sweep(model, clean, corrupted, logit_diff(5, 9), hook="attn.hook_v", by="head")
+    assert result.raw.shape == (model.cfg.n_layers, model.cfg.n_key_value_heads)
+    with pytest.raises(ValueError, match="no head dimension"):
+        patch_sweep(model, clean, corrupted, logit_diff(5, 9), hook="resid_pre", by="head")

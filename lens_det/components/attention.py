@@ -134,7 +134,10 @@ class Attention(nn.Module):
         z = self.hook_z(ops.attend(probs, v, key_pos).transpose(1, 2))
         if self.use_attn_result:
             w_o = self.w_o.view(self.cfg.d_model, self.cfg.n_heads, self.cfg.d_head)
-            self.hook_result(torch.einsum("bqhd,mhd->bqhm", z, w_o))
+            result = torch.einsum("bqhd,mhd->bqhm", z, w_o)
+            hooked = self.hook_result(result)
+            if hooked is not result:  # an edited per-head result is what the layer outputs
+                return hooked.sum(2) + (0 if self.b_o is None else self.b_o)
         return ops.linear(z.reshape(b, t, -1), self.w_o, self.b_o)
 
     # --- TransformerLens-shaped weight views ---

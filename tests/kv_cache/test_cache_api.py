@@ -148,3 +148,16 @@ def test_cpu_cuda_split_keeps_each_cache_entry_with_its_layer(model_pair):
     for i, entry in enumerate(out.kv_cache.layers):
         assert entry.keys.device.type == ("cpu" if i < half else "cuda")
     assert out.tokens.shape == expected.tokens.shape
+
+
+def test_accelerate_maps_with_stateless_modules_and_block_lists(model_pair):
+    import copy
+
+    hf, _ = model_pair("tiny-gemma3")
+    model = lens_det.from_hf_model(hf)
+    model.place({"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers": "cpu",
+                 "model.norm": "cpu"})  # tied: no lm_head entry needed
+    bloom = lens_det.from_hf_model(model_pair("tiny-bloom")[0])
+    bloom.place({"transformer.word_embeddings": "cpu", "transformer.word_embeddings_layernorm": "cpu",
+                 "transformer.h": "cpu", "transformer.ln_f": "cpu"})
+    assert copy.copy(model.cfg).n_layers == model.cfg.n_layers

@@ -75,3 +75,18 @@ def test_hooks_active_and_outputs_returned(model_pair):
     assert out.kv_cache.length == 9  # the last generated token has not been run yet
     assert out.activations["blocks.0.hook_resid_pre"].shape[:2] == (3, 10)
     assert not model.blocks[0].hook_resid_pre.fwd_hooks  # hooks removed afterwards
+
+
+def test_generate_continues_from_a_cache(model_pair):
+    """Prefill a left-padded prompt into a cache, then generate from it without passing the mask again."""
+    _, model = model_pair("tiny-gemma2")
+    tokens, mask = batch("left", model.cfg.d_vocab, length=8)
+    whole = model.generate(tokens, mask, max_new_tokens=5, stop_tokens=torch.tensor([]))
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(tokens[:, :6], attention_mask=mask[:, :6], position_ids="mask", kv_cache=cache)
+    rest = model.generate(tokens[:, 6:], max_new_tokens=5, stop_tokens=[], kv_cache=cache)
+    assert torch.equal(rest.tokens, whole.tokens[:, 6:])
+    assert rest.attention_mask.shape == whole.attention_mask.shape
+    with pytest.raises(ValueError, match="use_kv_cache=False"):
+        model.generate(tokens, mask, kv_cache=model.new_cache(), use_kv_cache=False)
