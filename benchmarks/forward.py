@@ -145,9 +145,13 @@ def main():
     p.add_argument("--no-bridge", action="store_true", help="skip TransformerLens TransformerBridge")
     p.add_argument("--no-nnsight", action="store_true", help="skip nnsight")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="call lens_det.keep_freed_memory() first (process-wide: every tool benefits)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        print("lens_det.keep_freed_memory():", lens_det.keep_freed_memory())
 
     print("command:", " ".join(shlex.quote(a) for a in [sys.executable.rsplit("/", 1)[-1]] + sys.argv))
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, "

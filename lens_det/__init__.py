@@ -4,6 +4,7 @@ from lens_det.components.positions import positions_from_mask
 from lens_det.config import LensConfig, named_configs
 from lens_det.kv_cache import KVCache
 from lens_det.loading import from_config, from_hf_model, from_pretrained
+from lens_det.memory import keep_freed_memory
 from lens_det.model import HookedDecoder
 from lens_det.ops import deterministic
 
@@ -15,6 +16,7 @@ __all__ = [
     "from_config",
     "from_hf_model",
     "from_pretrained",
+    "keep_freed_memory",
     "named_configs",
     "positions_from_mask",
 ]
