@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from lens_det.ops import deterministic
-from lens_det.parity.compare import _KEYED, diff_chunked_run
+from lens_det.parity.compare import _KEYED, _prepare, diff_chunked_run
 from lens_det.parity.report import ParityReport, Schedule, diff_hook
 
 __all__ = [
@@ -21,12 +21,17 @@ __all__ = [
 ]
 
 
+def _tokens(model, tokens) -> torch.Tensor:
+    """Token ids as a checked [batch, pos] tensor on the model's device (a 1-D tensor is one sequence)."""
+    tokens = torch.as_tensor(tokens, device=model.cfg.device)
+    return model._check_tokens(tokens[None] if tokens.ndim == 1 else tokens)
+
+
 def _prompt(model, prompt) -> torch.Tensor:
-    prompt = torch.as_tensor(prompt, device=model.cfg.device)
-    prompt = prompt[None] if prompt.ndim == 1 else prompt
+    prompt = _tokens(model, prompt)
     if prompt.shape[0] != 1:
         raise ValueError(f"pass one prompt (a 1-D tensor of token ids), got shape {tuple(prompt.shape)}")
-    return model._check_tokens(prompt)
+    return prompt
 
 
 def _run(model, tokens, mask, position_ids="mask"):
@@ -35,11 +40,14 @@ def _run(model, tokens, mask, position_ids="mask"):
     return {**dict(acts.items()), "logits": logits}
 
 
-def _diff_runs(report: ParityReport, step: str, ours: dict, ref: dict, row: int = 0, pad: int = 0) -> None:
-    """Append ours[hook][row] (its real positions start at `pad`) against ref[hook][0] for every hook."""
-    for hook, value in ours.items():
-        mine = value[row : row + 1]
-        mine = mine[:, :, pad:, pad:] if hook.endswith(_KEYED) else mine[:, pad:]
+def _diff_runs(report: ParityReport, step: str, ours: dict, ref: dict, row: int | None = None,
+               pad: int = 0) -> None:
+    """Append every hook of `ours` against `ref`: the whole batch, or only ours[hook][row] (whose real
+    positions start at `pad`) against the one-row reference."""
+    for hook, mine in ours.items():
+        if row is not None:
+            mine = mine[row : row + 1]
+            mine = mine[:, :, pad:, pad:] if hook.endswith(_KEYED) else mine[:, pad:]
         report.rows.append(diff_hook(step, hook, mine, ref[hook], report.atol, report.rtol, 0))
 
 
@@ -70,15 +78,13 @@ def batch_invariance(model: Any, prompt, batch_sizes=(2, 3, 4, 8, 16), max_extra
 def chunk_invariance(model: Any, tokens, attention_mask=None, chunk_sizes=(1, 2, 3, 7, None),
                      position_ids: str = "mask") -> ParityReport:
     """Prefill through the KV cache in chunks of each size (None: all at once) vs one uncached forward."""
-    tokens = model._check_tokens(torch.as_tensor(tokens))
-    mask = torch.ones_like(tokens) if attention_mask is None else attention_mask
+    tokens = _tokens(model, tokens)
     n = tokens.shape[1]
-    report = ParityReport(f"chunked-prefill invariance ({model.cfg.dtype})", Schedule(n, 0), 0.0, 0.0)
-    full = _run(model, tokens, mask, position_ids)
+    tokens, mask, positions, schedule = _prepare(model, tokens, attention_mask, position_ids, Schedule(n, 0),
+                                                 None, None, 1)
+    report = ParityReport(f"chunked-prefill invariance ({model.cfg.dtype})", schedule, 0.0, 0.0)
+    full = _run(model, tokens, mask, positions)
     report.n_hooks = len(full) - 1
-    from lens_det.components.positions import positions_from_mask
-
-    positions = positions_from_mask(mask) if position_ids == "mask" and model.cfg.positional == "rope" else None
     for size in chunk_sizes:
         size = size or n
         bounds = [(a, min(a + size, n)) for a in range(0, n, size)]
@@ -92,27 +98,25 @@ def cache_invariance(model: Any, tokens, attention_mask=None, prefill: int | Non
     at tolerance 0)."""
     from lens_det.parity import self_parity
 
-    tokens = torch.as_tensor(tokens)
-    tokens = tokens[None] if tokens.ndim == 1 else tokens
-    return self_parity(model, tokens, attention_mask, position_ids, prefill=prefill, rtol=0.0)
+    return self_parity(model, _tokens(model, tokens), attention_mask, position_ids, prefill=prefill, rtol=0.0)
 
 
 def run_to_run(model: Any, tokens, attention_mask=None, repeats: int = 3, position_ids: str = "mask",
                ) -> ParityReport:
     """Repeated runs (same thread count) against the first."""
-    tokens = model._check_tokens(torch.as_tensor(tokens))
+    tokens = _tokens(model, tokens)
     report = ParityReport(f"run-to-run ({model.cfg.dtype})", Schedule(tokens.shape[1], 0), 0.0, 0.0)
     reference = _run(model, tokens, attention_mask, position_ids)
     report.n_hooks = len(reference) - 1
     for i in range(1, repeats):
-        _diff_runs_all(report, f"run:{i}", _run(model, tokens, attention_mask, position_ids), reference)
+        _diff_runs(report, f"run:{i}", _run(model, tokens, attention_mask, position_ids), reference)
     return report
 
 
 def thread_invariance(model: Any, tokens, threads: int, attention_mask=None, position_ids: str = "mask",
                       ) -> ParityReport:
     """A run with `threads` threads against one with the current count (outside the contract: reported)."""
-    tokens = model._check_tokens(torch.as_tensor(tokens))
+    tokens = _tokens(model, tokens)
     report = ParityReport(f"thread count {torch.get_num_threads()} vs {threads} ({model.cfg.dtype})",
                           Schedule(tokens.shape[1], 0), 0.0, 0.0)
     reference = _run(model, tokens, attention_mask, position_ids)
@@ -123,13 +127,8 @@ def thread_invariance(model: Any, tokens, threads: int, attention_mask=None, pos
         ours = _run(model, tokens, attention_mask, position_ids)
     finally:
         torch.set_num_threads(before)
-    _diff_runs_all(report, f"threads:{threads}", ours, reference)
+    _diff_runs(report, f"threads:{threads}", ours, reference)
     return report
-
-
-def _diff_runs_all(report, step, ours, ref) -> None:
-    for hook, value in ours.items():
-        report.rows.append(diff_hook(step, hook, value, ref[hook], report.atol, report.rtol, 0))
 
 
 def device_invariance(model: Any, tokens, attention_mask=None, devices=None,
@@ -141,7 +140,7 @@ def device_invariance(model: Any, tokens, attention_mask=None, devices=None,
     devices = [torch.device(d) for d in devices if torch.device(d) != model.cfg.device]
     if not devices:
         return None
-    tokens = model._check_tokens(torch.as_tensor(tokens))
+    tokens = _tokens(model, tokens)
     report = ParityReport(f"device invariance ({model.cfg.dtype})", Schedule(tokens.shape[1], 0), 0.0, 0.0)
     reference = _run(model, tokens, attention_mask, position_ids)
     report.n_hooks = len(reference) - 1
@@ -149,7 +148,7 @@ def device_invariance(model: Any, tokens, attention_mask=None, devices=None,
         other = copy.deepcopy(model).to(device)
         mask = None if attention_mask is None else attention_mask.to(device)
         ours = {k: v.to(model.cfg.device) for k, v in _run(other, tokens.to(device), mask, position_ids).items()}
-        _diff_runs_all(report, f"device:{device}", ours, reference)
+        _diff_runs(report, f"device:{device}", ours, reference)
     return report
 
 
