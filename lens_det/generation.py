@@ -92,11 +92,7 @@ def generate(
     tokens = model._check_tokens(tokens)
     batch = tokens.shape[0]
     device = tokens.device
-    mask = torch.ones(batch, tokens.shape[1], dtype=torch.long, device=device)
-    if kv_cache is not None and kv_cache.mask is not None:
-        mask = torch.cat([kv_cache.mask.to(device), mask], dim=1)
-    if attention_mask is not None:
-        mask = attention_mask.to(device=device, dtype=torch.long)
+    mask = model._full_mask(tokens, attention_mask, kv_cache)  # validated; None: cached mask + ones
     stops = model.cfg.eos_token_id if stop_tokens is None else stop_tokens
     stops = torch.as_tensor([] if stops is None else stops, dtype=torch.long, device=device).flatten()
     pad = model.cfg.pad_token_id if pad_token_id is None else pad_token_id
