@@ -42,14 +42,16 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, {lens_det.blas_mode()}, {args.dtype}; "
           f"command: python {' '.join(shlex.quote(a) for a in sys.argv)}")
     print("| config | prefill default s | prefill deterministic s | ratio (<= 2.0x) | decode step default ms "
           "| decode step deterministic ms | ratio (<= 1.5x) |")
     print("|---|---|---|---|---|---|---|")
     for name in args.configs:
-        model = lens_det.from_hf_model(random_hf_model(name, std=0.02))
+        model = lens_det.from_hf_model(random_hf_model(name, getattr(torch, args.dtype), std=0.02))
         tokens = torch.randint(0, model.cfg.d_vocab, (args.batch, args.seq))
         mask = torch.ones_like(tokens)
         mask[1, :16] = 0

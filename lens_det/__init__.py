@@ -1,5 +1,9 @@
 """lens_det: hooked Bloom and Gemma models that match Hugging Face bit for bit, with and without a KV cache."""
 
+from lens_det.blas import blas_mode, use_reproducible_blas
+
+use_reproducible_blas()  # MKL's strict reproducibility mode: only possible before the process's first GEMM
+
 from lens_det.components.positions import positions_from_mask
 from lens_det.config import LensConfig, named_configs
 from lens_det.kv_cache import KVCache
@@ -12,6 +16,7 @@ __all__ = [
     "HookedDecoder",
     "KVCache",
     "LensConfig",
+    "blas_mode",
     "deterministic",
     "from_config",
     "from_hf_model",

@@ -118,17 +118,24 @@ def cmd_parity(args) -> int:
 
 def cmd_determinism(args) -> int:
     from lens_det.determinism import check_all
+    from lens_det.determinism.audit import environment
     from lens_det.ops import deterministic
     from lens_det.parity.report import kind_of, op_of
 
-    names = args.model or TINY
+    if args.cpu_levels:
+        return _across_cpu_levels(args)
+    if args.audit:
+        return _audit(args)
+    env = environment()
     print("lens-det determinism: a prompt's every hook point alone vs in batches of 2..16 (with padding), prefill "
-          "chunked 1/2/3/7/all, cache on vs off, repeated runs; max |diff| per check (0 = bit-identical)")
+          f"chunked 1/2/3/7/all, cache on vs off, repeated runs, {args.threads} threads; max |diff| per check "
+          f"(0 = bit-identical)\nran under: CPU capability {env['cpu_capability']}, {env['threads']} threads, "
+          f"{env['blas']}, torch {env['torch']}")
     header = f"{'model':<18} {'dtype':<9} {'mode':<14} " + " ".join(f"{c:>9}" for c in CHECKS) + "  first divergence"
     print(header)
     print("-" * len(header))
     broken = False
-    for name in names:
+    for name in args.model or TINY:
         for dtype_name in args.dtype:
             _, model = _models(name, DTYPES[dtype_name], args.seed)
             gen = torch.Generator().manual_seed(args.seed)
@@ -141,10 +148,36 @@ def cmd_determinism(args) -> int:
                 where = "-" if first is None else \
                     f"{first.step} {kind_of(first.hook)} (layer {first.layer}, op {op_of(first.hook)})"
                 print(f"{name:<18} {dtype_name:<9} {mode:<14} {cells}  {where}")
-                contract = [r for c, r in reports.items() if c not in ("threads", "device")]
+                contract = [r for c, r in reports.items() if c != "device"]
                 broken |= mode == "deterministic" and any(not r.passed for r in contract)
     print("\ndeterministic mode: bitwise invariant" if not broken else "\nFAIL: deterministic mode varied")
     return 1 if broken else 0
+
+
+def _audit(args) -> int:
+    from lens_det.determinism.audit import audit, environment, format_rows
+
+    print(f"lens-det determinism --audit: every op of the deterministic mode, a row alone vs inside bigger calls "
+          f"(any offset, threads 1-4), float32 and bfloat16\nran under: {environment()}")
+    rows = audit()
+    print(format_rows(rows))
+    return 0 if all(r.passed for r in rows) else 1
+
+
+def _across_cpu_levels(args) -> int:
+    """Rerun this command once per CPU capability level (a fresh process each: the level is fixed at start)."""
+    import os
+    import subprocess
+
+    from lens_det.determinism.audit import supported_levels
+
+    argv = [a for a in sys.argv[1:] if a != "--cpu-levels"]
+    status = 0
+    for level in supported_levels():
+        print(f"\n=== ATEN_CPU_CAPABILITY={level}", flush=True)
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": level}
+        status |= subprocess.run([sys.executable, "-m", "lens_det.cli", *argv], env=env).returncode
+    return status
 
 
 CHECKS = ("batch", "chunk", "cache", "run", "threads", "device")
@@ -179,8 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--model", nargs="*", help="named configs, HF hub names or local dirs (default: the tiny configs)")
     d.add_argument("--dtype", nargs="*", default=["float32", "bfloat16"], choices=list(DTYPES))
     d.add_argument("--length", type=int, default=5, help="prompt length (random token ids)")
-    d.add_argument("--threads", type=int, default=None,
-                   help="also compare a run with this many threads (reported; not part of the contract)")
+    d.add_argument("--threads", type=int, nargs="*", default=[1, 2, 3, 4],
+                   help="thread counts compared with the current one (default: 1 2 3 4; none to skip)")
+    d.add_argument("--cpu-levels", action="store_true",
+                   help="run once per CPU capability level this machine has (default, avx2, avx512), each in a "
+                        "fresh process")
+    d.add_argument("--audit", action="store_true",
+                   help="instead of the model checks, audit every op of the deterministic mode on its own")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_determinism)
     args = parser.parse_args(argv)

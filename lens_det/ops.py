@@ -1,18 +1,28 @@
-"""Every reduction the models do: linear layers, norms, attention scores, softmax and the attention-weighted sum.
+"""Every reduction and every non-arithmetic elementwise op the models do: linear layers, norms, attention scores,
+softmax, the attention-weighted sum, and the transcendental functions (tanh, exp, erf-GELU, cos/sin, rsqrt).
 
-The default implementations reproduce Hugging Face eager bit for bit (REFERENCE.md names the section for each
-operation order). Keeping them here, and nowhere else, is what lets the deterministic mode swap them in one place.
+The default implementations reproduce Hugging Face eager bit for bit (each docstring names the op order that
+matters). Keeping them here, and nowhere else, is what lets the deterministic mode swap them in one place.
 
-Deterministic (batch-invariant) mode, `with lens_det.deterministic():` (DETERMINISM.md). A CPU BLAS picks its
-kernel from the matrix shapes (measured here: fp32 sgemm rounds a row differently when the matrix has 1-3 rows),
-and a reduction's order depends on where its inputs sit. So in this mode:
-  * every matrix multiply gets a row count padded to a multiple of ROW_TILE (never the small-matrix path);
-  * attention scores are computed one KEY_BLOCK-wide block of keys at a time (one GEMM shape for every call);
-  * sums over keys (softmax denominator, probs @ V) run over fixed KEY_BLOCK blocks aligned on each key's
-    real-token index (its position among unmasked keys), in float32, added block after block in order; masked
-    keys are exact zeros. A prompt alone, left-padded in a batch, chunked, or decoded from the cache then reduces
-    the same numbers in the same order.
-Norms reduce each row on its own already (checked by the invariance tests) and are unchanged.
+Deterministic mode, `with lens_det.deterministic():`, makes a prompt's every activation independent of batch
+composition, padding, prefill chunking, the KV cache and the thread count. Each rule below answers a measured
+cause (torch 2.13.0 CPU build; docs/determinism.md has the figures):
+  * GEMMs: a BLAS picks its kernel, blocking and thread split from the call's shape, so a row's bits depend on
+    the other rows. MKL's strict reproducibility mode (lens_det.blas, set at import) removes this; rows are
+    also padded to a multiple of ROW_TILE so no call takes the matrix-vector path. bfloat16/float16 GEMMs run in
+    float32 (their oneDNN kernels are outside MKL's mode) and round once.
+  * Sums over keys (softmax denominator, probs @ V) run over fixed KEY_BLOCK blocks aligned on each key's
+    real-token index, in float32, added block after block; masked keys are exact zeros. Attention scores are
+    computed one KEY_BLOCK of keys at a time. A prompt alone, padded, chunked or decoded reduces the same
+    numbers in the same order.
+  * Elementwise ops: ATen runs a SIMD body over whole vectors and another path for the remainder (the end of
+    the tensor and of each thread's chunk). Add, multiply, divide, sqrt and casts are correctly rounded on both
+    paths; tanh, exp, erf, GELU, sigmoid, cos, sin and rsqrt are not (1e-8 to 2e-7 apart). `pointwise` runs those
+    on a layout where every element takes the SIMD body: the flat tensor padded to VECTOR_BLOCK elements and
+    cut into SERIAL_PIECE pieces (each below ATen's parallel grain, so one thread runs it whole).
+  * Row reductions (mean over the last dim, layer_norm) reduce each row alone in an order fixed by its width.
+The op-level audit (lens_det.determinism.audit) checks each of these claims bitwise on the running machine,
+for every op listed in AUDITED_OPS, across thread counts and CPU capability levels.
 """
 
 from __future__ import annotations
@@ -23,14 +33,21 @@ import contextvars
 import torch
 import torch.nn.functional as F
 
+from lens_det.blas import require_reproducible_blas
+
 ROW_TILE = 8
 KEY_BLOCK = 64
+VECTOR_BLOCK = 64  # elements: whole SIMD vectors for every dtype and ISA (bfloat16 on AVX-512: 2 x 32 lanes)
+SERIAL_PIECE = 16384  # elements per call: under ATen's 32768-element grain, so no thread boundary inside
 _DETERMINISTIC = contextvars.ContextVar("lens_det_deterministic", default=False)
 
 
 @contextlib.contextmanager
 def deterministic(enabled: bool = True):
-    """Run the models with batch-invariant ops inside this block (see the module docstring)."""
+    """Run the models with batch-invariant ops inside this block (see the module docstring). Raises when the
+    BLAS is MKL without its strict reproducibility mode (see lens_det.blas)."""
+    if enabled:
+        require_reproducible_blas()
     token = _DETERMINISTIC.set(enabled)
     try:
         yield
@@ -51,12 +68,40 @@ def _pad(x: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(shape)], dim=dim)
 
 
+def pointwise(fn, x: torch.Tensor) -> torch.Tensor:
+    """`fn(x)` for an elementwise `fn`; in deterministic mode on a layout where every element takes the same
+    (SIMD) code path whatever the tensor's size and the thread count (module docstring)."""
+    if not _DETERMINISTIC.get():
+        return fn(x)
+    flat = x.reshape(-1)
+    pieces = _pad(flat, 0, VECTOR_BLOCK).split(SERIAL_PIECE)
+    out = fn(pieces[0]) if len(pieces) == 1 else torch.cat([fn(p) for p in pieces])
+    return out[: flat.numel()].view(x.shape)
+
+
+def tanh(x: torch.Tensor) -> torch.Tensor:
+    return pointwise(torch.tanh, x)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return pointwise(_gelu_tanh, x)
+
+
+def gelu_erf(x: torch.Tensor) -> torch.Tensor:
+    return pointwise(F.gelu, x)
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`x @ weight.T + bias` as `nn.Linear` computes it (weight in HF layout [out, in])."""
     if not _DETERMINISTIC.get():
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1])
-    out = F.linear(_pad(rows, 0, ROW_TILE), weight, bias)[: rows.shape[0]]
+    w, b = weight.float(), None if bias is None else bias.float()
+    out = F.linear(_pad(rows.float(), 0, ROW_TILE), w, b)[: rows.shape[0]].to(x.dtype)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -75,7 +120,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: boo
     """fp32 normalise, times (1 + w) or w in fp32, one cast at the end (REFERENCE §3.3). `mean_sq` reuses an
     already computed `mean_square(x)` (the same ops, so the same bits)."""
     xf = x.float()
-    y = xf * torch.rsqrt((mean_square(xf) if mean_sq is None else mean_sq) + eps)
+    y = xf * pointwise(torch.rsqrt, (mean_square(xf) if mean_sq is None else mean_sq) + eps)
     scale = 1.0 + weight.float() if unit_offset else weight.float()
     return (y * scale).type_as(x)
 
@@ -96,11 +141,11 @@ def attention_scores(
     With a positional `bias` [B*H, 1, K] (ALiBi) this is Bloom's fused `baddbmm(bias, Q, K^T, alpha=scale)`
     (REFERENCE §2.4: separate ops differ in bf16). Without, `(Q @ K^T) * scale` (REFERENCE §1.6).
     """
-    if _DETERMINISTIC.get():
+    if _DETERMINISTIC.get():  # float32 GEMMs of one KEY_BLOCK of keys each, one rounding to the dtype
         n_q, n_k = q.shape[2], k.shape[2]
-        qp, kp = _pad(q, 2, ROW_TILE), _pad(k, 2, KEY_BLOCK)
+        qp, kp = _pad(q.float(), 2, ROW_TILE), _pad(k.float(), 2, KEY_BLOCK)
         blocks = [torch.matmul(qp, kp[:, :, s : s + KEY_BLOCK].transpose(2, 3)) for s in range(0, kp.shape[2], KEY_BLOCK)]
-        scores = torch.cat(blocks, dim=-1)[:, :, :n_q, :n_k] * scale
+        scores = (torch.cat(blocks, dim=-1)[:, :, :n_q, :n_k] * scale).to(q.dtype)
         return scores if bias is None else scores + bias.view(q.shape[0], q.shape[1], 1, n_k)
     if bias is None:
         return torch.matmul(q, k.transpose(2, 3)) * scale
@@ -117,7 +162,7 @@ def softmax(scores: torch.Tensor, key_pos: torch.Tensor | None = None) -> torch.
     if not _DETERMINISTIC.get():
         return F.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
     s = scores.float()
-    e = torch.exp(s - s.amax(dim=-1, keepdim=True))  # the max is exact whatever the order
+    e = pointwise(torch.exp, s - s.amax(dim=-1, keepdim=True))  # the max is exact whatever the order
     ones = e.new_ones(*e.shape[:2], e.shape[-1], 1)
     total = _blocked_matmul(e, ones, key_pos)
     # A batch row with no real token at all has nothing to attend to: attend to nothing (0), never NaN.

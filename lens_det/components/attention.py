@@ -25,7 +25,7 @@ class SoftCap(nn.Module):
         self.cap = cap
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(s / self.cap) * self.cap
+        return ops.tanh(s / self.cap) * self.cap
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:

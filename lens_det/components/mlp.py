@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformer_lens.hook_points import HookPoint
 
@@ -13,14 +12,10 @@ from lens_det.config import LensConfig
 
 def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
     """Bloom's tanh GELU with the truncated constant and this exact expression order (REFERENCE §2.5)."""
-    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+    return x * 0.5 * (1.0 + ops.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
 
 
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
-
-
-ACTIVATIONS = {"bloom_gelu": bloom_gelu, "gelu_tanh": gelu_tanh}
+ACTIVATIONS = {"bloom_gelu": bloom_gelu, "gelu_tanh": ops.gelu_tanh}
 
 
 class MLP(nn.Module):

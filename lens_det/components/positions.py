@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from lens_det import ops
+
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
     """Bloom's per-head slopes, float32 `pow` with the odd-power extension (REFERENCE §2.4). Built on the CPU
@@ -51,7 +53,7 @@ def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torc
     """cos, sin [B or 1, q, d_head] in float32, then cast to dtype (REFERENCE §3.4)."""
     freqs = position_ids[..., None].float() * inv_freq.to(device=position_ids.device, dtype=torch.float)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return ops.pointwise(torch.cos, emb).to(dtype), ops.pointwise(torch.sin, emb).to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

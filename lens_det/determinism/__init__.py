@@ -1,5 +1,6 @@
 """Invariance checks: does a prompt's every hook point depend on batch composition, prefill chunking, the KV
-cache, the run, or the device? Each check returns a `ParityReport` (0.0 tolerance) whose first divergence names
+cache, the run, the thread count, or the device? Each check returns a `ParityReport` (0.0 tolerance) whose
+first divergence names
 the step, hook and op where invariance broke. Run them in the default mode to see the differences, and inside
 `lens_det.deterministic()` (or with `model.deterministic = True`) to see them vanish.
 """
@@ -113,21 +114,22 @@ def run_to_run(model: Any, tokens, attention_mask=None, repeats: int = 3, positi
     return report
 
 
-def thread_invariance(model: Any, tokens, threads: int, attention_mask=None, position_ids: str = "mask",
-                      ) -> ParityReport:
-    """A run with `threads` threads against one with the current count (outside the contract: reported)."""
+def thread_invariance(model: Any, tokens, threads=(1, 2, 3, 4), attention_mask=None,
+                      position_ids: str = "mask") -> ParityReport:
+    """Runs with each thread count in `threads` (an int or several) against one with the current count."""
     tokens = _tokens(model, tokens)
+    threads = [threads] if isinstance(threads, int) else list(threads)
     report = ParityReport(f"thread count {torch.get_num_threads()} vs {threads} ({model.cfg.dtype})",
                           Schedule(tokens.shape[1], 0), 0.0, 0.0)
     reference = _run(model, tokens, attention_mask, position_ids)
     report.n_hooks = len(reference) - 1
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
     try:
-        ours = _run(model, tokens, attention_mask, position_ids)
+        for n in threads:
+            torch.set_num_threads(n)
+            _diff_runs(report, f"threads:{n}", _run(model, tokens, attention_mask, position_ids), reference)
     finally:
         torch.set_num_threads(before)
-    _diff_runs(report, f"threads:{threads}", ours, reference)
     return report
 
 
@@ -153,8 +155,9 @@ def device_invariance(model: Any, tokens, attention_mask=None, devices=None,
 
 
 def check_all(model: Any, prompt, batch_sizes=(2, 3, 4, 8, 16), chunk_sizes=(1, 2, 3, 7, None),
-              threads: int | None = None) -> dict[str, ParityReport]:
-    """Every check on one prompt: {"batch", "chunk", "cache", "run", ("threads"), ("device")} -> report."""
+              threads=(1, 2, 3, 4)) -> dict[str, ParityReport]:
+    """Every check on one prompt: {"batch", "chunk", "cache", "run", "threads", ("device")} -> report.
+    `threads`: thread counts compared with the current one (None or () skips the check)."""
     prompt = _prompt(model, prompt)
     reports = {
         "batch": batch_invariance(model, prompt, batch_sizes),
@@ -162,7 +165,7 @@ def check_all(model: Any, prompt, batch_sizes=(2, 3, 4, 8, 16), chunk_sizes=(1, 
         "cache": cache_invariance(model, prompt, prefill=max(1, prompt.shape[1] // 2)),
         "run": run_to_run(model, prompt),
     }
-    if threads is not None:
+    if threads:
         reports["threads"] = thread_invariance(model, prompt, threads)
     device = device_invariance(model, prompt)
     if device is not None:

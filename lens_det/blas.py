@@ -1,0 +1,81 @@
+"""Reproducible BLAS: MKL's strict conditional-numerical-reproducibility (CNR) mode.
+
+Measured on torch 2.13.0's CPU build (MKL 2024.2): a float32 GEMM row's bits depend on the call's row count
+(in shape-dependent classes, e.g. {8}, {16..128}, {256, 512} for K=1024 on an AVX-512 Xeon), on the row's
+position inside the call (MKL's AVX2 micro-kernel takes 6 rows at a time; rows 6-7 of an 8-row call take an
+edge path) and, for 16+ rows, on the thread count. Padding rows, K blocking or fixed-size row tiles each
+fixed some of this on one MKL code path and not on another. MKL's strict CNR mode
+(`MKL_CBWR=AUTO,STRICT`) fixed all of it on both the AVX-512 and the AVX2 paths, at no measurable cost.
+
+The mode can only be chosen before MKL's first GEMM in the process, so `import lens_det` chooses it (through
+MKL's `mkl_cbwr_set`, exported by libtorch) unless `MKL_CBWR` is set in the environment, which is respected.
+Set `LENS_DET_MKL_CBWR=0` to leave MKL alone. The deterministic mode checks the mode on entry.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+
+import torch
+
+_AUTO, _STRICT, _ALL = 2, 0x10000, -1
+_MODE_CHANGE_FAILURE = -8
+
+
+def _mkl():
+    """MKL's CNR entry points inside libtorch_cpu, or None (another BLAS, or symbols not exported)."""
+    if not torch.backends.mkl.is_available():
+        return None
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        get, set_ = lib.mkl_serv_cbwr_get, lib.mkl_serv_cbwr_set
+    except (OSError, AttributeError):
+        return None
+    get.restype = set_.restype = ctypes.c_int
+    get.argtypes = set_.argtypes = [ctypes.c_int]
+    return get, set_
+
+
+@dataclass(frozen=True)
+class BlasMode:
+    backend: str  # "mkl" or "other"
+    strict: bool  # MKL strict CNR is on
+    detail: str
+
+    def __str__(self) -> str:
+        return self.detail
+
+
+def blas_mode() -> BlasMode:
+    mkl = _mkl()
+    if mkl is None:
+        return BlasMode("other", False, "BLAS is not MKL: invariance rests on this BLAS (check with the audit)")
+    mode = mkl[0](_ALL)
+    strict = bool(mode & _STRICT)
+    return BlasMode("mkl", strict, f"MKL CNR mode {mode:#x} ({'strict' if strict else 'not strict'})")
+
+
+def use_reproducible_blas() -> int | None:
+    """Put MKL in strict CNR mode (AUTO branch) unless the user chose a mode; returns MKL's status code (0 =
+    set), or None when nothing was attempted."""
+    if os.environ.get("LENS_DET_MKL_CBWR", "1") == "0" or "MKL_CBWR" in os.environ:
+        return None
+    mkl = _mkl()
+    if mkl is None or mkl[0](_ALL) & _STRICT:
+        return None
+    return mkl[1](_AUTO | _STRICT)
+
+
+def require_reproducible_blas() -> None:
+    """Raise when the BLAS is MKL without strict CNR (its GEMM rows then depend on the batch and threads)."""
+    mode = blas_mode()
+    if mode.backend == "mkl" and not mode.strict:
+        if use_reproducible_blas() == 0:  # MKL has not run a GEMM yet: it can still be switched
+            return
+        raise RuntimeError(
+            f"deterministic mode needs MKL's strict reproducibility mode, but {mode}: a matrix multiply ran before "
+            "lens_det was imported (or MKL_CBWR / LENS_DET_MKL_CBWR=0 chose another mode). Import lens_det before "
+            "running any torch matmul, or start Python with MKL_CBWR=AUTO,STRICT in the environment."
+        )
