@@ -12,6 +12,43 @@ TINY = ["tiny-bloom", "tiny-bloom-resid", "tiny-gemma", "tiny-gemma2", "tiny-gem
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class UnknownModel(SystemExit):
+    pass
+
+
+def _check_source(name: str) -> None:
+    """Fail fast, with what to do, for a --model that is no named config, local directory or reachable hub id
+    (instead of the hub client's retries and traceback)."""
+    import difflib
+    from pathlib import Path
+
+    from lens_det.config import named_configs
+
+    records = named_configs()
+    record = records.get(name)
+    if record is not None and not record.get("hf_name"):  # random weights: nothing to fetch
+        return
+    source = record["hf_name"] if record else name
+    if Path(source).expanduser().is_dir():
+        return
+    if record is None:
+        close = difflib.get_close_matches(name, list(records), n=3, cutoff=0.75)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        if close or name.startswith(("/", ".", "~")) or name.count("/") != 1:
+            raise UnknownModel(f"unknown model {name!r}: not a named config{hint} (`lens-det models` lists them), "
+                               "not a local directory, and not a hub id of the form org/name")
+    from huggingface_hub import HfApi, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(source, "config.json"), str):
+        return
+    try:
+        HfApi().model_info(source, timeout=5)
+    except Exception as err:  # noqa: BLE001 - reported with what to do
+        raise UnknownModel(f"cannot load {name!r}: {source!r} is not a local directory, not in the local HF cache, "
+                           f"and the HF hub could not be reached or has no such repo ({type(err).__name__}); "
+                           "`lens-det models` lists the named configs, tiny-* ones need no download") from None
+
+
 def _models(name: str, dtype: torch.dtype, seed: int):
     """(hf_model, lens_model): a named config gets seeded random weights, anything else is loaded."""
     import lens_det
@@ -32,6 +69,10 @@ def _models(name: str, dtype: torch.dtype, seed: int):
         from lens_det.loading import _load_tokenizer, _local_dir
 
         model.tokenizer = _load_tokenizer(_local_dir(record["hf_name"] if record else name))
+    else:  # random weights: the offline character tokenizer
+        from lens_det.tokenizer import char_tokenizer
+
+        model.tokenizer = char_tokenizer(model.cfg)
     return hf, model
 
 
@@ -60,6 +101,21 @@ def _inputs(model, args):
     return tokens, mask
 
 
+def _continued(model, tokens, mask, args):
+    """Tokens long enough for --prefill + --decode-steps x --chunk: a shorter input is extended by lens_det's
+    greedy continuation (bit-identical to HF generate's), so the cached steps run on the model's own text."""
+    if args.decode_steps is None:
+        return tokens, mask
+    missing = args.prefill + args.decode_steps * args.chunk - tokens.shape[1]
+    if missing <= 0:
+        return tokens, mask
+    if args.padding == "right" and not bool(mask[:, -1].all()):
+        raise SystemExit(f"the schedule needs {missing} more tokens than the input has, and a right-padded input "
+                         "cannot be continued; use --padding left, or fewer --prefill/--decode-steps")
+    out = model.generate(tokens, mask, max_new_tokens=missing, stop_tokens=[])
+    return out.tokens, out.attention_mask
+
+
 def _suffixed(path: str, name: str, dtype: str, several: bool) -> str:
     if not several:
         return path
@@ -74,6 +130,8 @@ def cmd_parity(args) -> int:
     from lens_det.parity import compare
 
     names = args.model or TINY
+    for name in names:
+        _check_source(name)
     several = len(names) * len(args.dtype) > 1
     tol = "0 (bit-identical)" if args.atol == 0 == args.rtol else f"atol {args.atol:g} + rtol {args.rtol:g}"
     print(f"lens-det parity: every hook point vs the HF reference (eager attention), uncached and with both KV "
@@ -88,7 +146,7 @@ def cmd_parity(args) -> int:
             start = time.perf_counter()
             hf, model = _models(name, DTYPES[dtype_name], args.seed)
             model.set_use_attn_result(True)
-            tokens, mask = _inputs(model, args)
+            tokens, mask = _continued(model, *_inputs(model, args), args)
             positions = "mask" if model.cfg.positional == "rope" and args.positions == "mask" else None
             report = compare(model, hf, tokens, mask, positions, prefill=args.prefill,
                              decode_steps=args.decode_steps, chunk=args.chunk, atol=args.atol, rtol=args.rtol,
@@ -126,6 +184,8 @@ def cmd_determinism(args) -> int:
         return _across_cpu_levels(args)
     if args.audit:
         return _audit(args)
+    for name in args.model or ():
+        _check_source(name)
     env = environment()
     print("lens-det determinism: a prompt's every hook point alone vs in batches of 2..16 (with padding), prefill "
           f"chunked 1/2/3/7/all, cache on vs off, repeated runs, {args.threads} threads; max |diff| per check "
@@ -183,29 +243,46 @@ def _across_cpu_levels(args) -> int:
 CHECKS = ("batch", "chunk", "cache", "run", "threads", "device")
 
 
+def cmd_models(args) -> int:
+    from lens_det.config import named_configs
+
+    print(f"{'name':<20} {'family':<12} {'weights':<34} notes")
+    for name, record in named_configs().items():
+        weights = record.get("hf_name") or "random (test/benchmark config)"
+        notes = (record.get("notes") or "").split(";")[0][:60]
+        print(f"{name:<20} {record['hf_config']['model_type']:<12} {weights:<34} {notes}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lens-det", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("parity", help="compare every hook point with the HF reference, cache off and on")
     p.add_argument("--model", nargs="*", help="named configs, HF hub names or local dirs (default: the tiny configs)")
-    p.add_argument("--dtype", nargs="*", default=["float32", "bfloat16"], choices=list(DTYPES))
+    p.add_argument("--dtype", nargs="*", default=["float32", "bfloat16"], choices=list(DTYPES),
+                   help="dtypes to load and compare both models in (default: float32 bfloat16)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--prompt", nargs="+", help="text prompts (needs the checkpoint's tokenizer)")
     source.add_argument("--tokens", help="token ids: '1,2,3;4,5' (rows separated by ';', left-padded)")
-    p.add_argument("--padding", default="left", choices=["left", "right", "none"])
+    p.add_argument("--padding", default="left", choices=["left", "right", "none"],
+                   help="how the first row of random tokens (or a batch of prompts) is padded (default: left)")
     p.add_argument("--positions", default="mask", choices=["mask", "arange"],
                    help="RoPE positions for both models: HF generate's (mask) or HF forward's default (arange)")
     p.add_argument("--batch", type=int, default=2, help="rows of random tokens (without --prompt/--tokens)")
     p.add_argument("--length", type=int, default=16, help="length of random tokens")
-    p.add_argument("--prefill", type=int, default=5)
-    p.add_argument("--decode-steps", type=int, default=None, help="default: as many as the tokens allow")
-    p.add_argument("--chunk", type=int, default=1, help="tokens per cached step after the prefill")
+    p.add_argument("--prefill", type=int, default=5,
+                   help="tokens of the first cached forward; the cached steps then run on the input's following "
+                        "tokens (default: 5)")
+    p.add_argument("--decode-steps", type=int, default=None,
+                   help="cached steps after the prefill (default: as many as the tokens allow); an input shorter "
+                        "than prefill + steps x chunk is extended by the model's greedy continuation")
+    p.add_argument("--chunk", type=int, default=1, help="tokens per cached step after the prefill (default: 1)")
     p.add_argument("--atol", type=float, default=0.0, help="allowed max |diff| (default 0: bit-identical)")
     p.add_argument("--rtol", type=float, default=0.0, help="allowed max |diff| relative to each hook's scale")
     p.add_argument("--json", help="write the report(s) as JSON")
     p.add_argument("--plot", help="write a heatmap PNG (one per model and dtype)")
     p.add_argument("--verbose", action="store_true", help="print the full report of every model")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of random weights and random tokens (default: 0)")
     p.set_defaults(func=cmd_parity)
     d = sub.add_parser("determinism", help="batch / chunk / cache / run / device invariance, default vs "
                                            "deterministic mode")
@@ -219,9 +296,14 @@ def main(argv: list[str] | None = None) -> int:
                         "fresh process")
     d.add_argument("--audit", action="store_true",
                    help="instead of the model checks, audit every op of the deterministic mode on its own")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="seed of random weights and the prompt (default: 0)")
     d.set_defaults(func=cmd_determinism)
+    m = sub.add_parser("models", help="list the named configs (--model takes these, a local directory or a hub id)")
+    m.set_defaults(func=cmd_models)
     args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # HF's loading bars would interleave with the tables
     return args.func(args)
 
 

@@ -35,7 +35,7 @@ class LensConfig:
     norm: Literal["layernorm", "rmsnorm"]
     norm_eps: float
     attn_scale: float  # multiplies Q @ K^T (the exact Python float HF uses)
-    act_fn: Literal["bloom_gelu", "gelu_tanh"]
+    act_fn: Literal["bloom_gelu", "gelu_tanh", "gelu_erf"]
     gated_mlp: bool
     layer_types: tuple[LayerType, ...]
     rmsnorm_unit_offset: bool = False  # RMSNorm multiplies by (1 + w) (Gemma 1-3)

@@ -40,6 +40,24 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
     return logits
 
 
+def _check_sampling(max_new_tokens, do_sample: bool, temperature, top_k, top_p) -> None:
+    """HF generate's rules, plus: sampling knobs without do_sample=True are an error, not silently greedy."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}; for greedy decoding leave "
+                         "do_sample=False")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an int >= 1 (or None for no top-k filtering), got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] (or None for no nucleus filtering), got {top_p!r}")
+    knobs = [f"{n}={v!r}" for n, v, unset in (("temperature", temperature, 1.0), ("top_k", top_k, None),
+                                              ("top_p", top_p, None)) if v != unset]
+    if knobs and not do_sample:
+        raise ValueError(f"{', '.join(knobs)} only apply when sampling: pass do_sample=True to sample, or drop "
+                         "them for greedy decoding")
+
+
 def generate(
     model: Any,
     tokens: Int[torch.Tensor, "batch pos"],
@@ -64,8 +82,10 @@ def generate(
 
     Args:
         tokens, attention_mask: the prompt [batch, pos] and its 0/1 mask (left padding, as HF generate).
-        do_sample: greedy when False; otherwise sample from softmax(logits / temperature) after top-k/top-p,
-            with `generator` for reproducible draws.
+        max_new_tokens: an int >= 1.
+        do_sample: greedy when False (the default, as in HF generate; TransformerLens 2.x samples by default); otherwise sample from
+            softmax(logits / temperature) after top-k/top-p, with `generator` for reproducible draws. Passing
+            temperature, top_k or top_p without do_sample=True raises instead of being silently greedy.
         stop_tokens: token id(s) that end a row (default: the config's eos_token_id); finished rows continue
             with `pad_token_id`, like HF generate, and generation stops when every row has finished.
         use_kv_cache: decode one token per step from the cache, or re-run the whole sequence each step.
@@ -80,10 +100,7 @@ def generate(
             `fwd_hooks` active), i.e. every hook over the whole generated text.
         verbose: show a progress bar.
     """
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if do_sample and temperature <= 0:
-        raise ValueError("temperature must be > 0 when sampling; use do_sample=False for greedy decoding")
+    _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
     if kv_cache is not None and not use_kv_cache:
         raise ValueError("kv_cache was given but use_kv_cache=False; drop one of them")
     if kv_cache is not None and (return_activations or kv_cache.frozen):

@@ -61,6 +61,9 @@ class KVCache:
     """Caller-owned KV cache: `model(tokens, attention_mask=full_mask, kv_cache=cache)` appends the new tokens."""
 
     def __init__(self, config: LensConfig, max_length: int | None = None):
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                       or max_length < 1):
+            raise ValueError(f"max_length must be an int >= 1 (or None for no cap), got {max_length!r}")
         self.config = config
         self.max_length = max_length
         self.layers = [

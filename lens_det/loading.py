@@ -11,17 +11,33 @@ import torch
 from lens_det.config import hf_config_from_name
 from lens_det.convert import family_for
 from lens_det.model import HookedDecoder
+from lens_det.tokenizer import char_tokenizer
 
 log = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 
 
-def from_hf_model(hf_model: Any, dtype: torch.dtype | None = None, device=None) -> HookedDecoder:
-    """Convert an in-memory HF model (e.g. BloomForCausalLM). dtype defaults to the HF model's."""
-    hf_cfg = hf_model.config
-    dtype = dtype or next(hf_model.parameters()).dtype
-    return _build(hf_cfg, hf_model.state_dict(), dtype, device)
+LM_HEADS = ("ForCausalLM", "ForConditionalGeneration")  # HF classes whose head is the (tied) unembedding
+
+
+def from_hf_model(hf_model: Any, dtype: torch.dtype | str | None = None, device=None,
+                  share_weights: bool = False) -> HookedDecoder:
+    """Convert an in-memory HF causal LM (e.g. BloomForCausalLM). dtype defaults to the HF model's.
+
+    The lens_det model gets its own copy of the weights, so editing one model never changes the other (a parity
+    report against the HF model then sees the edit). `share_weights=True` shares storage where dtype and layout
+    allow (no copy; an in-place edit of either model then changes both).
+    """
+    from transformers import PreTrainedModel
+
+    if not isinstance(hf_model, PreTrainedModel):
+        raise TypeError(f"from_hf_model takes a transformers PreTrainedModel (e.g. GemmaForCausalLM), got "
+                        f"{type(hf_model).__name__}; for a checkpoint name or directory use from_pretrained")
+    _check_head(type(hf_model).__name__)
+    dtype = _as_dtype(dtype) or next(hf_model.parameters()).dtype
+    return _build(hf_model.config, hf_model.state_dict(), dtype, device, copy=not share_weights,
+                  source=type(hf_model).__name__)
 
 
 def from_pretrained(
@@ -45,7 +61,8 @@ def from_pretrained(
     from transformers import AutoConfig
 
     hf_cfg = AutoConfig.from_pretrained(directory)
-    model = _build(hf_cfg, _read_weights(directory), dtype, device)
+    _check_head(*(getattr(hf_cfg, "architectures", None) or [None])[:1])
+    model = _build(hf_cfg, _read_weights(directory), _as_dtype(dtype), device, copy=False, source=str(directory))
     if tokenizer:
         model.tokenizer = _load_tokenizer(directory)
     return model
@@ -53,24 +70,52 @@ def from_pretrained(
 
 def from_config(name: str, seed: int = 0, dtype=torch.float32, device=None) -> HookedDecoder:
     """A model with random weights for a named config (lens_det/model_configs): an HF model of that config is
-    initialised with `seed` and converted, so the result matches HF for the same seed."""
+    initialised with `seed` and converted, so the result matches HF for the same seed. It carries an offline
+    character tokenizer (lens_det.tokenizer), so string inputs work without a model hub."""
     from transformers import AutoModelForCausalLM
 
     if not isinstance(name, str):
         raise TypeError(f"from_config takes the name of a config in lens_det/model_configs, got {type(name).__name__}")
     hf_cfg = hf_config_from_name(name)
+    dtype = _as_dtype(dtype)
     torch.manual_seed(seed)
     hf_model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation="eager")
-    return from_hf_model(hf_model, dtype=dtype, device=device)
+    model = from_hf_model(hf_model, dtype=dtype, device=device, share_weights=True)  # nobody else holds hf_model
+    model.tokenizer = char_tokenizer(model.cfg)
+    return model
 
 
-def _build(hf_cfg: Any, hf_state_dict: dict, dtype: torch.dtype, device) -> HookedDecoder:
+def _as_dtype(dtype) -> torch.dtype | None:
+    """torch.bfloat16 or "bfloat16" -> torch.bfloat16 (None stays None)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"dtype={dtype!r} is not a torch dtype; use e.g. torch.bfloat16 or 'bfloat16'")
+    return value
+
+
+def _check_head(class_name: str | None) -> None:
+    if class_name is not None and not class_name.endswith(LM_HEADS):
+        raise ValueError(
+            f"{class_name} is not a causal language model: lens_det converts *ForCausalLM models (and the text part "
+            f"of *ForConditionalGeneration) and would silently drop this model's head. Load the causal-LM class of "
+            f"the same checkpoint instead (e.g. {class_name.split('For')[0]}ForCausalLM)."
+        )
+
+
+def _build(hf_cfg: Any, hf_state_dict: dict, dtype: torch.dtype, device, copy: bool, source: str) -> HookedDecoder:
     family = family_for(hf_cfg)
     cfg = family.config_from_hf(hf_cfg)
-    state = family.state_dict_from_hf(hf_state_dict, cfg)
+    try:
+        state = family.state_dict_from_hf(hf_state_dict, cfg)
+    except KeyError as err:
+        raise ValueError(f"the weights of {source} have no tensor {err.args[0]!r} (with or without the usual "
+                         f"prefixes), which a {cfg.architecture} config with {cfg.n_layers} layers needs; the "
+                         "checkpoint is incomplete or belongs to another config") from None
     with torch.device("meta"):
         model = HookedDecoder(cfg)
-    state = {k: v.to(dtype) for k, v in state.items()}
+    state = {k: v.to(dtype, copy=copy) for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f"weight conversion mismatch: missing {missing}, unexpected {unexpected}")

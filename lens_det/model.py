@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import nn
 from transformer_lens import ActivationCache, HookedRootModule
-from transformer_lens.hook_points import HookPoint
+from lens_det.components.hooks import HookPoint
 
 from lens_det import ops
 from lens_det.components.block import Block
@@ -45,6 +45,11 @@ class RuntimeConfig:
 
     def __repr__(self) -> str:
         return f"RuntimeConfig({self._model.config}, device={self.device}, dtype={self.dtype})"
+
+
+NO_TOKENIZER = ("this model has no tokenizer, so it takes token ids only: set one with `model.tokenizer = "
+                "transformers.AutoTokenizer.from_pretrained(name_or_dir)` or load with from_pretrained(name_or_dir), "
+                "which attaches the checkpoint's tokenizer (from_config models carry an offline character tokenizer)")
 
 
 class HookedDecoder(HookedRootModule):
@@ -100,6 +105,11 @@ class HookedDecoder(HookedRootModule):
 
         if (device_map is None) == (n_devices is None):
             raise ValueError("pass exactly one of device_map and n_devices")
+        if n_devices is not None:
+            available = torch.cuda.device_count()
+            if isinstance(n_devices, bool) or not isinstance(n_devices, int) or not 1 <= n_devices <= available:
+                raise ValueError(f"n_devices={n_devices!r}, but this machine has {available} CUDA device(s); pass "
+                                 "an int up to that, or a device_map such as {'blocks.0': 'cpu', '': 'cpu'}")
         place(self, device_map if device_map is not None else balanced_device_map(self.cfg.n_layers, n_devices))
         return self
 
@@ -259,8 +269,7 @@ class HookedDecoder(HookedRootModule):
                   prepend_bos: bool = True):
         """Tokenize with the model's tokenizer: returns (tokens [batch, pos], attention_mask [batch, pos])."""
         if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer; load one with from_pretrained(..., tokenizer=...) "
-                             "or set model.tokenizer")
+            raise ValueError(NO_TOKENIZER)
         texts = [text] if isinstance(text, str) else list(text)
         tok, side, pad = self.tokenizer, self.tokenizer.padding_side, self.tokenizer.pad_token
         try:  # leave the tokenizer as it was
@@ -274,7 +283,7 @@ class HookedDecoder(HookedRootModule):
 
     def to_string(self, tokens) -> str | list[str]:
         if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer")
+            raise ValueError(NO_TOKENIZER)
         if isinstance(tokens, torch.Tensor) and tokens.ndim == 2:
             return self.tokenizer.batch_decode(tokens)
         return self.tokenizer.decode(tokens)

@@ -1,10 +1,11 @@
-"""MLPs: Bloom's (in -> bloom_gelu -> out, with biases) and Gemma's gated GELU-tanh (down(act(gate) * up))."""
+"""MLPs: Bloom's (in -> bloom_gelu -> out, with biases) and Gemma's gated GELU (down(act(gate) * up)), with the
+tanh or the exact erf GELU as the HF config names it."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformer_lens.hook_points import HookPoint
+from lens_det.components.hooks import HookPoint
 
 from lens_det import ops
 from lens_det.config import LensConfig
@@ -15,7 +16,7 @@ def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * 0.5 * (1.0 + ops.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
 
 
-ACTIVATIONS = {"bloom_gelu": bloom_gelu, "gelu_tanh": ops.gelu_tanh}
+ACTIVATIONS = {"bloom_gelu": bloom_gelu, "gelu_tanh": ops.gelu_tanh, "gelu_erf": ops.gelu_erf}
 
 
 class MLP(nn.Module):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformer_lens.hook_points import HookPoint
+from lens_det.components.hooks import HookPoint
 
 from lens_det import ops
 from lens_det.config import LensConfig

@@ -6,7 +6,12 @@ from typing import Any
 
 from lens_det.config import LensConfig
 
-SUPPORTED_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh"}
+# HF activation name -> what HF runs for it (transformers.activations.ACT2CLS): "gelu" is the exact erf GELU,
+# "gelu_pytorch_tanh" F.gelu's tanh approximation. Other names are refused rather than approximated.
+SUPPORTED_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_erf"}
+# The config field HF's modeling code reads for the MLP activation (Gemma 1's config already rewrites its legacy
+# "gelu" to "gelu_pytorch_tanh" in hidden_act; Gemma 2/3 read hidden_activation as given).
+ACTIVATION_FIELD = {"gemma": "hidden_act"}
 # Gemma 4 (and other later) fields that change the computation; a config carrying them is refused.
 UNSUPPORTED_FIELDS = (
     "hidden_size_per_layer_input",  # Gemma 4 per-layer embeddings
@@ -18,11 +23,12 @@ UNSUPPORTED_FIELDS = (
 
 
 def _activation(hf: Any) -> str:
-    name = getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", None)
-    if name == "gelu":  # GemmaConfig rewrites a legacy "gelu" to gelu_pytorch_tanh (REFERENCE §3.1)
-        name = "gelu_pytorch_tanh"
+    field = ACTIVATION_FIELD.get(hf.model_type, "hidden_activation")
+    name = getattr(hf, field, None)
     if name not in SUPPORTED_ACTIVATIONS:
-        raise NotImplementedError(f"hidden_activation={name!r} is not implemented (supported: gelu_pytorch_tanh)")
+        raise NotImplementedError(
+            f"{field}={name!r} is not implemented (supported: {', '.join(map(repr, SUPPORTED_ACTIVATIONS))})"
+        )
     return SUPPORTED_ACTIVATIONS[name]
 
 

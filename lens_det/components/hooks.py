@@ -1,0 +1,17 @@
+"""TransformerLens's HookPoint, with one check: a hook's edit must keep the shape it was given. A wrong-shaped
+edit would otherwise fail later inside torch (or broadcast silently) far from the hook that caused it."""
+
+from __future__ import annotations
+
+import torch
+from transformer_lens.hook_points import HookPoint as _HookPoint
+
+
+class HookPoint(_HookPoint):
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().__call__(x)
+        if out is not x and (not isinstance(out, torch.Tensor) or out.shape != x.shape):
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"a hook on {self.name} returned {got}; a hook must return None or a tensor of the "
+                             f"shape it was given, {tuple(x.shape)}")
+        return out

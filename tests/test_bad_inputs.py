@@ -1,0 +1,176 @@
+"""Bad input, as a table: each call raises the stated error type with a message that names the fix, and a KV
+cache it was given is left exactly as it was (keys, values, offsets and mask, bit for bit). Also the former
+silent-wrong cases: each now matches HF or is refused."""
+
+import pytest
+import torch
+from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma2ForSequenceClassification
+
+import lens_det
+from lens_det.cli import main as cli
+
+torch.manual_seed(0)
+MODEL = lens_det.from_config("tiny-gemma2", seed=0)
+TOKENS = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(1))
+
+
+def _cache():
+    kv = MODEL.new_cache()
+    with torch.no_grad():
+        MODEL(TOKENS[:, :4], kv_cache=kv)
+    return kv
+
+
+def _state(kv):
+    return [(e.keys.clone(), e.values.clone(), e.start) for e in kv.layers], kv.mask.clone()
+
+
+def _same(a, b):
+    (la, ma), (lb, mb) = a, b
+    return torch.equal(ma, mb) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) and x[2] == y[2]
+                                       for x, y in zip(la, lb))
+
+
+def _wrong_shape_hook(kv):
+    hook = ("blocks.1.attn.hook_k", lambda x, hook: x[:, :, :1])
+    MODEL.run_with_hooks(TOKENS[:, 4:], kv_cache=kv, fwd_hooks=[hook])
+
+
+def _short_mask(kv):
+    MODEL(TOKENS[:, 4:], attention_mask=torch.ones(2, 3, dtype=torch.long), kv_cache=kv)
+
+
+def _other_batch(kv):
+    MODEL(TOKENS[:1, 4:], kv_cache=kv)
+
+
+CACHE_CASES = {  # name: (call with the cache, error type, message pattern)
+    "wrong-shaped hook_k edit": (_wrong_shape_hook, ValueError, r"hook on blocks\.1\.attn\.hook_k returned \(2, 2, 1, 16\).*\(2, 2, 2, 16\)"),
+    "mask shorter than cached + new": (_short_mask, ValueError, "pass the mask for all 6"),
+    "another batch size": (_other_batch, ValueError, "batch"),
+    "generate max_new_tokens=2.5": (lambda kv: MODEL.generate(TOKENS[:, 4:], kv_cache=kv, max_new_tokens=2.5),
+                                    ValueError, "max_new_tokens must be an int >= 1"),
+    "generate top_p=1.5": (lambda kv: MODEL.generate(TOKENS[:, 4:], kv_cache=kv, do_sample=True, top_p=1.5),
+                           ValueError, r"top_p must be in \(0, 1\]"),
+}
+
+
+@pytest.mark.parametrize("case", CACHE_CASES)
+def test_bad_input_with_a_cache_raises_and_leaves_it_unchanged(case):
+    call, error, pattern = CACHE_CASES[case]
+    kv = _cache()
+    before = _state(kv)
+    with pytest.raises(error, match=pattern):
+        call(kv)
+    assert _same(before, _state(kv))
+
+
+CASES = {
+    "new_cache(max_length='10')": (lambda: MODEL.new_cache(max_length="10"), ValueError, "int >= 1"),
+    "new_cache(max_length=0)": (lambda: MODEL.new_cache(max_length=0), ValueError, "int >= 1"),
+    "new_cache(max_length=-1)": (lambda: MODEL.new_cache(max_length=-1), ValueError, "int >= 1"),
+    "generate(max_new_tokens=0)": (lambda: MODEL.generate(TOKENS, max_new_tokens=0), ValueError, "int >= 1"),
+    "generate(top_k=-5)": (lambda: MODEL.generate(TOKENS, do_sample=True, top_k=-5), ValueError, "top_k must be"),
+    "sampling knobs without do_sample": (lambda: MODEL.generate(TOKENS, temperature=0.7, top_k=5), ValueError,
+                                         "only apply when sampling: pass do_sample=True"),
+    "from_hf_model(object())": (lambda: lens_det.from_hf_model(object()), TypeError, "PreTrainedModel.*from_pretrained"),
+    "dtype='float33'": (lambda: lens_det.from_config("tiny-gemma", dtype="float33"), ValueError, "torch.bfloat16"),
+    "place(n_devices=2) without GPUs": (lambda: MODEL.place(n_devices=torch.cuda.device_count() + 1), ValueError,
+                                        "CUDA device.*device_map"),
+    "to_string without a tokenizer": (lambda: lens_det.from_hf_model(_hf_gemma2()).to_string(TOKENS), ValueError,
+                                      "model.tokenizer = transformers.AutoTokenizer"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_raises_a_message_that_names_the_fix(case):
+    call, error, pattern = CASES[case]
+    with pytest.raises(error, match=pattern):
+        call()
+
+
+def _hf_gemma2(cls=Gemma2ForCausalLM, act="gelu_pytorch_tanh"):
+    cfg = Gemma2Config(vocab_size=128, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=8, hidden_activation=act,
+                       attn_implementation="eager", pad_token_id=0)
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    return model
+
+
+def test_gemma2_exact_gelu_matches_hf():
+    """hidden_activation="gelu" is the exact erf GELU in Gemma 2/3 (it was run as the tanh form before)."""
+    hf = _hf_gemma2(act="gelu")
+    model = lens_det.from_hf_model(hf)
+    assert model.cfg.act_fn == "gelu_erf"
+    with torch.no_grad():
+        assert torch.equal(model(TOKENS), hf(TOKENS).logits)
+
+
+def test_unsupported_activation_is_refused():
+    with pytest.raises(NotImplementedError, match="hidden_activation='gelu_new' is not implemented"):
+        lens_det.from_hf_model(_hf_gemma2(act="gelu_new"))
+
+
+def test_non_causal_heads_are_refused(tmp_path):
+    hf = _hf_gemma2(Gemma2ForSequenceClassification)
+    with pytest.raises(ValueError, match="Gemma2ForSequenceClassification is not a causal language model.*"
+                                         "Gemma2ForCausalLM"):
+        lens_det.from_hf_model(hf)
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="not a causal language model"):
+        lens_det.from_pretrained(tmp_path)
+
+
+def test_a_missing_checkpoint_tensor_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _hf_gemma2().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    state = load_file(weights)
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"no tensor 'layers\.1\.mlp\.up_proj\.weight'.*incomplete"):
+        lens_det.from_pretrained(tmp_path)
+
+
+def test_from_hf_model_copies_weights_unless_asked_to_share():
+    hf = _hf_gemma2()
+    reference = hf.model.layers[0].mlp.up_proj.weight.clone()
+    model = lens_det.from_hf_model(hf)
+    with torch.no_grad():
+        model.blocks[0].mlp.w_in.add_(1.0)
+    assert torch.equal(hf.model.layers[0].mlp.up_proj.weight, reference)  # the HF reference is untouched
+    shared = lens_det.from_hf_model(hf, share_weights=True)
+    with torch.no_grad():
+        shared.blocks[0].mlp.w_in.add_(1.0)
+    assert torch.equal(hf.model.layers[0].mlp.up_proj.weight, reference + 1.0)
+
+
+def test_dtype_may_be_a_string():
+    assert lens_det.from_config("tiny-gemma", dtype="bfloat16").cfg.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name, pattern", [
+    ("tiny-gema2", r"did you mean tiny-gemma2.*lens-det models"),
+    ("/no/such/dir", "not a local directory"),
+])
+def test_cli_unknown_model_fails_fast_with_what_to_do(name, pattern):
+    with pytest.raises(SystemExit, match=pattern):
+        cli(["parity", "--model", name])
+
+
+def test_cli_lists_the_named_configs(capsys):
+    assert cli(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-gemma2" in out and "bigscience/bloom-560m" in out
+
+
+def test_cli_prompt_shorter_than_the_schedule_is_continued(capsys):
+    """--decode-steps past the input's end: the cached steps run on the model's greedy continuation."""
+    assert cli(["parity", "--model", "tiny-bloom", "--dtype", "float32", "--prompt", "Hello",
+                "--prefill", "4", "--decode-steps", "8"]) == 0
+    assert "4+8x1" in capsys.readouterr().out
