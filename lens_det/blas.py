@@ -15,6 +15,7 @@ Set `LENS_DET_MKL_CBWR=0` to leave MKL alone. The deterministic mode checks the 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ _AUTO, _STRICT, _ALL = 2, 0x10000, -1
 _MODE_CHANGE_FAILURE = -8
 
 
+@functools.cache
 def _mkl():
     """MKL's CNR entry points inside libtorch_cpu, or None (another BLAS, or symbols not exported)."""
     if not torch.backends.mkl.is_available():

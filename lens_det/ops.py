@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -84,15 +85,11 @@ def tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return pointwise(_gelu_tanh, x)
+    return pointwise(functools.partial(F.gelu, approximate="tanh"), x)
 
 
 def gelu_erf(x: torch.Tensor) -> torch.Tensor:
     return pointwise(F.gelu, x)
-
-
-def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
