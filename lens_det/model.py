@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import nn
 from transformer_lens import ActivationCache, HookedRootModule
-from lens_det.components.hooks import HookPoint
+from lens_det.components.hooks import HookPoint, position_dim
 
 from lens_det import ops
 from lens_det.components.block import Block
@@ -260,6 +260,49 @@ class HookedDecoder(HookedRootModule):
         return ForwardContext(mask, past, n_new, self.embed.W_E.dtype, positions)
 
     # --- TransformerLens conveniences ---
+    def disabled_hook_points(self) -> set[str]:
+        """Hook points that do not fire with the current settings (attn.hook_result until
+        set_use_attn_result(True))."""
+        return {f"blocks.{i}.attn.hook_result" for i, b in enumerate(self.blocks) if not b.attn.use_attn_result}
+
+    def check_hooks_to_add(self, hook_point, hook_point_name: str, hook, dir="fwd", is_permanent=False,
+                           prepend=False) -> None:
+        """A hook on a hook point that does not fire would silently do nothing: refuse it (as TransformerLens)."""
+        if hook_point_name in self.disabled_hook_points():
+            raise ValueError(f"{hook_point_name} does not fire while use_attn_result is off, so this hook would "
+                             "never run; call model.set_use_attn_result(True) first")
+
+    def _enable_hook_with_name(self, name: str, hook, dir):  # hooks() / run_with_hooks with a hook name
+        self.check_hooks_to_add(self.mod_dict.get(name), name, hook, dir=dir)
+        super()._enable_hook_with_name(name, hook, dir)
+
+    def _enable_hooks_for_points(self, hook_points, enabled, hook, dir):  # a names filter: skip what never fires
+        off = self.disabled_hook_points()
+        super()._enable_hooks_for_points([(n, p) for n, p in hook_points if n not in off], enabled, hook, dir)
+
+    def get_caching_hooks(self, names_filter=None, incl_bwd: bool = False, device=None,
+                          remove_batch_dim: bool = False, cache: dict | None = None, pos_slice=None):
+        """TransformerLens's caching hooks, with `pos_slice` applied on each hook's position axis (TL picks the
+        axis from the hook name, which would slice the head axis of hook_rot_q/k and the q/k norms)."""
+        from transformer_lens.utilities import Slice
+
+        pos_slice = Slice.unwrap(pos_slice)
+        cache, fwd, bwd = super().get_caching_hooks(names_filter, incl_bwd, device, remove_batch_dim, cache)
+        off = self.disabled_hook_points()  # they never fire: no caching hook (and no error) for them
+        fwd, bwd = [(n, fn) for n, fn in fwd if n not in off], [(n, fn) for n, fn in bwd if n not in off]
+        if pos_slice.mode == "identity":
+            return cache, fwd, bwd
+        shift = 1 if remove_batch_dim else 0
+
+        def sliced(save, suffix):
+            def hook(tensor, hook):
+                save(tensor, hook)
+                key = hook.name + suffix
+                cache[key] = pos_slice.apply(cache[key], dim=position_dim(hook.name) - shift)
+            return hook
+
+        return (cache, [(n, sliced(fn, "")) for n, fn in fwd], [(n, sliced(fn, "_grad")) for n, fn in bwd])
+
     def run_with_cache(self, *model_args, remove_batch_dim: bool = False, **kwargs):
         """Run and return (output, transformer_lens.ActivationCache of every hook point)."""
         out, cache_dict = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 from jaxtyping import Float
+from lens_det.components.hooks import QUERY_KEY_HOOKS
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
-_QUERY_KEY = ("hook_pattern", "hook_attn_scores")  # [batch, head, query_pos, key_pos]
 
 
 # --- metrics ---
@@ -42,13 +42,19 @@ def token_prob(token: int | Sequence[int], position: int = -1) -> Metric:
 
 # --- patching hooks ---
 def patch_hook(model: Any, clean: torch.Tensor, position: int | Sequence[int] | None = None,
-               head: int | Sequence[int] | None = None, key_position: int | Sequence[int] | None = None):
+               head: int | Sequence[int] | None = None, key_position: int | Sequence[int] | None = None,
+               hook_name: str | None = None):
     """A hook that writes `clean` (the clean run's value of this hook, over all positions) into the running
     activation at the given absolute positions / heads (all when None). For hook_pattern/hook_attn_scores,
-    `position` selects query positions and `key_position` key positions."""
+    `position` selects query positions and `key_position` key positions.
+
+    The hook refuses to run on an activation `clean` cannot be (another rank, or another size on any axis but
+    positions); with `hook_name` (where `clean` came from, e.g. "blocks.3.attn.hook_pattern") it refuses to run on
+    any other hook point, which also catches a same-shaped tensor of another layer."""
     def hook(act: torch.Tensor, hook) -> torch.Tensor:
-        keyed = hook.name.endswith(_QUERY_KEY)
+        keyed = hook.name.endswith(QUERY_KEY_HOOKS)
         pos_dim, head_dim = (2, 1) if keyed else (1, 2)
+        _check_fits(clean, act, hook.name, hook_name, {pos_dim, 3} if keyed else {pos_dim})
         start, n = getattr(model, "query_start", 0), act.shape[pos_dim]
         total = clean.shape[pos_dim]  # negative positions count from the end of the clean run
         wanted = range(start, start + n) if position is None else [p % total for p in _as_list(position)]
@@ -75,6 +81,15 @@ def patch_hook(model: Any, clean: torch.Tensor, position: int | Sequence[int] | 
         out[_expand(index)] = clean.to(act.device, act.dtype)[_expand(source)]
         return out
     return hook
+
+
+def _check_fits(clean: torch.Tensor, act: torch.Tensor, name: str, source: str | None, position_dims) -> None:
+    if source is not None and source != name:
+        raise ValueError(f"this patch hook carries {source} but was attached to {name}; attach it to {source}")
+    other = [d for d in range(act.ndim) if d not in position_dims]
+    if clean.ndim != act.ndim or any(clean.shape[d] != act.shape[d] for d in other):
+        raise ValueError(f"the clean tensor {tuple(clean.shape)} does not fit {name} {tuple(act.shape)} (only "
+                         "position axes may differ); pass the clean run's value of this same hook point")
 
 
 def _as_list(value) -> list[int]:
@@ -165,13 +180,13 @@ def patch_sweep(model: Any, clean_tokens: torch.Tensor, corrupted_tokens: torch.
         raise ValueError(f"blocks.0.{full} is not a hook point of this model (hook={hook!r})")
     if by == "head" and first.ndim < 4:
         raise ValueError(f"{full} has no head dimension; use by='pos'")
-    keyed = full.endswith(_QUERY_KEY)
+    keyed = full.endswith(QUERY_KEY_HOOKS)
     size = clean_tokens.shape[1] if by == "pos" else first.shape[1 if keyed else 2]  # kv heads for hook_k/v
     raw = torch.zeros(n_layers, size)
     for layer in range(n_layers):
         name = f"blocks.{layer}.{full}"
         for i in range(size):
-            fn = patch_hook(model, clean_cache[name], position=i if by == "pos" else None,
+            fn = patch_hook(model, clean_cache[name], hook_name=name, position=i if by == "pos" else None,
                             head=i if by == "head" else None)
             raw[layer, i] = metric(run_patched(model, corrupted_tokens, [(name, fn)], **kwargs)).item()
     span = clean_value - corrupted_value

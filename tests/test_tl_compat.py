@@ -245,3 +245,60 @@ def test_loaded_model_is_eval(model_pair):
     _, cache = model.run_with_cache(clean)
     result = tl_patching.get_act_patch_resid_pre(model, corrupted, cache, metric)
     assert result.shape == (model.cfg.n_layers, clean.shape[1])
+
+
+# --- TransformerLens idioms that used to give silently different results ---
+
+@pytest.mark.parametrize("name", ALL)
+def test_pos_slice_slices_every_hook_on_its_position_axis(model_pair, name):
+    """run_with_cache(pos_slice=...) equals the full cache sliced on each hook's position axis (TL keeps the
+    axis for an int); hook_rot_q/k and the q/k norms used to be sliced on their head axis."""
+    _, model = model_pair(name)
+    tokens, mask = batch("left", model.cfg.d_vocab, length=7)  # 7 positions: no other axis has that size
+    _, full = model.run_with_cache(tokens, attention_mask=mask)
+    for pos_slice, index in ((1, [1]), (-1, [6]), ((2, 5), slice(2, 5))):
+        _, cache = model.run_with_cache(tokens, attention_mask=mask, pos_slice=pos_slice)
+        assert set(cache.keys()) == set(full.keys())
+        for hook in full.keys():
+            whole = full[hook]
+            dim = 2 if hook.endswith(("hook_pattern", "hook_attn_scores")) else 1
+            assert whole.shape[dim] == 7, hook
+            expected = whole[(slice(None),) * dim + (index,)]
+            assert torch.equal(cache[hook], expected), (hook, pos_slice)
+
+
+def test_hooks_on_a_disabled_hook_point_raise_and_filters_skip_it(model_pair):
+    _, model = model_pair("tiny-gemma2")
+    tokens, _ = batch("none", model.cfg.d_vocab)
+    name = "blocks.0.attn.hook_result"
+    with pytest.raises(ValueError, match="set_use_attn_result\\(True\\)"):
+        model.run_with_hooks(tokens, fwd_hooks=[(name, lambda x, hook: x)])
+    with pytest.raises(ValueError, match="never run"):
+        model.add_hook(name, lambda x, hook: x)
+    seen = []
+    model.run_with_hooks(tokens, fwd_hooks=[(lambda n: True, lambda x, hook: seen.append(hook.name))])
+    assert name not in seen and len(seen) == len(model.hook_dict) - model.cfg.n_layers
+    model.set_use_attn_result(True)
+    try:
+        fired = []
+        model.run_with_hooks(tokens, fwd_hooks=[(name, lambda x, hook: fired.append(x.shape))])
+        assert fired == [(3, 16, model.cfg.n_heads, model.cfg.d_model)]
+    finally:
+        model.set_use_attn_result(False)
+
+
+def test_patch_hook_refuses_a_clean_tensor_of_another_hook(model_pair):
+    """README used to write a layer-3 hook_pattern slice into layer-0 hook_v without a word."""
+    from lens_det.patching import patch_hook
+
+    _, model = model_pair("tiny-gemma2")
+    tokens, _ = batch("none", model.cfg.d_vocab)
+    _, clean = model.run_with_cache(tokens)
+    wrong = patch_hook(model, clean["blocks.3.attn.hook_pattern"], position=7)
+    with pytest.raises(ValueError, match="does not fit blocks.0.attn.hook_v"):
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_v", wrong)])
+    named = patch_hook(model, clean["blocks.3.attn.hook_v"], position=7, hook_name="blocks.3.attn.hook_v")
+    with pytest.raises(ValueError, match="attach it to blocks.3.attn.hook_v"):  # same shape, another layer
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_v", named)])
+    right = model.run_with_hooks(tokens, fwd_hooks=[("blocks.3.attn.hook_v", named)])
+    assert torch.equal(right, model(tokens))  # clean == running activation: the patch changes nothing

@@ -7,6 +7,15 @@ import torch
 from transformer_lens.hook_points import HookPoint as _HookPoint
 
 
+QUERY_KEY_HOOKS = ("hook_pattern", "hook_attn_scores")  # [batch, head_index, query_pos, key_pos]
+
+
+def position_dim(name: str) -> int:
+    """The position axis of a hook's activation in its batched layout: every lens_det hook is [batch, pos, ...]
+    except attention scores and patterns (their query axis)."""
+    return 2 if name.endswith(QUERY_KEY_HOOKS) else 1
+
+
 class HookPoint(_HookPoint):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = super().__call__(x)

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from lens_det.ops import deterministic
-from lens_det.parity.compare import _KEYED, _prepare, diff_chunked_run
+from lens_det.components.hooks import QUERY_KEY_HOOKS
+from lens_det.parity.compare import _prepare, diff_chunked_run
 from lens_det.parity.report import ParityReport, Schedule, diff_hook
 
 __all__ = [
@@ -48,7 +49,7 @@ def _diff_runs(report: ParityReport, step: str, ours: dict, ref: dict, row: int 
     for hook, mine in ours.items():
         if row is not None:
             mine = mine[row : row + 1]
-            mine = mine[:, :, pad:, pad:] if hook.endswith(_KEYED) else mine[:, pad:]
+            mine = mine[:, :, pad:, pad:] if hook.endswith(QUERY_KEY_HOOKS) else mine[:, pad:]
         report.rows.append(diff_hook(step, hook, mine, ref[hook], report.atol, report.rtol, 0))
 
 

@@ -9,8 +9,8 @@ import torch
 from lens_det.components.positions import positions_from_mask
 from lens_det.parity.reference import capture_reference
 from lens_det.parity.report import ParityReport, Schedule, diff_hook
+from lens_det.components.hooks import QUERY_KEY_HOOKS
 
-_KEYED = ("hook_pattern", "hook_attn_scores")  # [batch, head, query, key]: sliced on both position dims
 
 
 def _prepare(model, tokens, attention_mask, position_ids, schedule, prefill, decode_steps, chunk):
@@ -144,7 +144,7 @@ def diff_chunked_run(report, model, tokens, mask, positions, bounds, full, full_
         rows_real = real[:, a:b]
         for hook in [*ours.keys(), "logits"]:
             mine, whole = (logits, full_logits) if hook == "logits" else (ours[hook], full[hook])
-            if hook.endswith(_KEYED):  # keys attended in this step: the last mine.shape[-1] of [0, b)
+            if hook.endswith(QUERY_KEY_HOOKS):  # keys attended in this step: the last mine.shape[-1] of [0, b)
                 whole = whole[:, :, a:b, b - mine.shape[-1] : b]
                 keep = rows_real[:, None, :, None]
             else:
