@@ -338,13 +338,28 @@ class HookedDecoder(HookedRootModule):
         return int(tokens[0, 0])
 
     def tokens_to_residual_directions(self, tokens):
-        """Unembedding directions [..., d_model] for token ids (ActivationCache.logit_attrs uses this)."""
+        """Directions [..., d_model] in the normalised residual stream whose dot product is a token's logit
+        (before the final soft-cap): W_U's column times ln_final's gain, i.e. what TransformerLens's W_U holds
+        after fold_ln. ActivationCache.logit_attrs multiplies each ln-scaled component by this, so the parts of
+        decompose_resid sum to the logit (difference); a LayerNorm's bias adds `final_norm_bias_logits`."""
         if isinstance(tokens, str):
             tokens = self.to_single_token(tokens)
+        gained = self.W_U * self.final_norm_gain()[:, None]
         if isinstance(tokens, int):
-            return self.W_U[:, tokens]
-        tokens = torch.as_tensor(tokens, device=self.cfg.device)
-        return self.W_U[:, tokens].movedim(0, -1)
+            return gained[:, tokens]
+        tokens = torch.as_tensor(tokens, device=gained.device)
+        return gained[:, tokens].movedim(0, -1)
+
+    def final_norm_gain(self) -> torch.Tensor:
+        """ln_final's elementwise gain [d_model] in float32: w (LayerNorm, RMSNorm) or 1 + w (Gemma's RMSNorm)."""
+        ln = self.ln_final
+        return 1.0 + ln.w.float() if getattr(ln, "unit_offset", False) else ln.w.float()
+
+    def final_norm_bias_logits(self) -> torch.Tensor:
+        """[d_vocab]: the logits ln_final's bias alone adds (zeros for RMSNorm); TL's fold_ln puts them in b_U.
+        No residual component carries them, so DLA parts sum to the logit minus this."""
+        bias = getattr(self.ln_final, "b", None)
+        return torch.zeros(self.cfg.d_vocab) if bias is None else bias.float() @ self.W_U.float()
 
 
 def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -302,3 +302,30 @@ def test_patch_hook_refuses_a_clean_tensor_of_another_hook(model_pair):
         model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_v", named)])
     right = model.run_with_hooks(tokens, fwd_hooks=[("blocks.3.attn.hook_v", named)])
     assert torch.equal(right, model(tokens))  # clean == running activation: the patch changes nothing
+
+
+@pytest.mark.parametrize("dtype", [torch.float32])
+@pytest.mark.parametrize("name", ["tiny-bloom", "tiny-gemma", "tiny-gemma2", "tiny-gemma3"])
+def test_direct_logit_attribution_sums_to_the_logit_difference(model_pair, name, dtype):
+    """TL's DLA idiom: logit_attrs over decompose_resid sums to the pre-soft-cap logit difference (minus the
+    final LayerNorm bias term for Bloom, which TL's fold_ln moves into b_U). It used to sum to 2.07 for a true
+    0.39 (Gemma 2) and flip sign on Bloom. Tolerance: float32 rounding of ~10 summed parts, 1e-4 relative."""
+    _, model = model_pair(name, dtype)
+    tokens, _ = batch("none", model.cfg.d_vocab)
+    logits, cache = model.run_with_cache(tokens)
+    correct, wrong = tokens[:, 3], tokens[:, 5]  # one pair per row
+    parts = cache.decompose_resid(layer=-1, pos_slice=-1)
+    attrs = cache.logit_attrs(parts, tokens=correct, incorrect_tokens=wrong, pos_slice=-1)
+    assert attrs.shape == (1 + 2 * model.cfg.n_layers, tokens.shape[0])
+    pre_cap = cache["ln_final.hook_normalized"][:, -1].float() @ model.W_U.float()  # logits before the soft-cap
+    rows = torch.arange(tokens.shape[0])
+    diff = pre_cap[rows, correct] - pre_cap[rows, wrong]
+    bias = model.final_norm_bias_logits()
+    expected = diff - (bias[correct] - bias[wrong])
+    torch.testing.assert_close(attrs.sum(0), expected, rtol=1e-4, atol=1e-4 * diff.abs().max().item())
+    if not model.cfg.final_softcap:  # the model's own logits are the pre-cap ones
+        torch.testing.assert_close(logits[rows, -1, correct] - logits[rows, -1, wrong], diff, rtol=1e-5, atol=1e-5)
+    # Over heads (the remainder holds embeddings, MLPs and biases): the same total.
+    heads = cache.stack_head_results(layer=-1, pos_slice=-1, incl_remainder=True)
+    head_attrs = cache.logit_attrs(heads, tokens=correct, incorrect_tokens=wrong, pos_slice=-1)
+    torch.testing.assert_close(head_attrs.sum(0), expected, rtol=1e-4, atol=1e-4 * diff.abs().max().item())
