@@ -47,6 +47,19 @@ class RuntimeConfig:
         return f"RuntimeConfig({self._model.config}, device={self.device}, dtype={self.dtype})"
 
 
+TO_TOKENS_IDIOM = ("model.to_tokens returns (tokens, attention_mask), not a tensor (a lost mask would silently "
+                   "attend to pads): write `tokens, mask = model.to_tokens(text)` and pass attention_mask=mask, or "
+                   "pass the text itself: model(text), model.run_with_cache(text), model.generate(text)")
+
+
+class TokensAndMask(tuple):
+    """(tokens, attention_mask) from to_tokens; unpacks as a pair. TransformerLens code that treats it as the
+    token tensor (`tokens.shape`, `model(tokens)`) gets an error that says what to write instead."""
+
+    def __getattr__(self, name):
+        raise AttributeError(f"{name!r}: {TO_TOKENS_IDIOM}")
+
+
 NO_TOKENIZER = ("this model has no tokenizer, so it takes token ids only: set one with `model.tokenizer = "
                 "transformers.AutoTokenizer.from_pretrained(name_or_dir)` or load with from_pretrained(name_or_dir), "
                 "which attaches the checkpoint's tokenizer (from_config models carry an offline character tokenizer)")
@@ -113,12 +126,41 @@ class HookedDecoder(HookedRootModule):
         place(self, device_map if device_map is not None else balanced_device_map(self.cfg.n_layers, n_devices))
         return self
 
-    def generate(self, tokens, attention_mask=None, **kwargs):
-        """Generate tokens; see `lens_det.generation.generate` for the options. Returns a GenerationOutput."""
+    def generate(self, tokens, attention_mask=None, return_type: str | None = None, stop_at_eos: bool | None = None,
+                 eos_token_id=None, use_past_kv_cache: bool | None = None, **kwargs):
+        """Generate tokens; see `lens_det.generation.generate` for the options. Returns a GenerationOutput.
+
+        TransformerLens spellings are mapped: a string / list of strings as input (tokenized left-padded),
+        `return_type` "str" (decoded text, prompt included), "tokens" (ids), "input" (the input's kind) or None
+        (GenerationOutput); `stop_at_eos=False` (stop_tokens=[]), `eos_token_id` (stop_tokens),
+        `use_past_kv_cache` (use_kv_cache). Unlike TransformerLens, decoding is greedy unless do_sample=True."""
         from lens_det.generation import generate
 
-        return generate(self, tokens, attention_mask, **kwargs)
-
+        if return_type not in (None, "str", "tokens", "input"):
+            raise ValueError(f"return_type must be None, 'str', 'tokens' or 'input', got {return_type!r}")
+        single = isinstance(tokens, str)
+        text = single or (isinstance(tokens, (list, tuple)) and bool(tokens) and isinstance(tokens[0], str))
+        if text:
+            if attention_mask is not None:
+                raise ValueError("strings come with their own mask; pass token ids to give an attention_mask")
+            tokens, attention_mask = self.to_tokens(tokens)
+        for tl_name, ours, value in (("eos_token_id", "stop_tokens", eos_token_id),
+                                     ("use_past_kv_cache", "use_kv_cache", use_past_kv_cache)):
+            if value is not None:
+                if ours in kwargs:
+                    raise ValueError(f"pass {tl_name} or {ours}, not both")
+                kwargs[ours] = value
+        if stop_at_eos is False:
+            if eos_token_id is not None:
+                raise ValueError("stop_at_eos=False and an eos_token_id contradict each other; drop one")
+            kwargs["stop_tokens"] = []
+        out = generate(self, tokens, attention_mask, **kwargs)
+        if return_type == "tokens" or (return_type == "input" and not text):
+            return out.tokens
+        if return_type in ("str", "input"):
+            strings = self.to_string(out.tokens, skip_special_tokens=True)
+            return strings[0] if single else strings
+        return out
     def set_use_attn_result(self, use: bool) -> None:
         """Fire `blocks.{i}.attn.hook_result` (per-head contributions [batch, pos, head, d_model]); off by
         default because it materialises n_heads copies of the residual stream."""
@@ -134,11 +176,15 @@ class HookedDecoder(HookedRootModule):
         kv_cache: KVCache | None = None,
         return_type: Literal["logits", "loss", "both"] | None = "logits",
         logits_to_keep: int = 0,
+        start_at_layer: int | None = None,
+        stop_at_layer: int | None = None,
+        loss_per_token: bool = False,
     ):
         """Run the model.
 
         Args:
-            tokens: token ids [batch, pos] (a 1-D tensor is one sequence).
+            tokens: token ids [batch, pos] (a 1-D tensor is one sequence), or a string / list of strings, which
+                are tokenized left-padded with their mask (and, for RoPE models, positions from the mask).
             attention_mask: 0/1 [batch, cached + pos]: everything the cache holds plus the new tokens. None
                 means all new tokens are real (and, with a cache, the cached mask is kept).
             position_ids: RoPE positions. None or "arange": arange(cached, cached + pos) for every row, what HF
@@ -149,38 +195,93 @@ class HookedDecoder(HookedRootModule):
             return_type: "logits", "loss" (mean next-token cross-entropy over real tokens), "both" or None.
             logits_to_keep: unembed only the last k positions (0: all), as HF's `logits_to_keep`; HF generate
                 uses 1, and the logits of one row are rounded differently than those of all rows.
+            stop_at_layer: as TransformerLens: run blocks [start, stop) and return the residual stream entering
+                block `stop` ([batch, pos, d_model], blocks.{stop}.hook_resid_pre); negative counts from the end.
+                Later hooks do not fire, so run_with_cache stops harvesting there.
+            start_at_layer: as TransformerLens: the first argument is then the residual stream entering that
+                block (e.g. a cached blocks.{k}.hook_resid_pre), not token ids.
+            With either, a KV cache must be frozen (read only): a partial run cannot grow every layer's cache.
+            loss_per_token: with a loss, return it per position [batch, pos - 1] (0 where a pair has a pad).
         """
         if return_type not in ("logits", "loss", "both", None):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
         if logits_to_keep and return_type in ("loss", "both"):
             raise ValueError("the loss needs every position's logits; use logits_to_keep=0 with return_type='loss'")
-        tokens = self._check_tokens(tokens)
+        start, stop = self._layer_range(start_at_layer, stop_at_layer, kv_cache, return_type)
+        if isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str)):
+            if attention_mask is not None:
+                raise ValueError("strings come with their own mask; pass token ids to give an attention_mask")
+            tokens, attention_mask = self.to_tokens(tokens)
+            position_ids = "mask" if position_ids is None else position_ids
+        resid = None
+        if start_at_layer is not None:  # the input is a residual stream; token ids only give shape and device
+            resid = self._check_residual(tokens)
+            tokens = torch.zeros(resid.shape[:2], dtype=torch.long, device=resid.device)
+        else:
+            tokens = self._check_tokens(tokens)
         mask = self._full_mask(tokens, attention_mask, kv_cache)
         ctx = self._context(tokens, mask, position_ids, kv_cache)
         mode = ops.deterministic() if self.deterministic else contextlib.nullcontext()
         self.query_start = ctx.query_start
         try:
             with mode:
-                logits = self._forward_layers(tokens, ctx, kv_cache, return_type, logits_to_keep)
+                logits = self._forward_layers(tokens, ctx, kv_cache, return_type, logits_to_keep, start, stop, resid)
         except BaseException:
             if kv_cache is not None:
                 kv_cache._discard()
             raise
         if kv_cache is not None:
             kv_cache._discard() if kv_cache.frozen else kv_cache._commit(mask)
-        if return_type in (None, "logits"):
+        if return_type in (None, "logits") or stop < self.cfg.n_layers:
             return logits
-        loss = next_token_loss(logits, tokens, mask[:, -tokens.shape[1] :])
+        loss = next_token_loss(logits, tokens, mask[:, -tokens.shape[1] :], per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
 
-    def _forward_layers(self, tokens, ctx, kv_cache, return_type, logits_to_keep):
-        x = self.hook_embed(self.embed(tokens))
-        for i, block in enumerate(self.blocks):
+    def _forward_layers(self, tokens, ctx, kv_cache, return_type, logits_to_keep, start, stop, resid):
+        x = self.hook_embed(self.embed(tokens)) if resid is None else resid
+        for i in range(start, stop):
+            block = self.blocks[i]
             x = block(x.to(block.ln1.w.device), ctx, None if kv_cache is None else kv_cache.layers[i])
+        if stop < self.cfg.n_layers:
+            return x
         x = self.ln_final(x.to(self.ln_final.w.device))
         return None if return_type is None else self.unembed(x[:, -logits_to_keep:] if logits_to_keep else x)
 
+    def _layer_range(self, start_at_layer, stop_at_layer, kv_cache, return_type) -> tuple[int, int]:
+        n = self.cfg.n_layers
+
+        def index(value, name):
+            if value is None:
+                return None
+            if isinstance(value, bool) or not isinstance(value, int) or not -n <= value <= n:
+                raise ValueError(f"{name} must be an int in [-{n}, {n}], got {value!r}")
+            return value % n if value < 0 else value
+
+        start, stop = index(start_at_layer, "start_at_layer") or 0, index(stop_at_layer, "stop_at_layer")
+        stop = n if stop is None else stop
+        if start >= stop and stop_at_layer is not None:
+            raise ValueError(f"start_at_layer {start} must come before stop_at_layer {stop}")
+        partial = start_at_layer is not None or stop_at_layer is not None
+        if partial and kv_cache is not None and not kv_cache.frozen:
+            raise ValueError("start_at_layer/stop_at_layer run only some layers, which cannot grow the KV cache of "
+                             "every layer; pass kv_cache.freeze() (read only) or no cache")
+        if partial and return_type in ("loss", "both"):
+            raise ValueError("the loss needs the whole model run from token ids; drop start_at_layer/stop_at_layer")
+        return start, stop
+
+    def _check_residual(self, resid) -> torch.Tensor:
+        if not isinstance(resid, torch.Tensor) or not resid.is_floating_point():
+            raise TypeError("with start_at_layer the first argument is the residual stream [batch, pos, d_model] "
+                            f"(a float tensor), got {type(resid).__name__}")
+        resid = resid[None] if resid.ndim == 2 else resid
+        if resid.ndim != 3 or resid.shape[-1] != self.cfg.d_model or resid.shape[1] == 0:
+            raise ValueError(f"the residual stream must have shape [batch, pos, {self.cfg.d_model}], got "
+                             f"{tuple(resid.shape)}")
+        return resid
+
     def _check_tokens(self, tokens) -> torch.Tensor:
+        if isinstance(tokens, TokensAndMask):
+            raise TypeError(TO_TOKENS_IDIOM)
         if not isinstance(tokens, torch.Tensor):
             raise TypeError(f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}; "
                             "use model.to_tokens(text) for strings")
@@ -322,14 +423,48 @@ class HookedDecoder(HookedRootModule):
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=prepend_bos)
         finally:
             tok.padding_side, tok.pad_token = side, pad
-        return enc["input_ids"].to(self.cfg.device), enc["attention_mask"].to(self.cfg.device)
+        return TokensAndMask((enc["input_ids"].to(self.cfg.device), enc["attention_mask"].to(self.cfg.device)))
 
-    def to_string(self, tokens) -> str | list[str]:
+    def to_string(self, tokens, skip_special_tokens: bool = False) -> str | list[str]:
         if self.tokenizer is None:
             raise ValueError(NO_TOKENIZER)
         if isinstance(tokens, torch.Tensor) and tokens.ndim == 2:
-            return self.tokenizer.batch_decode(tokens)
-        return self.tokenizer.decode(tokens)
+            return self.tokenizer.batch_decode(tokens, skip_special_tokens=skip_special_tokens)
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    def set_tokenizer(self, tokenizer) -> None:
+        """Attach a tokenizer (e.g. transformers.AutoTokenizer.from_pretrained(name)), as TransformerLens."""
+        self.tokenizer = tokenizer
+
+    def to_str_tokens(self, input, prepend_bos: bool = True) -> list[str] | list[list[str]]:
+        """Each token as its string, as TransformerLens: a string or 1-D ids -> list[str]; a list of strings or
+        2-D ids -> one list per row (a 2-D batch of one row -> list[str])."""
+        if isinstance(input, (list, tuple)) and input and isinstance(input[0], str):
+            return [self.to_str_tokens(text, prepend_bos) for text in input]
+        if isinstance(input, str):
+            input = self.to_tokens(input, prepend_bos=prepend_bos)[0][0]
+        ids = torch.as_tensor(input)
+        if ids.ndim == 2:
+            return self.to_str_tokens(ids[0]) if ids.shape[0] == 1 else [self.to_str_tokens(row) for row in ids]
+        if self.tokenizer is None:
+            raise ValueError(NO_TOKENIZER)
+        return [self.tokenizer.decode([int(t)]) for t in ids]
+
+    def get_token_position(self, single_token: str | int, input, mode: Literal["first", "last"] = "first",
+                           prepend_bos: bool = True) -> int:
+        """Index of `single_token` in `input` (a string, or ids of one sequence), as TransformerLens."""
+        if mode not in ("first", "last"):
+            raise ValueError(f"mode must be 'first' or 'last', got {mode!r}")
+        token = self.to_single_token(single_token) if isinstance(single_token, str) else int(single_token)
+        ids = self.to_tokens(input, prepend_bos=prepend_bos)[0][0] if isinstance(input, str) else torch.as_tensor(input)
+        if ids.ndim == 2:
+            if ids.shape[0] != 1:
+                raise ValueError(f"get_token_position takes one sequence, got a batch of {ids.shape[0]}")
+            ids = ids[0]
+        where = (ids == token).nonzero().flatten()
+        if where.numel() == 0:
+            raise ValueError(f"token {single_token!r} ({token}) is not in the input")
+        return int(where[0 if mode == "first" else -1])
 
     def to_single_token(self, text: str) -> int:
         tokens, _ = self.to_tokens(text, prepend_bos=False)
@@ -362,9 +497,11 @@ class HookedDecoder(HookedRootModule):
         return torch.zeros(self.cfg.d_vocab) if bias is None else bias.float() @ self.W_U.float()
 
 
-def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting token t+1 from position t, over pairs where both are real tokens."""
+def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                    per_token: bool = False) -> torch.Tensor:
+    """Mean cross-entropy of predicting token t+1 from position t, over pairs where both are real tokens (or, per
+    token, [batch, pos - 1] with 0 where a pair has a pad)."""
     logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)
     nll = -logprobs.gather(-1, tokens[:, 1:, None])[..., 0]
     keep = (mask[:, 1:] * mask[:, :-1]).to(nll.dtype)
-    return (nll * keep).sum() / keep.sum().clamp(min=1)
+    return nll * keep if per_token else (nll * keep).sum() / keep.sum().clamp(min=1)

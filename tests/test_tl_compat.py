@@ -329,3 +329,58 @@ def test_direct_logit_attribution_sums_to_the_logit_difference(model_pair, name,
     heads = cache.stack_head_results(layer=-1, pos_slice=-1, incl_remainder=True)
     head_attrs = cache.logit_attrs(heads, tokens=correct, incorrect_tokens=wrong, pos_slice=-1)
     torch.testing.assert_close(head_attrs.sum(0), expected, rtol=1e-4, atol=1e-4 * diff.abs().max().item())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_stop_and_start_at_layer_are_bit_exact_pieces_of_the_forward(model_pair, name):
+    _, model = model_pair(name)
+    tokens, mask = batch("left", model.cfg.d_vocab)
+    kw = dict(attention_mask=mask, position_ids="mask")
+    logits, cache = model.run_with_cache(tokens, **kw)
+    for k in (1, model.cfg.n_layers - 1, -1):
+        layer = k % model.cfg.n_layers
+        resid = model(tokens, stop_at_layer=k, **kw)
+        assert torch.equal(resid, cache[f"blocks.{layer}.hook_resid_pre"])
+        assert torch.equal(model(resid, start_at_layer=k, **kw), logits)
+    _, partial = model.run_with_cache(tokens, stop_at_layer=1, **kw)  # harvesting stops at layer 1
+    assert {k for k in partial.keys() if k.startswith("blocks.")} == {k for k in cache.keys() if k.startswith("blocks.0.")}
+    with pytest.raises(ValueError, match="freeze"):
+        model(tokens, stop_at_layer=1, kv_cache=model.new_cache(), **kw)
+    with pytest.raises(ValueError, match="must be an int in"):
+        model(tokens, stop_at_layer=model.cfg.n_layers + 1)
+
+
+def test_string_inputs_and_tokenizer_helpers(model_pair):
+    import lens_det
+
+    model = lens_det.from_config("tiny-gemma2")
+    texts = ["Hi", "Hello there"]
+    tokens, mask = model.to_tokens(texts)
+    by_ids = model(tokens, attention_mask=mask, position_ids="mask")
+    assert torch.equal(model(texts), by_ids)  # strings: left-padded with their mask and mask positions
+    assert torch.equal(model.run_with_cache(texts)[0], by_ids)
+    greedy = model.generate(tokens, mask, max_new_tokens=4, stop_tokens=[])
+    assert model.generate(texts, max_new_tokens=4, stop_at_eos=False, return_type="str") == \
+        model.to_string(greedy.tokens, skip_special_tokens=True)
+    assert torch.equal(model.generate(texts, max_new_tokens=4, stop_at_eos=False, return_type="tokens"),
+                       greedy.tokens)
+    assert isinstance(model.generate("Hi", max_new_tokens=2, return_type="input"), str)
+    assert model.to_str_tokens("Hi!") == ["<bos>", "H", "i", "!"]
+    assert model.get_token_position("i", "Hi!i") == 2 and model.get_token_position("i", "Hi!i", mode="last") == 4
+    per_token = model(tokens, attention_mask=mask, return_type="loss", loss_per_token=True)
+    assert per_token.shape == (2, tokens.shape[1] - 1)
+    keep = (mask[:, 1:] * mask[:, :-1]).float()
+    torch.testing.assert_close(per_token.sum() / keep.sum(), model(tokens, attention_mask=mask, return_type="loss"))
+
+
+def test_to_tokens_tl_idiom_fails_with_what_to_write():
+    import lens_det
+
+    model = lens_det.from_config("tiny-gemma2")
+    tokens = model.to_tokens("Hello")  # TransformerLens: a tensor; here (tokens, mask), and it says so
+    with pytest.raises(AttributeError, match="tokens, mask = model.to_tokens"):
+        tokens.shape
+    with pytest.raises(TypeError, match="tokens, mask = model.to_tokens"):
+        model(tokens)
+    ids, mask = tokens  # the lens_det idiom still unpacks
+    assert ids.shape == mask.shape
