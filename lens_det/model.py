@@ -52,6 +52,10 @@ TO_TOKENS_IDIOM = ("model.to_tokens returns (tokens, attention_mask), not a tens
                    "pass the text itself: model(text), model.run_with_cache(text), model.generate(text)")
 
 
+def _or_zeros(bias, like):
+    return bias if bias is not None else torch.zeros_like(like)
+
+
 class TokensAndMask(tuple):
     """(tokens, attention_mask) from to_tokens; unpacks as a pair. TransformerLens code that treats it as the
     token tensor (`tokens.shape`, `model(tokens)`) gets an error that says what to write instead."""
@@ -99,13 +103,48 @@ class HookedDecoder(HookedRootModule):
     def W_U(self) -> Float[torch.Tensor, "d_model d_vocab"]:
         return self.unembed.w.T
 
-    @property
-    def W_Q(self):
-        return torch.stack([b.attn.W_Q for b in self.blocks])
+    # --- TransformerLens's stacked weights: [n_layers, ...] with TL's shapes; zeros where a family has no bias ---
+    def _stack(self, get) -> torch.Tensor:
+        return torch.stack([get(b) for b in self.blocks])
+
+    W_Q = property(lambda self: self._stack(lambda b: b.attn.W_Q))  # [layer, head, d_model, d_head]
+    W_K = property(lambda self: self._stack(lambda b: b.attn.W_K))  # GQA: repeated to n_heads, as TL
+    W_V = property(lambda self: self._stack(lambda b: b.attn.W_V))
+    W_O = property(lambda self: self._stack(lambda b: b.attn.W_O))  # [layer, head, d_head, d_model]
+    b_Q = property(lambda self: self._stack(lambda b: b.attn.b_Q))  # [layer, head, d_head]
+    b_K = property(lambda self: self._stack(lambda b: b.attn.b_K))
+    b_V = property(lambda self: self._stack(lambda b: b.attn.b_V))
+    b_O = property(lambda self: self._stack(lambda b: b.attn.b_O))  # [layer, d_model]
+    _W_K = property(lambda self: self._stack(lambda b: b.attn._W_K))  # GQA: [layer, kv_head, d_model, d_head]
+    _W_V = property(lambda self: self._stack(lambda b: b.attn._W_V))
+    W_in = property(lambda self: self._stack(lambda b: b.mlp.W_in))  # [layer, d_model, d_mlp]
+    W_out = property(lambda self: self._stack(lambda b: b.mlp.W_out))  # [layer, d_mlp, d_model]
+    b_in = property(lambda self: self._stack(lambda b: _or_zeros(b.mlp.b_in, b.mlp.w_in[:, 0])))  # [layer, d_mlp]
+    b_out = property(lambda self: self._stack(lambda b: _or_zeros(b.mlp.b_out, b.mlp.w_out[:, 0])))
 
     @property
-    def W_O(self):
-        return torch.stack([b.attn.W_O for b in self.blocks])
+    def W_gate(self):  # [layer, d_model, d_mlp] (gated MLPs only, as TL)
+        if not self.cfg.gated_mlp:
+            raise AttributeError(f"{self.cfg.architecture} has no gated MLP, so no W_gate")
+        return self._stack(lambda b: b.mlp.W_gate)
+
+    @property
+    def b_U(self):  # [d_vocab]: no family here has an unembedding bias (see final_norm_bias_logits for Bloom)
+        return torch.zeros(self.cfg.d_vocab, dtype=self.W_U.dtype, device=self.W_U.device)
+
+    @property
+    def OV(self):
+        """TransformerLens's FactoredMatrix W_V @ W_O, [layer, head, d_model, d_model]."""
+        from transformer_lens import FactoredMatrix
+
+        return FactoredMatrix(self.W_V, self.W_O)
+
+    @property
+    def QK(self):
+        """TransformerLens's FactoredMatrix W_Q @ W_K^T, [layer, head, d_model, d_model] (before RoPE/ALiBi)."""
+        from transformer_lens import FactoredMatrix
+
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
 
     def new_cache(self, max_length: int | None = None) -> KVCache:
         """An empty KV cache for this model; `max_length` caps the tokens it may hold (checked before compute)."""

@@ -384,3 +384,29 @@ def test_to_tokens_tl_idiom_fails_with_what_to_write():
         model(tokens)
     ids, mask = tokens  # the lens_det idiom still unpacks
     assert ids.shape == mask.shape
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_weight_stacks_have_transformer_lens_meaning(model_pair, name):
+    """Each stacked weight reproduces the hook it feeds (float32 rounding of a matmul: 1e-5): q/k/v from
+    ln1's output with W_Q/W_K/W_V (+ b), the MLP's pre-activation with W_gate or W_in (+ b_in), and
+    OV/QK are the factored products of the same weights."""
+    _, model = model_pair(name)
+    tokens, _ = batch("none", model.cfg.d_vocab)
+    _, cache = model.run_with_cache(tokens)
+    L = model.cfg.n_layers
+    for l in range(L):
+        x = cache[f"blocks.{l}.ln1.hook_normalized"]
+        for hook, W, b in (("q", model.W_Q, model.b_Q), ("k", model.W_K, model.b_K), ("v", model.W_V, model.b_V)):
+            expected = torch.einsum("bpm,hmd->bphd", x, W[l]) + b[l]
+            got = cache[f"blocks.{l}.attn.hook_{hook}"]
+            if hook != "q":  # hooks hold the kv heads; the TL stacks repeat them to n_heads
+                got = got.repeat_interleave(model.cfg.n_rep, dim=2)
+            close(got, expected)
+        m = cache[f"blocks.{l}.ln2.hook_normalized"]
+        W_pre = model.W_gate if model.cfg.gated_mlp else model.W_in
+        close(cache[f"blocks.{l}.mlp.hook_pre"], m @ W_pre[l] + model.b_in[l] * (not model.cfg.gated_mlp))
+    assert torch.equal(model._W_K.repeat_interleave(model.cfg.n_rep, dim=1), model.W_K)
+    close(model.OV.AB, model.W_V @ model.W_O)
+    close(model.QK.AB, model.W_Q @ model.W_K.transpose(-2, -1))
+    assert torch.equal(model.b_U, torch.zeros(model.cfg.d_vocab))

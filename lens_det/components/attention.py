@@ -153,22 +153,60 @@ class Attention(nn.Module):
             out.append((w.view(n, d, -1), None if bias is None else bias.view(n, d)))
         return out
 
+    # TransformerLens's shapes. With grouped-query attention W_K/W_V/b_K/b_V are repeated to n_heads (query head h
+    # reads kv head h // n_rep, as HF's repeat_kv), and _W_K/_W_V/_b_K/_b_V are the kv heads themselves.
+    def _repeat(self, x: torch.Tensor) -> torch.Tensor:
+        return x.repeat_interleave(self.cfg.n_rep, dim=0)
+
+    def _bias(self, i: int) -> torch.Tensor:
+        b = self._qkv_weights()[i][1]
+        w = self._qkv_weights()[i][0]
+        return b if b is not None else w.new_zeros(w.shape[:2])
+
     @property
     def W_Q(self):  # [head_index, d_model, d_head]
         return self._qkv_weights()[0][0].transpose(1, 2)
 
     @property
-    def W_K(self):  # [kv_head_index, d_model, d_head]
+    def _W_K(self):  # [kv_head_index, d_model, d_head]
         return self._qkv_weights()[1][0].transpose(1, 2)
 
     @property
-    def W_V(self):
+    def _W_V(self):  # [kv_head_index, d_model, d_head]
         return self._qkv_weights()[2][0].transpose(1, 2)
+
+    @property
+    def W_K(self):  # [head_index, d_model, d_head]
+        return self._repeat(self._W_K)
+
+    @property
+    def W_V(self):  # [head_index, d_model, d_head]
+        return self._repeat(self._W_V)
+
+    @property
+    def b_Q(self):  # [head_index, d_head] (zeros where the family has no bias)
+        return self._bias(0)
+
+    @property
+    def _b_K(self):  # [kv_head_index, d_head]
+        return self._bias(1)
+
+    @property
+    def _b_V(self):
+        return self._bias(2)
+
+    @property
+    def b_K(self):  # [head_index, d_head]
+        return self._repeat(self._b_K)
+
+    @property
+    def b_V(self):
+        return self._repeat(self._b_V)
 
     @property
     def W_O(self):  # [head_index, d_head, d_model]
         return self.w_o.view(self.cfg.d_model, self.cfg.n_heads, self.cfg.d_head).permute(1, 2, 0)
 
     @property
-    def b_O(self):
+    def b_O(self):  # [d_model]
         return self.b_o if self.b_o is not None else torch.zeros_like(self.w_o[:, 0])

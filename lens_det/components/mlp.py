@@ -42,7 +42,6 @@ class MLP(nn.Module):
     def W_out(self):  # [d_mlp, d_model]
         return self.w_out.T
 
-
 class GatedMLP(MLP):
     def __init__(self, cfg: LensConfig):
         super().__init__(cfg)
