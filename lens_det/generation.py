@@ -1,4 +1,4 @@
-"""Generation with or without the KV cache, mirroring HF `generate` (REFERENCE §1.4).
+"""Generation with or without the KV cache, mirroring HF `generate` (docs/numerics.md §1.4).
 
 Positions are HF generate's mask-derived ones (cumsum(mask) - 1, pads at 0; ALiBi always uses the mask), the
 mask grows by a column of ones each step, and rows that hit a stop token are continued with the pad token.

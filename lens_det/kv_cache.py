@@ -1,7 +1,7 @@
 """KVCache: a caller-owned cache of keys, values and the 2-D mask of everything seen.
 
 Per layer it holds keys (post-RoPE, post q/k-norm) and values [batch, kv_heads, pos, d_head] on that layer's
-device, the way HF's DynamicCache does (REFERENCE §1.5): full-attention layers keep everything, sliding-window
+device, the way HF's DynamicCache does (docs/numerics.md §1.5): full-attention layers keep everything, sliding-window
 layers keep the last W - 1 positions. Positions are not stored: ALiBi and mask-derived RoPE positions are
 recomputed from the mask history, default RoPE positions continue from the number of tokens seen.
 

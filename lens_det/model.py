@@ -72,7 +72,7 @@ NO_TOKENIZER = ("this model has no tokenizer, so it takes token ids only: set on
 class HookedDecoder(HookedRootModule):
     """A decoder-only transformer whose every activation is a TransformerLens-named HookPoint.
 
-    The forward pass reproduces the HF eager model of the same config bit for bit (see REFERENCE.md).
+    The forward pass reproduces the HF eager model of the same config bit for bit (docs/numerics.md).
     """
 
     def __init__(self, config: LensConfig, dtype: torch.dtype = torch.float32, device=None):

@@ -103,7 +103,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm on the dt tensor with dt weights, no manual upcast (REFERENCE §2.2)."""
+    """LayerNorm on the dt tensor with dt weights, no manual upcast (docs/numerics.md §2.2)."""
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
@@ -114,7 +114,7 @@ def mean_square(x: torch.Tensor) -> torch.Tensor:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool,
              mean_sq: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 normalise, times (1 + w) or w in fp32, one cast at the end (REFERENCE §3.3). `mean_sq` reuses an
+    """fp32 normalise, times (1 + w) or w in fp32, one cast at the end (docs/numerics.md §3.3). `mean_sq` reuses an
     already computed `mean_square(x)` (the same ops, so the same bits)."""
     xf = x.float()
     y = xf * pointwise(torch.rsqrt, (mean_square(xf) if mean_sq is None else mean_sq) + eps)
@@ -136,7 +136,7 @@ def attention_scores(
     """Scaled scores [B, H, q, K] from q [B, H, q, d] and k [B, H, K, d].
 
     With a positional `bias` [B*H, 1, K] (ALiBi) this is Bloom's fused `baddbmm(bias, Q, K^T, alpha=scale)`
-    (REFERENCE §2.4: separate ops differ in bf16). Without, `(Q @ K^T) * scale` (REFERENCE §1.6).
+    (docs/numerics.md §2.4: separate ops differ in bf16). Without, `(Q @ K^T) * scale` (docs/numerics.md §1.6).
     """
     if _DETERMINISTIC.get():  # float32 GEMMs of one KEY_BLOCK of keys each, one rounding to the dtype
         n_q, n_k = q.shape[2], k.shape[2]
@@ -154,7 +154,7 @@ def attention_scores(
 
 
 def softmax(scores: torch.Tensor, key_pos: torch.Tensor | None = None) -> torch.Tensor:
-    """Softmax over keys in fp32, cast back to the scores' dtype (REFERENCE §1.6). `key_pos` [B, K] (each key's
+    """Softmax over keys in fp32, cast back to the scores' dtype (docs/numerics.md §1.6). `key_pos` [B, K] (each key's
     real-token index, -1 for pads) is used by the deterministic mode only."""
     if not _DETERMINISTIC.get():
         return F.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)

@@ -1,6 +1,6 @@
 """Attention: projections, optional q/k norm, RoPE or ALiBi, the KV cache, masking and the eager core.
 
-The op sequence and tensor layouts mirror HF eager (REFERENCE §1.6, §2.4, §3.5), which is what makes the
+The op sequence and tensor layouts mirror HF eager (docs/numerics.md §1.6, §2.4, §3.5), which is what makes the
 outputs bit-identical; hooks see TransformerLens shapes ([batch, pos, head_index, d_head]).
 """
 
@@ -18,7 +18,7 @@ from lens_det.config import LensConfig
 
 
 class SoftCap(nn.Module):
-    """tanh(s / cap) * cap, in that op order (REFERENCE §4)."""
+    """tanh(s / cap) * cap, in that op order (docs/numerics.md §4)."""
 
     def __init__(self, cap: float):
         super().__init__()
@@ -42,7 +42,7 @@ class Attention(nn.Module):
         self.cfg = cfg
         self.layer = layer
         h, h_kv, d, d_model = cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.d_model
-        if cfg.fused_qkv:  # Bloom: one [3 * H * d, d_model] projection, per head [q | k | v] (REFERENCE §2.4)
+        if cfg.fused_qkv:  # Bloom: one [3 * H * d, d_model] projection, per head [q | k | v] (docs/numerics.md §2.4)
             self.w_qkv = nn.Parameter(torch.empty(3 * h * d, d_model))
             self.b_qkv = nn.Parameter(torch.zeros(3 * h * d)) if cfg.attn_bias else None
             self._project = self._project_fused
@@ -68,7 +68,7 @@ class Attention(nn.Module):
         self.hook_v = HookPoint()  # [batch, pos, kv_head_index, d_head]
         if cfg.positional == "rope":
             self.rope_key = (cfg.rope_theta[layer], cfg.rope_linear_factor[layer])
-            # Plain float32 attributes, not buffers: model.to(bfloat16) must not round them (REFERENCE §3.4).
+            # Plain float32 attributes, not buffers: model.to(bfloat16) must not round them (docs/numerics.md §3.4).
             self.inv_freq = rope_inv_freq(d, *self.rope_key)
             self.hook_rot_q = HookPoint()  # [batch, pos, head_index, d_head]
             self.hook_rot_k = HookPoint()  # [batch, pos, kv_head_index, d_head]

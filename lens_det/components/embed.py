@@ -13,7 +13,7 @@ from lens_det.config import LensConfig
 
 
 class EmbedScale(nn.Module):
-    """x * sqrt(d_model), the scale cast to x's dtype first and multiplied in that dtype (REFERENCE §3.2)."""
+    """x * sqrt(d_model), the scale cast to x's dtype first and multiplied in that dtype (docs/numerics.md §3.2)."""
 
     def __init__(self, d_model: int):
         super().__init__()
@@ -40,7 +40,7 @@ class Embed(nn.Module):
 class Unembed(nn.Module):
     def __init__(self, cfg: LensConfig, embed: Embed):
         super().__init__()
-        # Tied models read the embedding matrix (the unscaled one, REFERENCE §3.7) through `embed`.
+        # Tied models read the embedding matrix (the unscaled one, docs/numerics.md §3.7) through `embed`.
         self._embed = [embed] if cfg.tie_word_embeddings else None  # a list keeps it out of the module tree
         self.weight = None if cfg.tie_word_embeddings else nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
         self.final_cap = SoftCap(cfg.final_softcap) if cfg.final_softcap else nn.Identity()

@@ -1,4 +1,4 @@
-"""Additive attention masks, exactly as HF eager builds them (REFERENCE §1.2, §1.3)."""
+"""Additive attention masks, exactly as HF eager builds them (docs/numerics.md §1.2, §1.3)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ def additive_mask(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """Float mask [B, 1, q, K]: 0.0 where allowed, finfo(dtype).min elsewhere (never -inf: an all -inf pad row
-    would be NaN and spread through 0 * NaN, REFERENCE §1.3).
+    would be NaN and spread through 0 * NaN, docs/numerics.md §1.3).
 
     Query row r is absolute (padded) index query_start + r, key column c is absolute index key_start + c.
     allowed = (j <= i) and, for sliding layers, (j > i - window), and mask[b, j].

@@ -12,7 +12,7 @@ from lens_det.config import LensConfig
 
 
 def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
-    """Bloom's tanh GELU with the truncated constant and this exact expression order (REFERENCE §2.5)."""
+    """Bloom's tanh GELU with the truncated constant and this exact expression order (docs/numerics.md §2.5)."""
     return x * 0.5 * (1.0 + ops.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
 
 

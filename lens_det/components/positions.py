@@ -13,7 +13,7 @@ from lens_det import ops
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
-    """Bloom's per-head slopes, float32 `pow` with the odd-power extension (REFERENCE §2.4). Built on the CPU
+    """Bloom's per-head slopes, float32 `pow` with the odd-power extension (docs/numerics.md §2.4). Built on the CPU
     (also under a meta-device context) and moved where needed."""
     closest = 2 ** math.floor(math.log2(n_heads))
     base = torch.tensor(2 ** (-(2 ** -(math.log2(closest) - 3))), dtype=torch.float32, device="cpu")
@@ -28,7 +28,7 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
 
 def alibi_bias(mask: torch.Tensor, slopes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """ALiBi bias [B*H, 1, K] from the full mask [B, K]: slope_h * key position, positions counted over real
-    tokens only (pads -> 0), float32 product cast to dtype (REFERENCE §2.4)."""
+    tokens only (pads -> 0), float32 product cast to dtype (docs/numerics.md §2.4)."""
     batch, length = mask.shape
     key_pos = ((mask.cumsum(dim=-1) - 1) * mask)[:, None, :]
     bias = slopes.to(mask.device)[..., None] * key_pos
@@ -36,13 +36,13 @@ def alibi_bias(mask: torch.Tensor, slopes: torch.Tensor, dtype: torch.dtype) -> 
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """The position ids HF `generate` uses: cumsum(mask) - 1, pads at 0 (REFERENCE §1.4)."""
+    """The position ids HF `generate` uses: cumsum(mask) - 1, pads at 0 (docs/numerics.md §1.4)."""
     mask = mask.long()
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
 def rope_inv_freq(d_head: int, theta: float, linear_factor: float) -> torch.Tensor:
-    """float32 inverse frequencies, divided by the linear scaling factor (REFERENCE §3.4, §5)."""
+    """float32 inverse frequencies, divided by the linear scaling factor (docs/numerics.md §3.4, §5)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, d_head, 2, dtype=torch.int64, device="cpu").float() / d_head))
     if linear_factor != 1.0:
         inv_freq /= linear_factor
@@ -50,7 +50,7 @@ def rope_inv_freq(d_head: int, theta: float, linear_factor: float) -> torch.Tens
 
 
 def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """cos, sin [B or 1, q, d_head] in float32, then cast to dtype (REFERENCE §3.4)."""
+    """cos, sin [B or 1, q, d_head] in float32, then cast to dtype (docs/numerics.md §3.4)."""
     freqs = position_ids[..., None].float() * inv_freq.to(device=position_ids.device, dtype=torch.float)
     emb = torch.cat((freqs, freqs), dim=-1)
     return ops.pointwise(torch.cos, emb).to(dtype), ops.pointwise(torch.sin, emb).to(dtype)
@@ -62,6 +62,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Half-split ("NeoX") rotation of x [B, H, q, d] with cos/sin [B, q, d] (REFERENCE §3.4)."""
+    """Half-split ("NeoX") rotation of x [B, H, q, d] with cos/sin [B, q, d] (docs/numerics.md §3.4)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return (x * cos) + (rotate_half(x) * sin)

@@ -1,4 +1,4 @@
-"""Bloom (`BloomForCausalLM`): REFERENCE §2."""
+"""Bloom (`BloomForCausalLM`): docs/numerics.md §2."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Gemma 1, 2 and 3 (text): REFERENCE §3-5. One converter; the generations differ only in config values."""
+"""Gemma 1, 2 and 3 (text): docs/numerics.md §3-§5. One converter; the generations differ only in config values."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def config_from_hf(hf: Any) -> LensConfig:
     theta, factor = _rope(hf, layer_types)
     final_softcap = getattr(hf, "final_logit_softcapping", None)
     if architecture == "Gemma3ForConditionalGeneration":
-        final_softcap = None  # that class never applies it (REFERENCE §5)
+        final_softcap = None  # that class never applies it (docs/numerics.md §5)
     d_head = hf.head_dim
     return LensConfig(
         architecture=model_type,
@@ -85,7 +85,7 @@ def config_from_hf(hf: Any) -> LensConfig:
         norm="rmsnorm",
         norm_eps=hf.rms_norm_eps,
         rmsnorm_unit_offset=True,
-        # Gemma 1 scales by head_dim ** -0.5, Gemma 2/3 by query_pre_attn_scalar ** -0.5 (REFERENCE §9.8)
+        # Gemma 1 scales by head_dim ** -0.5, Gemma 2/3 by query_pre_attn_scalar ** -0.5 (docs/numerics.md §9.8)
         attn_scale=d_head**-0.5 if generation == 1 else hf.query_pre_attn_scalar**-0.5,
         act_fn=_activation(hf),
         gated_mlp=True,

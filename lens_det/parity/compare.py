@@ -134,7 +134,7 @@ def self_parity(
 def diff_chunked_run(report, model, tokens, mask, positions, bounds, full, full_logits, step: str) -> None:
     """Run `model` with a fresh KV cache over `bounds` [(a, b), ...] and append to `report` each step's hooks
     against the same positions of an uncached run (`full`, `full_logits`). Pad query positions are zeroed on
-    both sides (a fully masked row spreads evenly over whatever keys are present, REFERENCE §1.3)."""
+    both sides (a fully masked row spreads evenly over whatever keys are present, docs/numerics.md §1.3)."""
     cache = model.new_cache()
     real = mask.bool()
     for i, (a, b) in enumerate(bounds):

@@ -10,7 +10,7 @@ def random_hf_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0
     N(0, std) in float32 with `seed`, then rounded to `dtype`.
 
     Built with `from_config(dtype=...)`, never `.to(dtype)`, so RoPE tables stay float32 as with
-    `from_pretrained` (REFERENCE §3.4). Random norm weights make the (1 + w) and cast-order pitfalls visible.
+    `from_pretrained` (docs/numerics.md §3.4). Random norm weights make the (1 + w) and cast-order pitfalls visible.
     """
     from transformers import AutoModelForCausalLM
 

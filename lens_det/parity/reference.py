@@ -119,7 +119,7 @@ def _recording_attention(hf_model: Any, recorder: _Recorder):
     before = {k: c._attn_implementation for k, c in configs.items()}
     if any(v != "eager" for v in before.values()):
         raise ValueError("build the HF reference with attn_implementation='eager' (sdpa differs by design, "
-                         "REFERENCE §1.3 and §7)")
+                         "docs/numerics.md §1.3, §7)")
     try:
         for c in configs.values():
             c._attn_implementation = RECORDER

@@ -1,7 +1,7 @@
 """Cached decoding equals HF's cached run bit for bit, step by step, on every hook of the new positions.
 
 Tolerance 0.0 against HF's cached run with the same chunking: the same ops on the same shapes in the same order
-(REFERENCE §1.5, §7.1). Against lens_det's own uncached run the shapes differ (prefill [T x T] vs decode
+(docs/numerics.md §1.5, §7). Against lens_det's own uncached run the shapes differ (prefill [T x T] vs decode
 [1 x K] matmuls), so that comparison has a stated tolerance; bitwise equality there is the deterministic mode's.
 """
 
@@ -31,9 +31,9 @@ def test_cached_steps_bit_identical_to_hf(model_pair, name, chunk, dtype):
 @pytest.mark.parametrize("name", ALL)
 def test_chunked_prefill_same_tokens_and_bounded_hook_gap(model_pair, name):
     """Chunk sizes 1, 3, 7 and all-at-once end in the same greedy tokens; per hook, cached vs uncached differs
-    at most at fp32 rounding level (HF itself: ~1e-6..1e-4 here, REFERENCE §7) at real tokens. Stated
+    at most at fp32 rounding level (HF itself: ~1e-6..1e-4 here, docs/numerics.md §7) at real tokens. Stated
     tolerance: 1e-4 times the hook's magnitude. Left-pad positions are excluded: a fully masked query attends
-    uniformly to every key present (HF eager, REFERENCE §1.3), and how many keys are present depends on chunking.
+    uniformly to every key present (HF eager, docs/numerics.md §1.3), and how many keys are present depends on chunking.
     """
     _, model = model_pair(name)
     tokens, mask = batch("left", model.cfg.d_vocab, length=15)

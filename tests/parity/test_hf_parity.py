@@ -1,6 +1,6 @@
 """Every hook point and the logits are bit-identical (max |diff| = 0.0) to HF eager, uncached.
 
-Tolerance 0.0: REFERENCE.md shows HF eager is reproducible bit for bit in fp32 and bf16, padded or not, pad
+Tolerance 0.0: HF eager is reproducible bit for bit in fp32 and bf16, padded or not, pad
 positions included, when the same ops run in the same order; any difference is a bug.
 """
 
@@ -54,7 +54,7 @@ def test_gemma_every_hook_bit_identical(model_pair, name, padding, positions, dt
 
 @pytest.mark.parametrize("name", ALL)
 def test_pad_rows_are_finite_and_equal_hf(model_pair, name):
-    """Left-pad query rows are fully masked: HF eager gives uniform attention there (REFERENCE §1.3); never NaN."""
+    """Left-pad query rows are fully masked: HF eager gives uniform attention there (docs/numerics.md §1.3); never NaN."""
     hf, model = model_pair(name, torch.float32)
     tokens, mask = batch("left", model.cfg.d_vocab)
     mask[2] = 0  # a row with no real token at all
@@ -71,7 +71,7 @@ def test_left_padded_row_equals_prompt_alone(model_pair, name, dtype):
     """Positions come from the mask: Bloom always (ALiBi), Gemma with position_ids="mask".
 
     bf16: 0.0. fp32: CPU matmul rounds a row differently when the matrix has another number of rows
-    (DETERMINISM.md: 1e-6 scale), so the padded call (16 rows) and the call alone (11 rows) can differ in the
+    (docs/determinism.md: 1e-6 scale), so the padded call (16 rows) and the call alone (11 rows) can differ in the
     last bits; HF has exactly the same difference, so both sides must equal HF's bit for bit, and the gap must
     stay at rounding level (< 1e-4). The deterministic mode removes it (tests/determinism).
     """

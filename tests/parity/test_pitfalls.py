@@ -1,4 +1,4 @@
-"""Each documented Gemma pitfall (REFERENCE §9), injected into a lens_det model, makes the parity check fail.
+"""Each documented Gemma pitfall (docs/numerics.md §9), injected into a lens_det model, makes the parity check fail.
 
 This shows the 0.0 parity tests can see the mistakes other toolkits shipped.
 """
@@ -70,7 +70,7 @@ def test_casting_before_the_unit_offset_multiply_fails(model_pair, monkeypatch):
 
 
 def test_exact_embedding_scale_instead_of_dtype_cast_fails(monkeypatch):
-    """sqrt(72) = 8.485 is 8.5 in bf16; HF multiplies by the bf16 value (REFERENCE §3.2)."""
+    """sqrt(72) = 8.485 is 8.5 in bf16; HF multiplies by the bf16 value (docs/numerics.md §3.2)."""
     hf_cfg = hf_config_from_name("tiny-gemma")
     hf_cfg.hidden_size = 72
     torch.manual_seed(0)
