@@ -30,10 +30,14 @@ print(model.cfg)''',
         '''logits, cache = model.run_with_cache(tokens, attention_mask=mask, position_ids="mask")
 print(len(cache.keys()), "hook points cached, e.g.", list(cache.keys())[:6])
 cache["blocks.0.attn.hook_pattern"].shape  # [batch, head, query_pos, key_pos]''',
-        '''fig, axes = plt.subplots(1, model.cfg.n_heads, figsize=(3 * model.cfg.n_heads, 3))
+        '''fig, axes = plt.subplots(1, model.cfg.n_heads, figsize=(3 * model.cfg.n_heads, 3.4), layout="constrained")
 for head, ax in enumerate(axes):
-    ax.imshow(cache["blocks.1.attn.hook_pattern"][0, head].float(), cmap="Blues")
-    ax.set_title(f"layer 1, head {head}")
+    image = ax.imshow(cache["blocks.1.attn.hook_pattern"][0, head].float(), cmap="Blues", vmin=0, vmax=1)
+    ax.set_title(f"layer 1, head {head}", fontsize=9)
+    ax.set_xlabel("key position")
+axes[0].set_ylabel("query position")
+fig.colorbar(image, ax=axes.tolist(), shrink=0.8, label="attention weight")
+fig.suptitle("attention patterns of the first prompt (row = query, column = key it attends to)", fontsize=10)
 plt.show()''',
         '''# Logit lens: the residual stream after each layer, through the final norm and the unembedding.
 resid, labels = cache.accumulated_resid(apply_ln=True, return_labels=True)
@@ -130,11 +134,23 @@ for mode in ("default", "deterministic"):
 for mode, reports in results.items():
     print(mode, {check: f"{r.max_abs():.2g}" for check, r in reports.items()})
 print(results["default"]["batch"].to_text(n_worst=3))''',
-        '''checks = list(results["default"])
-values = [[max(results[m][c].max_abs(), 1e-12) for c in checks] for m in results]
-x = torch.arange(len(checks))
-plt.bar(x - 0.2, values[0], 0.4, label="default"); plt.bar(x + 0.2, values[1], 0.4, label="deterministic (0)")
-plt.yscale("log"); plt.xticks(x, checks); plt.ylabel("max |diff| over hook points"); plt.legend(); plt.show()''',
+        '''# Max |diff| per check on a log axis; an exact 0 has no bar (a log axis cannot show it) and is written "0".
+from matplotlib.patches import Patch
+checks = list(results["default"])
+floor = 1e-9
+fig, ax = plt.subplots(figsize=(7, 3.5))
+for offset, (mode, color) in zip((-0.2, 0.2), (("default", "tab:blue"), ("deterministic", "tab:orange"))):
+    for j, check in enumerate(checks):
+        value = results[mode][check].max_abs()
+        if value > 0:
+            ax.bar(j + offset, value - floor, 0.4, bottom=floor, color=color)
+        else:
+            ax.text(j + offset, floor * 1.3, "0", ha="center", va="bottom", color=color, fontweight="bold")
+ax.set_yscale("log"); ax.set_ylim(floor, 1)
+ax.set_xticks(range(len(checks)), checks); ax.set_ylabel("max |diff| over hook points")
+ax.set_title('"0": bit-identical (no bar)', fontsize=9)
+ax.legend(handles=[Patch(color="tab:blue", label="default"), Patch(color="tab:orange", label="deterministic")])
+plt.show()''',
         '''# Greedy generation: alone vs inside a left-padded batch, bit for bit in deterministic mode.
 companion = torch.randint(0, model.cfg.d_vocab, (1, 9), generator=torch.Generator().manual_seed(1))
 tokens = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), prompt[None]], 1), companion])

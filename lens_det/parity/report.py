@@ -188,31 +188,54 @@ class ParityReport:
         with open(path, "w") as f:
             json.dump(self.to_json(), f, indent=1, default=str)
 
+    def heatmap_data(self) -> tuple[list[str], list[str], dict[bool, list[list[float | None]]]]:
+        """(rows, columns, {cached: grid}) behind `plot`. Rows are hook kinds in the order they fire (so an
+        error's spread reads top to bottom); columns are "embed", the layers and "final" (top-level hooks:
+        hook_embed and embed.ln.* in "embed", ln_final.* and logits in "final"). Cells hold the max |diff| over
+        the steps of that half (None where nothing was compared)."""
+        kinds: list[str] = []
+        for r in self.rows:
+            if kind_of(r.hook) not in kinds:
+                kinds.append(kind_of(r.hook))
+        n_layers = 1 + max((r.layer for r in self.rows if r.layer is not None), default=-1)
+        columns = ["embed", *map(str, range(n_layers)), "final"]
+        grids = {c: [[None] * len(columns) for _ in kinds] for c in (False, True)}
+        for r in self.rows:
+            col = r.layer + 1 if r.layer is not None else (0 if "embed" in r.hook else len(columns) - 1)
+            cell = grids[r.step.startswith("cached")][kinds.index(kind_of(r.hook))]
+            cell[col] = max(cell[col] or 0.0, r.max_abs)
+        return kinds, columns, grids
+
     def plot(self, path=None):
-        """Heatmap of log10 max |diff| by hook kind x layer, cache off and on (bit-identical cells in green)."""
+        """Heatmap of log10 max |diff| by hook (in firing order) x layer, cache off and on; green cells are
+        bit-identical, blank ones not compared, and the first divergence has a red box."""
         import matplotlib
         import matplotlib.pyplot as plt
         import numpy as np
+        from matplotlib.patches import Rectangle
 
-        layered = [r for r in self.rows if r.layer is not None]
-        kinds = sorted({kind_of(r.hook) for r in layered})
-        n_layers = 1 + max((r.layer for r in layered), default=0)
-        fig, axes = plt.subplots(1, 2, figsize=(4 + 0.45 * n_layers * 2, 1.5 + 0.28 * len(kinds)), squeeze=False)
+        kinds, columns, grids = self.heatmap_data()
+        fig, axes = plt.subplots(1, 2, figsize=(3.5 + 0.42 * len(columns) * 2, 1.8 + 0.24 * len(kinds)),
+                                 squeeze=False, layout="constrained")
+        cmap = matplotlib.colormaps["magma"].with_extremes(bad="white", under="#b8e0b0")  # 0: green; blank: none
+        first = self.first_divergence
         for ax, cached in zip(axes[0], (False, True)):
-            grid = np.full((len(kinds), n_layers), np.nan)
-            for r in layered:
-                if r.step.startswith("cached") == cached and r.max_abs > 0:
-                    i, j = kinds.index(kind_of(r.hook)), r.layer
-                    grid[i, j] = np.nanmax([grid[i, j], math.log10(min(r.max_abs, 1e30))])
-            cmap = matplotlib.colormaps["magma"].with_extremes(bad="#b8e0b0")  # NaN: no difference at all
-            image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=-8, vmax=1)
-            ax.set_title(f"cache {'on' if cached else 'off'}: log10 max|diff| (green = 0)", fontsize=9)
-            ax.set_xticks(range(n_layers))
+            grid = np.array([[np.nan if v is None else (math.log10(min(v, 1e30)) if v > 0 else -99.0) for v in row]
+                             for row in grids[cached]], dtype=float)
+            image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, vmin=-8, vmax=1)
+            ax.set_title(f"cache {'on' if cached else 'off'}", fontsize=9)
+            ax.set_xticks(range(len(columns)), columns, fontsize=7, rotation=90 if len(columns) > 14 else 0)
             ax.set_xlabel("layer")
-            ax.set_yticks(range(len(kinds)))
-            ax.set_yticklabels(kinds if not cached else [], fontsize=7)
-        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
-        fig.suptitle(self.title, fontsize=10)
+            ax.set_yticks(range(len(kinds)), kinds if not cached else [], fontsize=7)
+            if first is not None and first.step.startswith("cached") == cached:
+                col = first.layer + 1 if first.layer is not None else (0 if "embed" in first.hook else len(columns) - 1)
+                ax.add_patch(Rectangle((col - 0.5, kinds.index(kind_of(first.hook)) - 0.5), 1, 1, fill=False,
+                                       edgecolor="red", linewidth=2))
+        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, extend="min",
+                     label="log10 max |diff| (green: 0, bit-identical)")
+        note = "all compared values bit-identical (white: not compared)" if first is None else \
+            f"red box: first divergence, {first.step}, {first.hook}, position {first.position}"
+        fig.suptitle(f"{self.title}\n{note}", fontsize=9)
         if path is not None:
             fig.savefig(path, dpi=110, bbox_inches="tight")
             plt.close(fig)

@@ -1,6 +1,7 @@
 """compare() as a product: it finds injected bugs and names where they start; reports; bad input."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -109,3 +110,23 @@ def test_bad_input_fails_before_compute(model_pair, monkeypatch):
         compare(model, hf, tokens, mask, prefill=4, decode_steps=4, chunk=2)
     with pytest.raises(ValueError, match=r"attention_mask has shape \(3, 7\)"):
         compare(model, hf, tokens, mask[:, 1:])
+
+
+def test_heatmap_rows_fire_in_forward_order_and_include_top_level_hooks(model_pair):
+    from lens_det.parity import compare
+
+    hf, model = model_pair("tiny-bloom")
+    tokens, mask = batch("left", model.cfg.d_vocab)
+    report = compare(model, hf, tokens, mask, prefill=8)
+    kinds, columns, grids = report.heatmap_data()
+    _, cache = model.run_with_cache(tokens, attention_mask=mask)
+    fired = []
+    for hook in list(cache.keys()) + ["logits"]:  # ActivationCache keeps the firing order
+        kind = re.sub(r"^blocks\.\d+\.", "", hook)
+        if kind not in fired:
+            fired.append(kind)
+    assert kinds == fired
+    assert kinds[:3] == ["embed.ln.hook_scale", "embed.ln.hook_normalized", "hook_embed"] and kinds[-1] == "logits"
+    assert columns == ["embed", "0", "1", "2", "final"]
+    embed_row = grids[False][kinds.index("hook_embed")]
+    assert embed_row[0] == 0.0 and embed_row[1:] == [None] * 4  # compared (bit-identical) only in its column
