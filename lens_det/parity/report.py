@@ -9,8 +9,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from lens_det.components.hooks import QUERY_KEY_HOOKS
+
 # Where the position and head dimensions of each hook kind are (batch is always dim 0).
-_QUERY_KEY = ("hook_pattern", "hook_attn_scores")  # [batch, head, query_pos, key_pos]
 _PER_HEAD = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_rot_q", "hook_rot_k", "hook_result",
              "q_norm.hook_scale", "q_norm.hook_normalized", "k_norm.hook_scale", "k_norm.hook_normalized")
 
@@ -106,7 +107,7 @@ def diff_hook(step: str, hook: str, ours: torch.Tensor, ref: torch.Tensor, atol:
     if not result.passed:
         over = d > threshold
         kind = kind_of(hook)
-        if kind.startswith("attn.") and kind.endswith(_QUERY_KEY):
+        if kind.startswith("attn.") and kind.endswith(QUERY_KEY_HOOKS):
             pos_dim, head_dim = 2, 1
         elif kind.startswith("attn.") and kind.endswith(_PER_HEAD):
             pos_dim, head_dim = 1, 2
