@@ -58,6 +58,7 @@ class LensConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     hf_architecture: str | None = None  # the HF class name of the checkpoint (e.g. Gemma3ForConditionalGeneration)
+    n_ctx: int | None = None  # context length it was trained for (HF max_position_embeddings); not enforced
 
     def __post_init__(self) -> None:
         if self.d_model <= 0 or self.n_layers <= 0 or self.n_heads <= 0 or self.d_head <= 0:

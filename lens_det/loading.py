@@ -63,6 +63,7 @@ def from_pretrained(
     hf_cfg = AutoConfig.from_pretrained(directory)
     _check_head(*(getattr(hf_cfg, "architectures", None) or [None])[:1])
     model = _build(hf_cfg, _read_weights(directory), _as_dtype(dtype), device, copy=False, source=str(directory))
+    model.name = str(name_or_path)
     if tokenizer:
         model.tokenizer = _load_tokenizer(directory)
     return model
@@ -82,6 +83,7 @@ def from_config(name: str, seed: int = 0, dtype=torch.float32, device=None) -> H
     hf_model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation="eager")
     model = from_hf_model(hf_model, dtype=dtype, device=device, share_weights=True)  # nobody else holds hf_model
     model.tokenizer = char_tokenizer(model.cfg)
+    model.name = name
     return model
 
 

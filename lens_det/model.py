@@ -46,6 +46,36 @@ class RuntimeConfig:
     def __repr__(self) -> str:
         return f"RuntimeConfig({self._model.config}, device={self.device}, dtype={self.dtype})"
 
+    # --- TransformerLens's names and conventions for what TL tools read (-1.0: no soft-cap, as TL) ---
+    TL_ACT_FN = {"bloom_gelu": "gelu_fast", "gelu_tanh": "gelu_pytorch_tanh", "gelu_erf": "gelu"}
+
+    act_fn = property(lambda self: self.TL_ACT_FN[self._model.config.act_fn])  # lens_det's name: model.config
+    positional_embedding_type = property(lambda self: {"alibi": "alibi", "rope": "rotary"}[self.positional])
+    d_vocab_out = property(lambda self: self.d_vocab)
+    eps = property(lambda self: self.norm_eps)
+    window_size = property(lambda self: self.sliding_window)
+    attn_types = property(lambda self: ["local" if t == "sliding_attention" else "global" for t in self.layer_types])
+    output_logits_soft_cap = property(lambda self: self.final_softcap or -1.0)
+    attn_scores_soft_cap = property(lambda self: self.attn_softcap or -1.0)
+    original_architecture = property(lambda self: self.hf_architecture)
+    model_name = property(lambda self: getattr(self._model, "name", None) or self.architecture)
+    default_prepend_bos = True
+    use_attn_result = property(lambda self: all(b.attn.use_attn_result for b in self._model.blocks))
+
+    @property
+    def rotary_base(self):  # a global (full-attention) layer's theta, as TL; None for ALiBi
+        if self.rope_theta is None:
+            return None
+        full = [t for t, kind in zip(self.rope_theta, self.layer_types) if kind == "full_attention"]
+        return (full or list(self.rope_theta))[0]
+
+    @property
+    def tokenizer_prepends_bos(self) -> bool | None:
+        tok = self._model.tokenizer
+        if tok is None or tok.bos_token_id is None:
+            return None if tok is None else False
+        return tok("a")["input_ids"][:1] == [tok.bos_token_id]
+
 
 TO_TOKENS_IDIOM = ("model.to_tokens returns (tokens, attention_mask), not a tensor (a lost mask would silently "
                    "attend to pads): write `tokens, mask = model.to_tokens(text)` and pass attention_mask=mask, or "
@@ -84,6 +114,7 @@ class HookedDecoder(HookedRootModule):
         self.ln_final = make_norm(config)
         self.unembed = Unembed(config, self.embed)
         self.tokenizer = None
+        self.name: str | None = None  # the checkpoint or named config it was loaded from (cfg.model_name)
         self.deterministic = False  # batch-invariant ops on every forward (same as `with lens_det.deterministic()`)
         self.query_start = 0  # absolute index of the current call's first token (hooks under a KV cache read it)
         self.to(device=device, dtype=dtype)

@@ -105,7 +105,7 @@ def test_gemma2_exact_gelu_matches_hf():
     """hidden_activation="gelu" is the exact erf GELU in Gemma 2/3 (it was run as the tanh form before)."""
     hf = _hf_gemma2(act="gelu")
     model = lens_det.from_hf_model(hf)
-    assert model.cfg.act_fn == "gelu_erf"
+    assert model.config.act_fn == "gelu_erf" and model.cfg.act_fn == "gelu"  # lens_det name, TL name
     with torch.no_grad():
         assert torch.equal(model(TOKENS), hf(TOKENS).logits)
 

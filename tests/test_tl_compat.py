@@ -410,3 +410,26 @@ def test_weight_stacks_have_transformer_lens_meaning(model_pair, name):
     close(model.OV.AB, model.W_V @ model.W_O)
     close(model.QK.AB, model.W_Q @ model.W_K.transpose(-2, -1))
     assert torch.equal(model.b_U, torch.zeros(model.cfg.d_vocab))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_cfg_has_transformer_lens_fields_with_their_meaning(name):
+    import lens_det
+
+    model = lens_det.from_config(name)
+    cfg, arch = model.cfg, model.config
+    rope = arch.positional == "rope"
+    assert cfg.positional_embedding_type == ("rotary" if rope else "alibi")
+    assert cfg.d_vocab_out == arch.d_vocab and cfg.eps == arch.norm_eps and cfg.window_size == arch.sliding_window
+    assert cfg.attn_types == ["local" if t == "sliding_attention" else "global" for t in arch.layer_types]
+    assert cfg.output_logits_soft_cap == (arch.final_softcap or -1.0)  # TL's -1.0: no cap
+    assert cfg.attn_scores_soft_cap == (arch.attn_softcap or -1.0)
+    assert cfg.act_fn == {"bloom": "gelu_fast"}.get(arch.architecture, "gelu_pytorch_tanh")
+    assert cfg.model_name == name and cfg.original_architecture.endswith("ForCausalLM")
+    assert cfg.n_ctx == (2048 if not rope else model.config.n_ctx) and cfg.n_ctx > 0
+    assert cfg.rotary_base == (max(arch.rope_theta) if rope and "full_attention" in arch.layer_types
+                               else (arch.rope_theta[0] if rope else None))
+    assert cfg.default_prepend_bos is True and cfg.tokenizer_prepends_bos is True
+    assert cfg.use_attn_result is False
+    model.set_use_attn_result(True)
+    assert cfg.use_attn_result is True

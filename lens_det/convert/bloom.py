@@ -41,6 +41,7 @@ def config_from_hf(hf: Any) -> LensConfig:
         bos_token_id=hf.bos_token_id,
         eos_token_id=hf.eos_token_id,
         hf_architecture=(getattr(hf, "architectures", None) or ["BloomForCausalLM"])[0],
+        n_ctx=getattr(hf, "seq_length", None) or 2048,  # BloomConfig has no max positions; BLOOM trained on 2048
     )
 
 

@@ -106,6 +106,7 @@ def config_from_hf(hf: Any) -> LensConfig:
         bos_token_id=hf.bos_token_id,
         eos_token_id=tuple(hf.eos_token_id) if isinstance(hf.eos_token_id, list) else hf.eos_token_id,
         hf_architecture=architecture,
+        n_ctx=getattr(hf, "max_position_embeddings", None),
     )
 
 
