@@ -119,7 +119,7 @@ class LensConfig:
 
     @classmethod
     def from_name(cls, name: str) -> LensConfig:
-        """Build from a named file in `lens_det/model_configs/` (e.g. "bloom-560m", "gemma-2-2b", "tiny-bloom")."""
+        """Build from a named file in `model_configs/` (e.g. "bloom-560m", "gemma-2-2b", "tiny-bloom")."""
         return cls.from_hf_config(hf_config_from_name(name))
 
 
@@ -132,9 +132,9 @@ def named_configs() -> dict[str, dict[str, Any]]:
         record = json.loads(entry.read_text())
         name = record["name"]
         if name in records:
-            raise ValueError(f"two files in lens_det/model_configs declare the name {name!r}")
+            raise ValueError(f"two files in model_configs declare the name {name!r}")
         if entry.name != f"{name}.json":
-            raise ValueError(f"lens_det/model_configs/{entry.name} declares name {name!r}; rename one of them")
+            raise ValueError(f"model_configs/{entry.name} declares name {name!r}; rename one of them")
         records[name] = record
     return records
 

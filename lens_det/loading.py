@@ -70,13 +70,13 @@ def from_pretrained(
 
 
 def from_config(name: str, seed: int = 0, dtype=torch.float32, device=None) -> HookedDecoder:
-    """A model with random weights for a named config (lens_det/model_configs): an HF model of that config is
+    """A model with random weights for a named config (model_configs): an HF model of that config is
     initialised with `seed` and converted, so the result matches HF for the same seed. It carries an offline
     character tokenizer (lens_det.tokenizer), so string inputs work without a model hub."""
     from transformers import AutoModelForCausalLM
 
     if not isinstance(name, str):
-        raise TypeError(f"from_config takes the name of a config in lens_det/model_configs, got {type(name).__name__}")
+        raise TypeError(f"from_config takes the name of a config in model_configs, got {type(name).__name__}")
     hf_cfg = hf_config_from_name(name)
     dtype = _as_dtype(dtype)
     torch.manual_seed(seed)

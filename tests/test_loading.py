@@ -127,3 +127,15 @@ def test_tokenizer_from_the_checkpoint_dir_left_pads(tmp_path):
         padded = model(tokens, attention_mask=mask)
         alone = model(tokens[1:, 4:])
     torch.testing.assert_close(padded[1, 4:], alone[0], rtol=0, atol=1e-5)  # fp32 row-count rounding only
+
+
+def test_pyproject_installs_every_subpackage_and_the_configs():
+    """pyproject.toml lists packages explicitly (to map model_configs/ into lens_det): a new subpackage must be
+    added there, or a non-editable install silently lacks it."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "lens_det").rglob("__init__.py")}
+    assert found | {"lens_det.model_configs"} == listed

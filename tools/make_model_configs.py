@@ -1,4 +1,4 @@
-"""Regenerate lens_det/model_configs/*.json for real checkpoints from ../shared/checkpoints.json (run once by hand;
+"""Regenerate model_configs/*.json for real checkpoints from ../shared/checkpoints.json (run once by hand;
 the JSON files are the committed source of truth)."""
 
 import json
@@ -15,7 +15,7 @@ NAMES = {
 }
 
 source = json.loads(Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/checkpoints.json").read_text())
-out_dir = Path(__file__).resolve().parent.parent / "lens_det" / "model_configs"
+out_dir = Path(__file__).resolve().parent.parent / "model_configs"
 for hf_name, name in NAMES.items():
     entry = source[hf_name]
     record = {
