@@ -11,18 +11,12 @@ import argparse
 import shlex
 import statistics
 import sys
-import time
 
 import torch
+from generate import timed  # benchmarks/ is on sys.path when a script here runs
 
 import lens_det
 from lens_det.parity.models import random_hf_model
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main() -> None:
