@@ -9,6 +9,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any, Literal
 
 LayerType = Literal["full_attention", "sliding_attention"]
@@ -123,10 +124,19 @@ class LensConfig:
         return cls.from_hf_config(hf_config_from_name(name))
 
 
+def _configs_dir():
+    """The installed `lens_det.model_configs` (the build maps model_configs/ there), or, when lens_det is imported
+    from a source checkout, the checkout's model_configs/ folder."""
+    try:
+        return resources.files("lens_det.model_configs")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "model_configs"
+
+
 def named_configs() -> dict[str, dict[str, Any]]:
     """All named configs: {name: the JSON record (hf_name, hf_config, sources, notes)}."""
     records: dict[str, dict[str, Any]] = {}
-    for entry in sorted(resources.files("lens_det.model_configs").iterdir(), key=lambda p: p.name):
+    for entry in sorted(_configs_dir().iterdir(), key=lambda p: p.name):
         if not entry.name.endswith(".json"):
             continue
         record = json.loads(entry.read_text())

@@ -79,13 +79,18 @@ def test_real_checkpoint_configs(name):
         assert [t == "full_attention" for t in cfg.layer_types] == [(i + 1) % 6 == 0 for i in range(cfg.n_layers)]
 
 
-def test_named_configs_ship_in_the_package():
-    from importlib import resources
+def test_named_configs_ship_in_the_installed_package(tmp_path):
+    """Imported from outside the checkout, the installed lens_det carries every model_configs/*.json."""
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    files = [p.name for p in resources.files("lens_det.model_configs").iterdir() if p.name.endswith(".json")]
-    assert len(files) == len(named_configs()) >= len(REAL)
-    for f in files:
-        json.loads(resources.files("lens_det.model_configs").joinpath(f).read_text())
+    code = ("from importlib import resources; import json; d = resources.files('lens_det.model_configs'); "
+            "print(json.dumps(sorted(p.name for p in d.iterdir() if p.name.endswith('.json'))))")
+    shipped = json.loads(subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                                        check=True).stdout)
+    checkout = sorted(p.name for p in (Path(__file__).parent.parent / "model_configs").glob("*.json"))
+    assert shipped == checkout and len(shipped) == len(named_configs()) >= len(REAL)
 
 
 def test_from_config_matches_hf_with_the_same_seed():
