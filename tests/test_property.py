@@ -1,63 +1,112 @@
-"""The contract "equal to HF", property-based: random valid configs of every family (the MLP activation
-included), float32 and bfloat16, random padding patterns (left, right, inner holes, single-token rows, real tokens
-whose id is the pad id), both position modes and random chunk schedules. Logits and every hook point, uncached
-and through both KV caches, must equal HF eager at tolerance 0.0, and greedy generate must equal HF generate.
+"""The contract "equal to HF", property-based (hypothesis).
 
-A bounded, derandomized run is in the default suite; `-m slow` runs many more examples.
+Drawn: random VALID HF configs of every supported family (BloomConfig, GemmaConfig, Gemma2Config,
+Gemma3TextConfig): 1-3 layers, small hidden sizes (odd ones and non-multiples of 8 included), MQA/GQA/MHA,
+head_dim independent of hidden/heads (Gemma), odd intermediate sizes, vocab and pad id, attention biases, sliding
+windows (1 to longer than the sequence) and random layer_types, soft-caps, query_pre_attn_scalar, RoPE theta and
+linear scaling (per layer type for Gemma 3), Bloom's apply_residual_connection_post_layernorm and pretraining_tp,
+tie_word_embeddings, the MLP activation ("gelu" is the exact erf GELU for Gemma 2/3 and rewritten to the tanh form
+by Gemma 1's config); float32, bfloat16 and float16 weights drawn N(0, std) from a seed (norm weights and biases
+too); random paddings (none, left, right, inner holes, single-token rows; real tokens whose id is the pad id);
+position ids (HF forward's arange, HF generate's cumsum(mask) - 1, raw cumsum with negative pad positions, an
+offset arange, a [1, pos] tensor); and ragged chunk schedules for the cached run.
+
+Checked at tolerance 0.0: logits and every hook point, uncached and through both KV caches (lens_det KVCache vs
+HF DynamicCache) on the same schedule (`lens_det.parity.compare`); logits against a plain HF forward (no reference
+hooks installed) on the same schedule; greedy generate against HF generate; and configs lens_det does not
+implement are refused with NotImplementedError, never answered differently.
+
+A bounded, derandomized run is in the default suite; `pytest -m slow tests/test_property.py` runs many more.
+On failure hypothesis prints the drawn arguments and a copy-pastable `build_hf(...)` line (the kwargs go to
+`AutoConfig.for_model`), the tokens, mask, chunk ends and position ids.
 """
+
+from __future__ import annotations
+
+from dataclasses import dataclass
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 import lens_det
+from lens_det.components.positions import positions_from_mask
+from lens_det.config import LensConfig
 from lens_det.parity import compare
+from lens_det.parity.reference import capture_reference
+from lens_det.parity.report import Schedule
 
-VOCAB, PAD = 64, 0
-ACTIVATIONS = ["gelu_pytorch_tanh", "gelu"]  # Gemma 2/3: "gelu" is the exact erf GELU
+FAMILIES = ["bloom", "gemma", "gemma2", "gemma3_text"]
+ACTIVATIONS = ["gelu_pytorch_tanh", "gelu"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+POSITION_MODES = ["arange", "mask", "raw_cumsum", "offset", "broadcast"]
+
+
+# ----------------------------------------------------------------------------------------------- strategies
+
+
+def _rope(draw) -> dict:
+    """One rope_parameters dict: default or linear scaling (factor >= 1, as HF validates), any theta."""
+    theta = draw(st.sampled_from([100.0, 5e3, 1e4, 12345.6, 1e6]))
+    factor = draw(st.sampled_from([None, 1.0, 1.5, 2.0, 3.0, 8.0]))
+    if factor is None:
+        return {"rope_type": "default", "rope_theta": theta}
+    return {"rope_type": "linear", "factor": factor, "rope_theta": theta}
 
 
 @st.composite
-def hf_configs(draw):
-    family = draw(st.sampled_from(["bloom", "gemma", "gemma2", "gemma3_text"]))
+def config_kwargs(draw, families=tuple(FAMILIES)):
+    """(model_type, kwargs) of a valid HF config: `AutoConfig.for_model(model_type, **kwargs)`."""
+    family = draw(st.sampled_from(families))
     n_layers = draw(st.integers(1, 3))
-    common = dict(vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=2, eos_token_id=1, num_hidden_layers=n_layers)
+    vocab = draw(st.integers(8, 96))
+    pad_ids = st.integers(0, vocab - 1)
+    pad = draw(st.one_of(st.none(), pad_ids) if family == "bloom" else pad_ids)  # BloomConfig's default is None
+    kw = dict(vocab_size=vocab, pad_token_id=pad, bos_token_id=draw(st.integers(0, vocab - 1)),
+              eos_token_id=draw(st.integers(0, vocab - 1)), num_hidden_layers=n_layers,
+              tie_word_embeddings=draw(st.booleans()))
     if family == "bloom":
-        n_head = draw(st.sampled_from([1, 2, 3, 4, 6]))  # 3 and 6: ALiBi's non-power-of-two slopes
-        return AutoConfig.for_model("bloom", n_head=n_head, hidden_size=n_head * draw(st.sampled_from([2, 4, 6])),
-                                    apply_residual_connection_post_layernorm=draw(st.booleans()),
-                                    layer_norm_epsilon=draw(st.sampled_from([1e-5, 1e-3])), **common)
-    n_kv = draw(st.sampled_from([1, 2]))
-    n_heads = n_kv * draw(st.sampled_from([1, 2, 3]))
-    fields = dict(num_attention_heads=n_heads, num_key_value_heads=n_kv,  # head_dim != hidden / heads is allowed
-                  head_dim=draw(st.sampled_from([2, 4, 6, 8])), hidden_size=n_heads * draw(st.sampled_from([2, 4, 6])),
-                  intermediate_size=draw(st.sampled_from([8, 12, 24])),
-                  rms_norm_eps=draw(st.sampled_from([1e-6, 1e-3])), tie_word_embeddings=draw(st.booleans()),
-                  **common)
+        n_head = draw(st.integers(1, 6))  # 3, 5, 6: ALiBi's non-power-of-two slopes
+        hidden = n_head * draw(st.integers(1, 6))
+        kw |= dict(n_head=n_head, hidden_size=hidden,
+                   apply_residual_connection_post_layernorm=draw(st.booleans()),
+                   layer_norm_epsilon=draw(st.sampled_from([1e-5, 1e-3, 0.5])),
+                   # pretraining_tp > 1 without slow_but_exact is HF's ordinary path
+                   pretraining_tp=draw(st.sampled_from([1, 2, 3])), slow_but_exact=False)
+        return family, kw
+    n_kv = draw(st.integers(1, 3))
+    n_heads = n_kv * draw(st.integers(1, 3))  # MHA (x1), GQA, MQA (n_kv = 1)
+    if family == "gemma":  # GemmaConfig does not require hidden % heads == 0
+        hidden = draw(st.integers(2, 24))
+    else:
+        hidden = n_heads * draw(st.integers(1, 6))
+    kw |= dict(num_attention_heads=n_heads, num_key_value_heads=n_kv, hidden_size=hidden,
+               head_dim=draw(st.sampled_from([2, 4, 6, 8, 10])),  # RoPE needs an even head_dim
+               intermediate_size=draw(st.integers(1, 24)),
+               rms_norm_eps=draw(st.sampled_from([1e-6, 1e-3, 0.5])),
+               attention_bias=draw(st.booleans()))
     if family == "gemma":
-        return AutoConfig.for_model("gemma", hidden_act=draw(st.sampled_from(ACTIVATIONS)), **fields)
-    fields |= dict(hidden_activation=draw(st.sampled_from(ACTIVATIONS)), sliding_window=draw(st.integers(2, 6)),
-                   query_pre_attn_scalar=draw(st.sampled_from([4, 8, 20])),
-                   final_logit_softcapping=draw(st.sampled_from([None, 5.0, 30.0])),
-                   layer_types=draw(st.lists(st.sampled_from(["sliding_attention", "full_attention"]),
-                                             min_size=n_layers, max_size=n_layers)))
+        return family, kw | dict(hidden_act=draw(st.sampled_from(ACTIVATIONS)), rope_parameters=_rope(draw))
+    kw |= dict(hidden_activation=draw(st.sampled_from(ACTIVATIONS)),
+               sliding_window=draw(st.integers(1, 12)),
+               query_pre_attn_scalar=draw(st.sampled_from([1, 4, 8, 20, 256])),
+               final_logit_softcapping=draw(st.sampled_from([None, 0.5, 5.0, 30.0])),
+               # Gemma 3's modeling ignores attn_logit_softcapping: drawn anyway
+               attn_logit_softcapping=draw(st.sampled_from([None, 1.0, 50.0])),
+               layer_types=draw(st.lists(st.sampled_from(["sliding_attention", "full_attention"]),
+                                         min_size=n_layers, max_size=n_layers)))
     if family == "gemma2":
-        return AutoConfig.for_model("gemma2", attn_logit_softcapping=draw(st.sampled_from([None, 2.0, 50.0])),
-                                    **fields)
-    scaling = draw(st.sampled_from([None, 2.0, 8.0]))
-    return AutoConfig.for_model("gemma3_text", rope_theta=draw(st.sampled_from([1e4, 1e6])),
-                                rope_local_base_freq=draw(st.sampled_from([1e4, 5e3])),
-                                rope_scaling=None if scaling is None else {"rope_type": "linear", "factor": scaling},
-                                **fields)
+        return family, kw | dict(rope_parameters=_rope(draw))
+    return family, kw | dict(rope_parameters={"full_attention": _rope(draw), "sliding_attention": _rope(draw)})
 
 
 @st.composite
-def batches(draw):
-    """(tokens, mask): each row has at least one real token; some real tokens are the pad id."""
-    n_rows, length = draw(st.integers(1, 3)), draw(st.integers(2, 9))
-    tokens = torch.tensor(draw(st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=length, max_size=length),
+def batches(draw, vocab: int, pad: int | None, min_len: int = 1, max_len: int = 10):
+    """(tokens, mask): every row has at least one real token; some real tokens carry the pad id."""
+    n_rows, length = draw(st.integers(1, 3)), draw(st.integers(min_len, max_len))
+    tokens = torch.tensor(draw(st.lists(st.lists(st.integers(0, vocab - 1), min_size=length, max_size=length),
                                         min_size=n_rows, max_size=n_rows)))
     mask = torch.ones(n_rows, length, dtype=torch.long)
     for row in range(n_rows):
@@ -72,82 +121,303 @@ def batches(draw):
         elif kind == "single":
             mask[row] = 0
             mask[row, draw(st.integers(0, length - 1))] = 1
-        real = mask[row].nonzero().flatten()
-        tokens[row, real[draw(st.integers(0, len(real) - 1))]] = PAD  # a real token with the pad id
+        if pad is not None:
+            if draw(st.booleans()):  # masked positions hold the pad id (a tokenizer's padding) or garbage
+                tokens[row, mask[row] == 0] = pad
+            real = mask[row].nonzero().flatten()
+            for i in draw(st.lists(st.integers(0, len(real) - 1), min_size=1, max_size=len(real), unique=True)):
+                tokens[row, real[i]] = pad  # real tokens with the pad id: attended, not masked
     return tokens, mask
 
 
-def _models(hf_cfg, dtype, seed):
-    hf_cfg._attn_implementation = "eager"
+@st.composite
+def ragged_bounds(draw, n: int) -> tuple[int, ...]:
+    """Chunk ends of a cached run over n tokens: any split of [0, n) into consecutive non-empty chunks (one
+    chunk, a prefill then decode steps of a fixed size, token by token, or random cuts)."""
+    if n == 1:
+        return (1,)
+    kind = draw(st.sampled_from(["prefill+steps", "random", "tokenwise", "one"]))  # shrinks towards the first
+    if kind == "one":
+        return (n,)
+    if kind == "prefill+steps":
+        prefill, step = draw(st.integers(1, n - 1)), draw(st.integers(1, 3))
+        return (*range(prefill, n, step), n)
+    if kind == "tokenwise":
+        return tuple(range(1, n + 1))
+    cuts = draw(st.lists(st.integers(1, n - 1), min_size=1, max_size=n - 1, unique=True))
+    return (*sorted(cuts), n)
+
+
+@dataclass(frozen=True)
+class Ragged(Schedule):
+    """A compare() schedule with arbitrary chunk ends (Schedule's fields describe its first chunk)."""
+
+    ends: tuple[int, ...] = (1,)
+
+    @property
+    def length(self) -> int:
+        return self.ends[-1]
+
+    def bounds(self) -> list[tuple[int, int]]:
+        return list(zip((0, *self.ends[:-1]), self.ends))
+
+    @classmethod
+    def of(cls, ends: tuple[int, ...]) -> Ragged:
+        return cls(prefill=ends[0], decode_steps=len(ends) - 1, chunk=0, ends=tuple(ends))
+
+
+def _positions(mode: str, mask: torch.Tensor, offset: int):
+    """position_ids given to both models (None: each model's arange from its cache offset, HF forward's default)."""
+    n = mask.shape[1]
+    if mode == "arange":
+        return None
+    if mode == "mask":  # HF generate: cumsum(mask) - 1, pads at 0
+        return "mask"
+    if mode == "raw_cumsum":  # what a user may pass: left pads get negative positions
+        return mask.long().cumsum(-1) - 1
+    if mode == "offset":
+        return (torch.arange(n) + offset).expand(mask.shape[0], n).contiguous()
+    return (torch.arange(n) + offset)[None]  # "broadcast": [1, pos]
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+def build_hf(family: str, kwargs: dict, dtype: torch.dtype, seed: int, std: float):
+    """HF model (eager) of the config; every parameter N(0, std) in float32 from `seed`, rounded to dtype."""
+    cfg = AutoConfig.for_model(family, **kwargs)
     torch.manual_seed(seed)
-    hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation="eager").eval()
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="eager").eval()
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # non-trivial norm weights and biases too
+    with torch.no_grad():
         for p in hf.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.4)
-    return hf, lens_det.from_hf_model(hf)
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return hf
 
 
-def _check_parity(data, hf_cfg, dtype, seed):
-    tokens, mask = data.draw(batches())
-    hf, model = _models(hf_cfg, dtype, seed)
-    model.set_use_attn_result(data.draw(st.booleans()))
+def reproducer(family, kwargs, dtype, seed, std) -> str:
+    return (f"hf = build_hf({family!r}, {kwargs!r}, {dtype}, seed={seed}, std={std})  "
+            f"# = AutoConfig.for_model({family!r}, **kwargs), eager, weights N(0, std)")
+
+
+def _equal(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    """Bit-for-bit equality (NaN == NaN: float16 fully masked pad rows are NaN in both)."""
+    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
+    same = (ours == ref) | (ours.isnan() & ref.isnan())
+    if not bool(same.all()):
+        diff = (ours.double() - ref.double()).abs().nan_to_num(nan=float("inf"))
+        bad = (~same).nonzero()[0].tolist()
+        raise AssertionError(f"{what}: max |diff| {diff.max().item():.3g}, first at {bad}")
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+
+def exact_hooks(model, hf, tokens, mask, positions, ends) -> None:
+    """compare()'s loop (the same HF reference capture) with an IEEE equality that holds for -inf == -inf."""
+    if isinstance(positions, str):
+        positions = positions_from_mask(mask)
+    with_result = model.blocks[0].attn.use_attn_result
+    cache, hf_cache = model.new_cache(), DynamicCache(config=hf.config)
+    steps = [("uncached", (0, ends[-1]), None, None),
+             *[(f"cached:{i}", ab, cache, hf_cache) for i, ab in enumerate(Ragged.of(ends).bounds())]]
+    for step, (a, b), kv, hf_kv in steps:
+        pos = None if positions is None else positions[:, a:b]
+        with torch.no_grad():
+            logits, ours = model.run_with_cache(tokens[:, a:b], attention_mask=mask[:, :b], position_ids=pos,
+                                                kv_cache=kv)
+        ref_logits, reference = capture_reference(hf, model.config, tokens[:, a:b], mask[:, :b], pos,
+                                                  past_key_values=hf_kv, with_result=with_result)
+        for hook in ours.keys():  # firing order: the first failure is the first divergence
+            assert hook in reference, f"no HF reference for {hook}"
+            _equal(ours[hook], reference[hook], f"{step} {hook}")
+        _equal(logits, ref_logits, f"{step} logits")
+
+
+def check_parity(data, family, kwargs, dtype, seed, std, max_len: int = 10) -> None:
+    note(reproducer(family, kwargs, dtype, seed, std))
+    hf = build_hf(family, kwargs, dtype, seed, std)
+    model = lens_det.from_hf_model(hf)
+    model.set_use_attn_result(data.draw(st.booleans(), label="use_attn_result"))
+    tokens, mask = data.draw(batches(kwargs["vocab_size"], kwargs["pad_token_id"], max_len=max_len),
+                              label="tokens, mask")
     n = tokens.shape[1]
-    prefill = data.draw(st.integers(1, n))
-    chunk = data.draw(st.integers(1, 3))
-    positions = data.draw(st.sampled_from(["mask", None])) if model.cfg.positional == "rope" else None
-    note(f"config={hf_cfg.to_diff_dict()}\ndtype={dtype} tokens={tokens.tolist()} mask={mask.tolist()} "
-         f"prefill={prefill} chunk={chunk} positions={positions}")
-    report = compare(model, hf, tokens, mask, positions, prefill=prefill, decode_steps=(n - prefill) // chunk,
-                     chunk=chunk)
-    assert report.passed and report.coverage == 1.0, report.to_text()
+    if kwargs.get("sliding_window") == 1 and "sliding_attention" in kwargs.get("layer_types", ()):
+        ends = (n,)  # HF's sliding cache is broken for a window of 1 (test_hf_cache_with_sliding_window_1 below)
+    else:
+        ends = data.draw(ragged_bounds(n), label="chunk ends")
+    mode = data.draw(st.sampled_from(POSITION_MODES), label="positions") if family != "bloom" else "arange"
+    positions = _positions(mode, mask, data.draw(st.integers(0, 7), label="offset"))
+    for e in (family, dtype, f"positions {mode}", f"{len(ends)} chunk(s)", f"length {n}",
+              f"activation {kwargs.get('hidden_act') or kwargs.get('hidden_activation')}"):
+        event(str(e))  # shown by --hypothesis-show-statistics
+    shown = positions if isinstance(positions, str | None) else f"torch.tensor({positions.tolist()})"
+    note(f"tokens = torch.tensor({tokens.tolist()})\nmask = torch.tensor({mask.tolist()})\n"
+         f"chunk ends = {ends}\nposition_ids = {shown}")
+
+    # every hook point and the logits, uncached and on the schedule with both caches (HF reference hooks)
+    if dtype == torch.float16:  # compare() reports equal infinities as an inf difference (xfail test below)
+        exact_hooks(model, hf, tokens, mask, positions, ends)
+    else:
+        report = compare(model, hf, tokens, mask, positions, schedule=Ragged.of(ends))
+        assert report.passed and report.coverage == 1.0, report.to_text()
+
+    # the logits again against a plain HF forward (no reference hooks installed), uncached and cached
+    if isinstance(positions, str):
+        positions = positions_from_mask(mask)
+    pos_kw = (lambda a, b: {}) if positions is None or family == "bloom" else (
+        lambda a, b: {"position_ids": positions[:, a:b]})
+    with torch.no_grad():
+        ours = model(tokens, attention_mask=mask, **pos_kw(0, n))
+        ref = hf(input_ids=tokens, attention_mask=mask, **pos_kw(0, n)).logits
+        _equal(ours, ref, "uncached logits vs plain HF")
+        cache, hf_cache = model.new_cache(), DynamicCache(config=hf.config)
+        for a, b in Ragged.of(ends).bounds():
+            ours = model(tokens[:, a:b], attention_mask=mask[:, :b], kv_cache=cache, **pos_kw(a, b))
+            ref = hf(input_ids=tokens[:, a:b], attention_mask=mask[:, :b], past_key_values=hf_cache,
+                     use_cache=True, **pos_kw(a, b)).logits
+            _equal(ours, ref, f"cached logits [{a}:{b}] vs plain HF")
 
 
-def _check_generate(data, hf_cfg, dtype, seed):
+def check_generate(data, family, kwargs, dtype, seed, std) -> None:
+    note(reproducer(family, kwargs, dtype, seed, std))
+    hf = build_hf(family, kwargs, dtype, seed, std)
+    model = lens_det.from_hf_model(hf)
+    vocab, pad = kwargs["vocab_size"], kwargs["pad_token_id"]
     n_rows, length = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 6))
-    tokens = torch.randint(0, VOCAB, (n_rows, length), generator=torch.Generator().manual_seed(seed))
+    tokens = torch.randint(0, vocab, (n_rows, length), generator=torch.Generator().manual_seed(seed))
     mask = torch.ones_like(tokens)
     for row in range(n_rows):  # generate takes left padding, as HF generate does
         mask[row, : data.draw(st.integers(0, length - 1))] = 0
-    hf, model = _models(hf_cfg, dtype, seed)
     use_cache = data.draw(st.booleans())
-    note(f"config={hf_cfg.to_diff_dict()}\ndtype={dtype} tokens={tokens.tolist()} mask={mask.tolist()} "
-         f"use_cache={use_cache}")
+    if kwargs.get("sliding_window") == 1 and "sliding_attention" in kwargs.get("layer_types", ()):
+        use_cache = False  # HF's sliding cache is broken for a window of 1 (test_hf_cache_with_sliding_window_1)
+    note(f"tokens={tokens.tolist()} mask={mask.tolist()} use_cache={use_cache}")
     with torch.no_grad():
         ref = hf.generate(tokens, attention_mask=mask, max_new_tokens=4, do_sample=False, use_cache=use_cache,
-                          output_logits=True, return_dict_in_generate=True, eos_token_id=None, pad_token_id=PAD)
+                          output_logits=True, return_dict_in_generate=True, eos_token_id=None,
+                          pad_token_id=0 if pad is None else pad)
     out = model.generate(tokens, mask, max_new_tokens=4, stop_tokens=[], use_kv_cache=use_cache)
     assert torch.equal(out.tokens, ref.sequences)
-    for ours, theirs in zip(out.logits, ref.logits, strict=True):
-        assert torch.equal(ours, theirs)
+    for i, (ours, theirs) in enumerate(zip(out.logits, ref.logits, strict=True)):
+        _equal(ours, theirs, f"generate step {i} logits")
 
 
-COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-DRAWS = dict(data=st.data(), hf_cfg=hf_configs(), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-             seed=st.integers(0, 2**16))
+COMMON = dict(deadline=None, print_blob=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+DRAWS = dict(data=st.data(), config=config_kwargs(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16),
+             std=st.sampled_from([0.05, 0.3, 1.0]))
 
 
-@settings(max_examples=100, derandomize=True, **COMMON)
+@settings(max_examples=200, derandomize=True, **COMMON)
 @given(**DRAWS)
-def test_every_hook_equals_hf_on_random_configs_paddings_and_schedules(data, hf_cfg, dtype, seed):
-    _check_parity(data, hf_cfg, dtype, seed)
+def test_every_hook_equals_hf_on_random_configs_paddings_and_schedules(data, config, dtype, seed, std):
+    check_parity(data, *config, dtype, seed, std)
+
+
+@settings(max_examples=50, derandomize=True, **COMMON)
+@given(**DRAWS)
+def test_greedy_generate_equals_hf_generate_on_random_configs(data, config, dtype, seed, std):
+    check_generate(data, *config, dtype, seed, std)
+
+
+@pytest.mark.slow
+@settings(max_examples=1500, **COMMON)
+@given(**DRAWS)
+def test_every_hook_equals_hf_long_run(data, config, dtype, seed, std):
+    check_parity(data, *config, dtype, seed, std, max_len=16)
+
+
+@pytest.mark.slow
+@settings(max_examples=300, **COMMON)
+@given(**DRAWS)
+def test_greedy_generate_equals_hf_generate_long_run(data, config, dtype, seed, std):
+    check_generate(data, *config, dtype, seed, std)
+
+
+# ----------------------------------------------------------------------------------------------- refusals
+
+# Valid HF configs that lens_det does not implement. Each must be refused at conversion (NotImplementedError), or,
+# if lens_det ever accepts one, match HF bit for bit: never a silently different answer.
+HF_ONLY_KNOBS = ["activation", "rope_type", "partial_rotary_factor", "bidirectional"]
+
+
+def _hf_only(draw, family: str, knob: str) -> dict:
+    if knob == "activation":  # any ACT2FN name runs in HF's Gemma MLP; lens_det implements the two GELUs
+        name = draw(st.sampled_from(["silu", "gelu_new", "gelu_fast", "relu", "quick_gelu", "gelu_accurate", "tanh"]))
+        return {"hidden_act" if family == "gemma" else "hidden_activation": name}
+    if knob == "bidirectional":
+        return {"use_bidirectional_attention": True}
+    rope = ({"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4} if knob == "rope_type"
+            else {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5})
+    if family == "gemma3_text":
+        rope = {"full_attention": rope, "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    return {"rope_parameters": rope}
 
 
 @settings(max_examples=30, derandomize=True, **COMMON)
-@given(**DRAWS)
-def test_greedy_generate_equals_hf_generate_on_random_configs(data, hf_cfg, dtype, seed):
-    _check_generate(data, hf_cfg, dtype, seed)
+@given(data=st.data(), config=config_kwargs(families=("gemma", "gemma2", "gemma3_text")),
+       knob=st.sampled_from(HF_ONLY_KNOBS), seed=st.integers(0, 2**16))
+def test_configs_lens_det_does_not_implement_are_refused_not_answered_differently(data, config, knob, seed):
+    family, kwargs = config
+    kwargs = kwargs | _hf_only(data.draw, family, knob)
+    note(reproducer(family, kwargs, torch.float32, seed, 0.3))
+    hf = build_hf(family, kwargs, torch.float32, seed, 0.3)
+    try:
+        model = lens_det.from_hf_model(hf)
+    except NotImplementedError:
+        return
+    tokens, mask = data.draw(batches(kwargs["vocab_size"], kwargs["pad_token_id"]))
+    ends = data.draw(ragged_bounds(tokens.shape[1]))
+    report = compare(model, hf, tokens, mask, "mask", schedule=Ragged.of(ends))
+    assert report.passed, report.to_text()
 
 
-@pytest.mark.slow
-@settings(max_examples=600, **COMMON)
-@given(**DRAWS)
-def test_every_hook_equals_hf_long_run(data, hf_cfg, dtype, seed):
-    _check_parity(data, hf_cfg, dtype, seed)
+@pytest.mark.parametrize("family, kwargs", [
+    ("gemma", dict(layer_types=["sliding_attention"], sliding_window=2)),  # HF Gemma 1 ignores both fields
+    ("bloom", dict(pretraining_tp=2, slow_but_exact=True)),
+])
+def test_other_refusals(family, kwargs):
+    base = dict(vocab_size=16, num_hidden_layers=1, hidden_size=8)
+    base |= dict(n_head=2) if family == "bloom" else dict(num_attention_heads=2, num_key_value_heads=1, head_dim=4,
+                                                           intermediate_size=8)
+    hf = build_hf(family, base | kwargs, torch.float32, 0, 0.3)
+    with pytest.raises(NotImplementedError):
+        LensConfig.from_hf_config(hf.config)
 
 
-@pytest.mark.slow
-@settings(max_examples=200, **COMMON)
-@given(**DRAWS)
-def test_greedy_generate_equals_hf_generate_long_run(data, hf_cfg, dtype, seed):
-    _check_generate(data, hf_cfg, dtype, seed)
+# ----------------------------------------------------------------------------------------------- found mismatches
+# Minimal reproducers of the mismatches the properties found, kept out of the properties above. strict=True: when
+# one is fixed the test XPASSes and fails, so the exclusion above can be removed with it.
+
+
+@pytest.mark.xfail(strict=True, reason="lens_det.parity.report.diff_hook reports equal infinities as an inf "
+                   "difference ((-inf) - (-inf) = nan, turned into inf): float16 Bloom's masked scores are -inf in "
+                   "both models, so compare() fails although every hook is bit-identical")
+def test_compare_accepts_equal_infinities_float16_bloom():
+    kwargs = dict(vocab_size=48, n_head=1, hidden_size=2, num_hidden_layers=1)
+    hf = build_hf("bloom", kwargs, torch.float16, seed=0, std=1.0)
+    model = lens_det.from_hf_model(hf)
+    tokens = torch.tensor([[0, 0]])
+    exact_hooks(model, hf, tokens, torch.ones_like(tokens), None, (2,))  # IEEE-equal everywhere, -inf included
+    report = compare(model, hf, tokens, torch.ones_like(tokens))
+    assert report.passed, report.to_text()  # fails: attn.hook_attn_scores max |diff| inf
+
+
+GEMMA2_WINDOW_1 = dict(vocab_size=8, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
+                       hidden_size=1, head_dim=2, intermediate_size=1, sliding_window=1,
+                       layer_types=["sliding_attention"])
+
+
+@pytest.mark.xfail(strict=True, reason="HF bug, not lens_det's: with sliding_window=1, DynamicSlidingWindowLayer "
+                   "keeps every key (keys[:, :, -sliding_window + 1:] is keys[:, :, 0:]) and eager attention "
+                   "broadcasts its 1-key mask over them, so HF cached attends to all past tokens while HF uncached "
+                   "attends to the token itself only; lens_det's cache gives HF's uncached answer. (A chunk of 2+ "
+                   "tokens after a cached one makes HF raise a shape error.)")
+def test_hf_cache_with_sliding_window_1():
+    hf = build_hf("gemma2", GEMMA2_WINDOW_1, torch.float32, seed=0, std=0.05)
+    model = lens_det.from_hf_model(hf)
+    tokens = torch.tensor([[0, 0]])
+    assert compare(model, hf, tokens, schedule=Ragged.of((2,))).passed  # uncached and one-chunk cached: equal
+    report = compare(model, hf, tokens, schedule=Ragged.of((1, 2)))
+    assert report.passed, report.to_text()  # fails: cached:1 attn.hook_attn_scores / hook_pattern / hook_z
