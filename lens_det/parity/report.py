@@ -97,7 +97,8 @@ def diff_hook(step: str, hook: str, ours: torch.Tensor, ref: torch.Tensor, atol:
         return HookDiff(step, hook, layer_of(hook), math.inf, math.inf, False, False)
     a, b = ours.detach().double().cpu(), ref.detach().double().cpu()
     d = (a - b).abs()
-    d = torch.where(torch.isnan(a) & torch.isnan(b), torch.zeros_like(d), d.nan_to_num(nan=math.inf))
+    same = (a == b) | (torch.isnan(a) & torch.isnan(b))  # equal infinities too: inf - inf would be NaN
+    d = torch.where(same, torch.zeros_like(d), d.nan_to_num(nan=math.inf))
     finite = b[b > torch.finfo(ref.dtype).min / 2] if ref.is_floating_point() else b
     scale = finite.abs().max().item() if finite.numel() else 0.0
     max_abs = d.max().item() if d.numel() else 0.0
