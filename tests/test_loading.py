@@ -62,7 +62,7 @@ def test_gemma3_conditional_generation_text_part(tmp_path):
 
 @pytest.mark.parametrize("name", REAL)
 def test_real_checkpoint_configs(name):
-    """Every named checkpoint config resolves to the shapes recorded in shared/checkpoints.json."""
+    """Every named checkpoint config resolves to the shapes recorded in its JSON record (hf_config)."""
     record = named_configs()[name]
     hf = record["hf_config"]
     cfg = LensConfig.from_name(name)

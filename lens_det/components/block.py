@@ -16,9 +16,10 @@ from lens_det.config import LensConfig
 class Block(nn.Module):
     """x -> x + ln1_post(attn(ln1(x))) -> + ln2_post(mlp(ln2(.))).
 
-    Gemma 1's `post_attention_layernorm` is the pre-MLP norm (ln2); Gemma 2/3's is ln1_post (docs/numerics.md §9.7).
-    With `residual_from_norm` (Bloom's apply_residual_connection_post_layernorm) the residual branch starts from
-    the norm's output. hook_attn_out / hook_mlp_out are what is added to the residual stream.
+    Gemma 1's `post_attention_layernorm` is the pre-MLP norm (ln2); Gemma 2/3's is ln1_post
+    (docs/numerics.md §3.6, §9.7). With `residual_from_norm` (Bloom's apply_residual_connection_post_layernorm)
+    the residual branch starts from the norm's output (docs/numerics.md §2.3). hook_attn_out / hook_mlp_out are
+    what is added to the residual stream.
     """
 
     def __init__(self, cfg: LensConfig, layer: int):
