@@ -34,18 +34,24 @@ cache["blocks.0.attn.hook_pattern"].shape  # [batch, head, query_pos, key_pos]''
 for head, ax in enumerate(axes):
     image = ax.imshow(cache["blocks.1.attn.hook_pattern"][0, head].float(), cmap="Blues", vmin=0, vmax=1)
     ax.set_title(f"layer 1, head {head}", fontsize=9)
+    ax.set_xticks(range(0, tokens.shape[1], 2)); ax.set_yticks(range(0, tokens.shape[1], 2))
     ax.set_xlabel("key position")
 axes[0].set_ylabel("query position")
 fig.colorbar(image, ax=axes.tolist(), shrink=0.8, label="attention weight")
 fig.suptitle("attention patterns of the first prompt (row = query, column = key it attends to)", fontsize=10)
 plt.show()''',
         '''# Logit lens: the residual stream after each layer, through the final norm and the unembedding.
+from matplotlib.ticker import MaxNLocator
 resid, labels = cache.accumulated_resid(apply_ln=True, return_labels=True)
 lens_logits = resid[:, 0, -1] @ model.W_U
 final_token = logits[0, -1].argmax()
 rank = (lens_logits > lens_logits[:, final_token, None]).sum(-1)
+plt.figure(figsize=(6, 3.5), layout="constrained")
 plt.plot(labels, rank.numpy(), marker="o")
-plt.xticks(rotation=60); plt.ylabel("rank of the final prediction"); plt.title("logit lens")
+plt.ylim(-0.5, max(5, 1.05 * int(rank.max()) + 1)); plt.gca().yaxis.set_major_locator(MaxNLocator(integer=True))
+plt.xticks(rotation=60); plt.xlabel("residual stream: i_pre = before layer i, final_post = after the final norm")
+plt.ylabel("rank of the final prediction\\n(0 = already the top token)")
+plt.title("logit lens, first prompt, last position")
 plt.show()''',
     ],
     "02_kv_cache_parity": [
@@ -134,22 +140,10 @@ for mode in ("default", "deterministic"):
 for mode, reports in results.items():
     print(mode, {check: f"{r.max_abs():.2g}" for check, r in reports.items()})
 print(results["default"]["batch"].to_text(n_worst=3))''',
-        '''# Max |diff| per check on a log axis; an exact 0 has no bar (a log axis cannot show it) and is written "0".
-from matplotlib.patches import Patch
-checks = list(results["default"])
-floor = 1e-9
-fig, ax = plt.subplots(figsize=(7, 3.5))
-for offset, (mode, color) in zip((-0.2, 0.2), (("default", "tab:blue"), ("deterministic", "tab:orange"))):
-    for j, check in enumerate(checks):
-        value = results[mode][check].max_abs()
-        if value > 0:
-            ax.bar(j + offset, value - floor, 0.4, bottom=floor, color=color)
-        else:
-            ax.text(j + offset, floor * 1.3, "0", ha="center", va="bottom", color=color, fontweight="bold")
-ax.set_yscale("log"); ax.set_ylim(floor, 1)
-ax.set_xticks(range(len(checks)), checks); ax.set_ylabel("max |diff| over hook points")
-ax.set_title('"0": bit-identical (no bar)', fontsize=9)
-ax.legend(handles=[Patch(color="tab:blue", label="default"), Patch(color="tab:orange", label="deterministic")])
+        '''# Max |diff| per check on a log axis; an exact 0 has no bar (a log axis cannot show it): it is written
+# "0 = bit-identical" instead of being drawn as a tiny bar.
+from lens_det.determinism import plot_checks
+fig = plot_checks(results)
 plt.show()''',
         '''# Greedy generation: alone vs inside a left-padded batch, bit for bit in deterministic mode.
 companion = torch.randint(0, model.cfg.d_vocab, (1, 9), generator=torch.Generator().manual_seed(1))
@@ -170,6 +164,8 @@ def main() -> None:
         nb = nbformat.v4.new_notebook()
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
         nb.cells = [nbformat.v4.new_markdown_cell(cells[0])] + [nbformat.v4.new_code_cell(c) for c in cells[1:]]
+        for i, cell in enumerate(nb.cells):
+            cell.id = f"cell-{i}"  # stable ids: regenerating changes only what was edited
         nbformat.write(nb, out / f"{name}.ipynb")
         print("wrote", name)
 

@@ -19,7 +19,7 @@ from lens_det.parity.report import ParityReport, Schedule, diff_hook
 
 __all__ = [
     "batch_invariance", "cache_invariance", "check_all", "chunk_invariance", "deterministic",
-    "device_invariance", "run_to_run", "thread_invariance",
+    "device_invariance", "plot_checks", "run_to_run", "thread_invariance",
 ]
 
 
@@ -172,3 +172,38 @@ def check_all(model: Any, prompt, batch_sizes=(2, 3, 4, 8, 16), chunk_sizes=(1, 
     if device is not None:
         reports["device"] = device
     return reports
+
+
+def plot_checks(results: dict[str, dict[str, ParityReport]], path=None):
+    """Bar chart of max |diff| per check, one bar per mode, from {mode: check_all(...)} (e.g. {"default": ...,
+    "deterministic": ...}). Log axis; an exact 0 has no bar (a log axis cannot show 0) and is written
+    "0 = bit-identical" instead, so no reader takes it for a tiny non-zero difference."""
+    import matplotlib.pyplot as plt
+
+    modes, checks = list(results), list(next(iter(results.values())))
+    values = {mode: [min(results[mode][check].max_abs(), 1e30) for check in checks] for mode in modes}
+    nonzero = [v for row in values.values() for v in row if v > 0]
+    floor, top = min([1e-9, *(v / 100 for v in nonzero)]), max([1.0, *(v * 10 for v in nonzero)])
+    width = 0.8 / len(modes)
+    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(checks), 3.8), layout="constrained")
+    for i, mode in enumerate(modes):
+        for j, value in enumerate(values[mode]):
+            x = j + (i - (len(modes) - 1) / 2) * width
+            if value > 0:
+                ax.bar(x, value - floor, 0.9 * width, bottom=floor, color=f"C{i}")
+                ax.text(x, value * 1.5, f"{value:.2g}", ha="center", va="bottom", fontsize=8)
+            else:
+                ax.text(x, floor * 2, "0 = bit-identical", rotation=90, ha="center", va="bottom", fontsize=8,
+                        color=f"C{i}", fontweight="bold")
+    ax.set_yscale("log")
+    ax.set_ylim(floor, top)
+    ax.set_xlim(-0.6, len(checks) - 0.4)  # room for the "0" labels of the outer bars
+    ax.set_xticks(range(len(checks)), checks)
+    ax.set_xlabel("what varies (check)")
+    ax.set_ylabel("max |diff| over hook points")
+    fig.legend([plt.Rectangle((0, 0), 1, 1, color=f"C{i}") for i in range(len(modes))], modes,
+               loc="outside upper center", ncols=len(modes), frameon=False)
+    if path is not None:
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+    return fig

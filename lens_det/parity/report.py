@@ -169,9 +169,8 @@ class ParityReport:
         ]
         first = self.first_divergence
         if first is not None:
-            where = f"position {first.position}" + ("" if first.head is None else f", head {first.head}")
             lines.append(f"  first divergence: {first.step}, layer {first.layer}, {kind_of(first.hook)} "
-                         f"(op: {op_of(first.hook)}), {where} (max |diff| {first.max_abs:.3g})")
+                         f"(op: {op_of(first.hook)}), {_where(first)} (max |diff| {first.max_abs:.3g})")
         lines.append(f"  worst hooks:  {'step':<10} {'hook':<36} {'max|diff|':>10} {'rel':>9}  bitwise")
         for r in self.worst(n_worst):
             lines.append(f"                {r.step:<10} {r.hook:<36} {r.max_abs:>10.3g} {r.max_rel:>9.2g}  "
@@ -194,51 +193,81 @@ class ParityReport:
         """(rows, columns, {cached: grid}) behind `plot`. Rows are hook kinds in the order they fire (so an
         error's spread reads top to bottom); columns are "embed", the layers and "final" (top-level hooks:
         hook_embed and embed.ln.* in "embed", ln_final.* and logits in "final"). Cells hold the max |diff| over
-        the steps of that half (None where nothing was compared)."""
+        the steps of that half (None where nothing was compared); a half with no rows at all is left out."""
         kinds: list[str] = []
         for r in self.rows:
             if kind_of(r.hook) not in kinds:
                 kinds.append(kind_of(r.hook))
         n_layers = 1 + max((r.layer for r in self.rows if r.layer is not None), default=-1)
         columns = ["embed", *map(str, range(n_layers)), "final"]
-        grids = {c: [[None] * len(columns) for _ in kinds] for c in (False, True)}
+        halves = [c for c in (False, True) if any(r.step.startswith("cached") == c for r in self.rows)]
+        grids = {c: [[None] * len(columns) for _ in kinds] for c in halves}
         for r in self.rows:
-            col = r.layer + 1 if r.layer is not None else (0 if "embed" in r.hook else len(columns) - 1)
             cell = grids[r.step.startswith("cached")][kinds.index(kind_of(r.hook))]
+            col = _column(r, len(columns))
             cell[col] = max(cell[col] or 0.0, r.max_abs)
         return kinds, columns, grids
 
-    def plot(self, path=None):
-        """Heatmap of log10 max |diff| by hook (in firing order) x layer, cache off and on; green cells are
-        bit-identical, blank ones not compared, and the first divergence has a red box."""
+    def plot(self, path=None, vmin: float = -8.0, vmax: float = 1.0):
+        """Heatmap of log10 max |diff| by hook (in firing order) x layer, cache off and on. Exact zeros
+        (bit-identical) are green, outside the colour scale; non-zero diffs are clipped into [vmin, vmax], so
+        the smallest non-zero one is still dark, never green. Blank: not compared. Red box: first divergence."""
         import matplotlib
         import matplotlib.pyplot as plt
         import numpy as np
+        from matplotlib import patheffects
         from matplotlib.patches import Rectangle
 
         kinds, columns, grids = self.heatmap_data()
-        fig, axes = plt.subplots(1, 2, figsize=(3.5 + 0.42 * len(columns) * 2, 1.8 + 0.24 * len(kinds)),
+        cell_width = max(0.2, min(0.42, 8 / len(columns)))  # inches; narrower for deep models
+        fig, axes = plt.subplots(1, len(grids), figsize=(3.5 + cell_width * len(columns) * len(grids),
+                                                         2.0 + 0.24 * len(kinds)),
                                  squeeze=False, layout="constrained")
-        cmap = matplotlib.colormaps["magma"].with_extremes(bad="white", under="#b8e0b0")  # 0: green; blank: none
+        cmap = matplotlib.colormaps["magma"].with_extremes(bad="white", under="#8fd18a")  # green: exactly 0
         first = self.first_divergence
-        for ax, cached in zip(axes[0], (False, True)):
-            grid = np.array([[np.nan if v is None else (math.log10(min(v, 1e30)) if v > 0 else -99.0) for v in row]
-                             for row in grids[cached]], dtype=float)
-            image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, vmin=-8, vmax=1)
+        for ax, (cached, cells) in zip(axes[0], grids.items()):
+            grid = np.array([[np.nan if v is None else -np.inf if v == 0 else np.clip(np.log10(v), vmin, vmax)
+                              for v in row] for row in cells], dtype=float)
+            image = ax.imshow(np.ma.masked_invalid(np.where(grid == -np.inf, vmin - 1, grid)), aspect="auto",
+                              cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
             ax.set_title(f"cache {'on' if cached else 'off'}", fontsize=9)
             ax.set_xticks(range(len(columns)), columns, fontsize=7, rotation=90 if len(columns) > 14 else 0)
             ax.set_xlabel("layer")
-            ax.set_yticks(range(len(kinds)), kinds if not cached else [], fontsize=7)
+            ax.set_yticks(range(len(kinds)), kinds if ax is axes[0, 0] else [], fontsize=7)
+            for x in (0.5, len(columns) - 1.5):  # embed | layers | final
+                ax.axvline(x, color="0.6", linewidth=0.8)
             if first is not None and first.step.startswith("cached") == cached:
-                col = first.layer + 1 if first.layer is not None else (0 if "embed" in first.hook else len(columns) - 1)
-                ax.add_patch(Rectangle((col - 0.5, kinds.index(kind_of(first.hook)) - 0.5), 1, 1, fill=False,
-                                       edgecolor="red", linewidth=2))
-        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, extend="min",
-                     label="log10 max |diff| (green: 0, bit-identical)")
-        note = "all compared values bit-identical (white: not compared)" if first is None else \
-            f"red box: first divergence, {first.step}, {first.hook}, position {first.position}"
-        fig.suptitle(f"{self.title}\n{note}", fontsize=9)
+                box = Rectangle((_column(first, len(columns)) - 0.5, kinds.index(kind_of(first.hook)) - 0.5), 1, 1,
+                                fill=False, edgecolor="red", linewidth=2.5)
+                box.set_path_effects([patheffects.withStroke(linewidth=5, foreground="white")])  # visible on red
+                ax.add_patch(box)
+        bar = fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, extend="min",
+                           label="log10 max |diff|\n(green \u25bc = exactly 0, bit-identical)")
+        ticks = list(range(math.ceil(vmin), math.floor(vmax) + 1))
+        bar.set_ticks(ticks, labels=[("\u2264" if t == vmin else "\u2265" if t == vmax else "")
+                                      + str(t).replace("-", "\u2212") for t in ticks])
+        if first is None:
+            note = "every compared value bit-identical" if self.max_abs() == 0 else "every hook within tolerance"
+        else:
+            layer = "top level" if first.layer is None else f"layer {first.layer}"
+            note = (f"red box = first divergence: step {first.step}, {layer}, {kind_of(first.hook)}\n"
+                    f"(op: {op_of(first.hook)}, {_where(first)}, max |diff| {first.max_abs:.3g})")
+        fig.suptitle(f"{self.title}\n{note}\ngreen: bit-identical, white: not compared", fontsize=9)
         if path is not None:
             fig.savefig(path, dpi=110, bbox_inches="tight")
             plt.close(fig)
         return fig
+
+
+def _where(row: HookDiff) -> str:
+    """Where a failing row first goes over tolerance, e.g. "position 8, head 0" ("shapes differ" if unknown)."""
+    if row.position is None:
+        return "shapes differ" if row.max_abs == math.inf else "position unknown"
+    return f"position {row.position}" + ("" if row.head is None else f", head {row.head}")
+
+
+def _column(row: HookDiff, n_columns: int) -> int:
+    """The heatmap column of a row: 0 for embedding hooks, 1 + layer, n_columns - 1 for ln_final and logits."""
+    if row.layer is not None:
+        return row.layer + 1
+    return 0 if "embed" in row.hook else n_columns - 1

@@ -133,3 +133,22 @@ def test_deterministic_mode_never_nan_on_padding_only_rows(model_pair, name):
         alone = model(tokens[:1, 5:], position_ids="mask")
     assert torch.isfinite(out).all()
     assert torch.equal(out[0, 5:], alone[0])  # the padded row is still its prompt alone, bit for bit
+
+
+def test_plot_checks_writes_exact_zeros_as_text_not_as_bars():
+    import matplotlib.pyplot as plt
+
+    from lens_det.determinism import plot_checks
+    from lens_det.parity.report import HookDiff, ParityReport, Schedule
+
+    def report(diff):
+        row = HookDiff("s", "hook_embed", None, diff, diff, not diff, True)
+        return ParityReport("r", Schedule(1, 0), 0.0, 0.0, [row])
+
+    fig = plot_checks({"default": {"batch": report(0.0), "chunk": report(3e-6)},
+                       "deterministic": {"batch": report(0.0), "chunk": report(0.0)}})
+    ax = fig.axes[0]
+    assert len(ax.patches) == 1 and ax.patches[0].get_y() + ax.patches[0].get_height() == pytest.approx(3e-6)
+    assert sorted(t.get_text() for t in ax.texts) == ["0 = bit-identical"] * 3 + ["3e-06"]
+    assert ax.get_ylim()[0] <= 3e-8  # two decades below the smallest non-zero value
+    plt.close(fig)

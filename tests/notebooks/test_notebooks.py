@@ -1,12 +1,14 @@
 """Every notebook runs headless on its tiny default model; a failing cell fails the suite; figures render."""
 
+import os
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.ipynb"))
+ROOT = Path(__file__).resolve().parents[2]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 def test_all_four_notebooks_exist():
@@ -17,6 +19,8 @@ def test_all_four_notebooks_exist():
 def test_notebook_executes_and_renders_figures(path, monkeypatch):
     monkeypatch.delenv("LENS_DET_MODEL", raising=False)
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend renders the figures
+    # the kernel runs in notebooks/: make it import this checkout's lens_det, not whichever one is installed
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]

@@ -1,7 +1,7 @@
 """compare() as a product: it finds injected bugs and names where they start; reports; bad input."""
 
 import json
-import re
+import math
 
 import pytest
 import torch
@@ -112,21 +112,74 @@ def test_bad_input_fails_before_compute(model_pair, monkeypatch):
         compare(model, hf, tokens, mask[:, 1:])
 
 
-def test_heatmap_rows_fire_in_forward_order_and_include_top_level_hooks(model_pair):
+@pytest.mark.parametrize("name", ["tiny-bloom", "tiny-gemma3"])
+def test_heatmap_rows_fire_in_forward_order_and_include_top_level_hooks(model_pair, name):
     from lens_det.parity import compare
 
-    hf, model = model_pair("tiny-bloom")
+    hf, model = model_pair(name)
     tokens, mask = batch("left", model.cfg.d_vocab)
     report = compare(model, hf, tokens, mask, prefill=8)
     kinds, columns, grids = report.heatmap_data()
-    _, cache = model.run_with_cache(tokens, attention_mask=mask)
-    fired = []
-    for hook in list(cache.keys()) + ["logits"]:  # ActivationCache keeps the firing order
-        kind = re.sub(r"^blocks\.\d+\.", "", hook)
-        if kind not in fired:
-            fired.append(kind)
+    fired = []  # hook kinds in the order their first hook fires in a forward pass
+
+    def record(x, hook):
+        if kind_of(hook.name) not in fired:
+            fired.append(kind_of(hook.name))
+
+    model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=[(lambda name: True, record)])
+    fired.append("logits")
     assert kinds == fired
-    assert kinds[:3] == ["embed.ln.hook_scale", "embed.ln.hook_normalized", "hook_embed"] and kinds[-1] == "logits"
-    assert columns == ["embed", "0", "1", "2", "final"]
-    embed_row = grids[False][kinds.index("hook_embed")]
-    assert embed_row[0] == 0.0 and embed_row[1:] == [None] * 4  # compared (bit-identical) only in its column
+    top = ["embed.ln.hook_scale", "embed.ln.hook_normalized", "hook_embed"] if name == "tiny-bloom" else ["hook_embed"]
+    assert kinds[:len(top)] == top and kinds[-3:] == ["ln_final.hook_scale", "ln_final.hook_normalized", "logits"]
+    if name == "tiny-gemma3":
+        order = ["attn.hook_q", "attn.q_norm.hook_normalized", "attn.hook_rot_q", "attn.hook_attn_scores",
+                 "attn.hook_pattern", "attn.hook_z", "ln1_post.hook_normalized", "hook_attn_out", "hook_resid_mid",
+                 "mlp.hook_pre", "ln2_post.hook_normalized", "hook_mlp_out", "hook_resid_post"]
+        assert sorted(order, key=kinds.index) == order
+    assert columns == ["embed", *map(str, range(model.cfg.n_layers)), "final"]
+    for cached in (False, True):
+        embed_row, logits_row = grids[cached][kinds.index("hook_embed")], grids[cached][kinds.index("logits")]
+        assert embed_row[0] == 0.0 and embed_row[1:] == [None] * (len(columns) - 1)  # only in its own column
+        assert logits_row[-1] == 0.0 and logits_row[:-1] == [None] * (len(columns) - 1)
+
+
+def test_heatmap_keeps_exact_zeros_apart_from_tiny_diffs():
+    """0 has its own colour, below the scale; a non-zero diff below the scale is clipped to its bottom, not 0."""
+    import matplotlib.pyplot as plt
+
+    from lens_det.parity.report import HookDiff, ParityReport
+
+    rows = [HookDiff("cached:0", hook, layer, diff, diff, diff == 0, True) for hook, layer, diff in
+            [("hook_embed", None, 0.0), ("blocks.0.hook_resid_pre", 0, 1e-12), ("logits", None, 0.5)]]
+    report = ParityReport("t", Schedule(1, 0), 0.0, 1.0, rows)
+    kinds, columns, grids = report.heatmap_data()
+    assert kinds == ["hook_embed", "hook_resid_pre", "logits"] and columns == ["embed", "0", "final"]
+    assert list(grids) == [True]  # no uncached rows: no empty "cache off" panel
+    fig = report.plot(vmin=-8, vmax=1)
+    assert len(fig.axes) == 2  # one panel and the colorbar
+    image = fig.axes[0].images[0]
+    values = image.get_array()
+    assert values[0, 0] < -8 and values[1, 1] == -8 and values[2, 2] == math.log10(0.5)
+    assert values.mask[0, 1] and values.mask[2, 0]  # not compared: blank
+    cmap = image.get_cmap()
+    assert cmap(image.norm(values[0, 0])) != cmap(image.norm(values[1, 1]))
+    plt.close(fig)
+
+
+def test_heatmap_marks_the_first_divergence(model_pair):
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    hf, model = model_pair("tiny-bloom")
+    tokens, mask = batch("left", model.cfg.d_vocab, length=12)
+    with faults.alibi_row0_on_cached_steps():
+        report = compare(model, hf, tokens, mask, prefill=6)
+    kinds, _, _ = report.heatmap_data()
+    fig = report.plot()
+    off, on = fig.axes[:2]
+    assert not [p for p in off.patches if isinstance(p, Rectangle)]  # the uncached half is clean
+    (box,) = [p for p in on.patches if isinstance(p, Rectangle)]
+    assert box.get_xy() == (1 - 0.5, kinds.index("attn.hook_attn_scores") - 0.5)  # column 1 = layer 0
+    assert "step cached:1, layer 0, attn.hook_attn_scores" in fig._suptitle.get_text()
+    assert off.get_title() == "cache off" and on.get_title() == "cache on"
+    plt.close(fig)
