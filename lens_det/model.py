@@ -209,11 +209,7 @@ class HookedDecoder(HookedRootModule):
         if return_type not in (None, "str", "tokens", "input"):
             raise ValueError(f"return_type must be None, 'str', 'tokens' or 'input', got {return_type!r}")
         single = isinstance(tokens, str)
-        text = single or (isinstance(tokens, (list, tuple)) and bool(tokens) and isinstance(tokens[0], str))
-        if text:
-            if attention_mask is not None:
-                raise ValueError("strings come with their own mask; pass token ids to give an attention_mask")
-            tokens, attention_mask = self.to_tokens(tokens)
+        tokens, attention_mask, text = self._from_text(tokens, attention_mask)
         for tl_name, ours, value in (("eos_token_id", "stop_tokens", eos_token_id),
                                      ("use_past_kv_cache", "use_kv_cache", use_past_kv_cache)):
             if value is not None:
@@ -278,11 +274,9 @@ class HookedDecoder(HookedRootModule):
         if logits_to_keep and return_type in ("loss", "both"):
             raise ValueError("the loss needs every position's logits; use logits_to_keep=0 with return_type='loss'")
         start, stop = self._layer_range(start_at_layer, stop_at_layer, kv_cache, return_type)
-        if isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str)):
-            if attention_mask is not None:
-                raise ValueError("strings come with their own mask; pass token ids to give an attention_mask")
-            tokens, attention_mask = self.to_tokens(tokens)
-            position_ids = "mask" if position_ids is None else position_ids
+        tokens, attention_mask, text = self._from_text(tokens, attention_mask)
+        if text and position_ids is None:
+            position_ids = "mask"
         resid = None
         if start_at_layer is not None:  # the input is a residual stream; token ids only give shape and device
             resid = self._check_residual(tokens)
@@ -316,6 +310,15 @@ class HookedDecoder(HookedRootModule):
             return x
         x = self.ln_final(x.to(self.ln_final.w.device))
         return None if return_type is None else self.unembed(x[:, -logits_to_keep:] if logits_to_keep else x)
+
+    def _from_text(self, tokens, attention_mask):
+        """A string or list of strings -> (left-padded tokens, their mask, True); anything else passes through."""
+        if not (isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and tokens
+                                            and isinstance(tokens[0], str))):
+            return tokens, attention_mask, False
+        if attention_mask is not None:
+            raise ValueError("strings come with their own mask; pass token ids to give an attention_mask")
+        return (*self.to_tokens(tokens), True)
 
     def _layer_range(self, start_at_layer, stop_at_layer, kv_cache, return_type) -> tuple[int, int]:
         n = self.cfg.n_layers

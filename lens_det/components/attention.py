@@ -159,8 +159,7 @@ class Attention(nn.Module):
         return x.repeat_interleave(self.cfg.n_rep, dim=0)
 
     def _bias(self, i: int) -> torch.Tensor:
-        b = self._qkv_weights()[i][1]
-        w = self._qkv_weights()[i][0]
+        w, b = self._qkv_weights()[i]
         return b if b is not None else w.new_zeros(w.shape[:2])
 
     @property
