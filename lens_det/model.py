@@ -60,6 +60,7 @@ class RuntimeConfig:
     original_architecture = property(lambda self: self.hf_architecture)
     model_name = property(lambda self: getattr(self._model, "name", None) or self.architecture)
     default_prepend_bos = True
+    rmsnorm_uses_offset = property(lambda self: self.rmsnorm_unit_offset)
     use_attn_result = property(lambda self: all(b.attn.use_attn_result for b in self._model.blocks))
 
     @property
@@ -97,6 +98,24 @@ class TokensAndMask(tuple):
 NO_TOKENIZER = ("this model has no tokenizer, so it takes token ids only: set one with `model.tokenizer = "
                 "transformers.AutoTokenizer.from_pretrained(name_or_dir)` or load with from_pretrained(name_or_dir), "
                 "which attaches the checkpoint's tokenizer (from_config models carry an offline character tokenizer)")
+
+
+class _OutputTransform:
+    def __init__(self, transform):
+        self.apply_output_logits_transform = transform
+
+
+class LensActivationCache(ActivationCache):
+    """TransformerLens's ActivationCache; decompositions that claim to sum to the residual stream refuse models
+    where they would not (instead of returning parts that silently do not add up)."""
+
+    def get_full_resid_decomposition(self, *args, **kwargs):
+        why = self.model.residual_is_additive()
+        if why is not None:
+            raise ValueError(f"get_full_resid_decomposition would not sum to the residual stream here: {why}. Use "
+                             "cache.decompose_resid() (attn_out / mlp_out are what is added) or stack_head_results("
+                             "incl_remainder=True), whose remainder absorbs the difference")
+        return super().get_full_resid_decomposition(*args, **kwargs)
 
 
 class HookedDecoder(HookedRootModule):
@@ -478,15 +497,70 @@ class HookedDecoder(HookedRootModule):
         return (cache, [(n, sliced(fn, "")) for n, fn in fwd], [(n, sliced(fn, "_grad")) for n, fn in bwd])
 
     def run_with_cache(self, *model_args, remove_batch_dim: bool = False, **kwargs):
-        """Run and return (output, transformer_lens.ActivationCache of every hook point)."""
+        """Run and return (output, a transformer_lens.ActivationCache of every hook point)."""
         out, cache_dict = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
-        return out, ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+        return out, LensActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+
+    def residual_is_additive(self) -> str | None:
+        """None when every head's result and every neuron's output is added to the residual stream as it is (so TL's
+        per-head / per-neuron decompositions sum to it); otherwise why not."""
+        c = self.config
+        if c.post_attn_norm or c.post_mlp_norm:
+            return ("the attention and MLP outputs pass through a norm (ln1_post / ln2_post) before the residual add, "
+                    "so per-head results and per-neuron outputs do not sum to the residual stream")
+        if c.residual_from_norm:
+            return ("the residual branch starts from ln1/ln2's output (residual_from_norm), so the residual stream is "
+                    "not embed + the sum of the attention and MLP outputs")
+        return None
+
+    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> torch.Tensor:
+        """As TransformerLens: the sum of b_O (and b_out) of the blocks before `layer` (plus block `layer`'s b_O
+        with mlp_input), [d_model]; zeros for families without biases."""
+        n = self.cfg.n_layers
+        if not 0 <= layer <= n or (mlp_input and layer == n):
+            raise ValueError(f"layer must be in [0, {n}] ([0, {n - 1}] with mlp_input), got {layer}")
+        total = torch.zeros(self.cfg.d_model, device=self.cfg.device, dtype=self.cfg.dtype)
+        for i in range(layer + (1 if mlp_input else 0)):
+            total = total + self.blocks[i].attn.b_O.to(total.device)
+            if include_mlp_biases and i < layer and self.blocks[i].mlp.b_out is not None:
+                total = total + self.blocks[i].mlp.b_out.to(total.device)
+        return total
+
+    def tl_parameters(self) -> dict[str, torch.Tensor]:
+        """The weights under TransformerLens's names and shapes ("blocks.0.attn.W_V", "blocks.0.ln2.w",
+        "unembed.W_U", ...), what TL tools such as SVDInterpreter read. Norm weights are raw: Gemma's RMSNorm gain
+        is 1 + w (cfg.rmsnorm_uses_offset says so)."""
+        params = {"embed.W_E": self.W_E, "unembed.W_U": self.W_U, "unembed.b_U": self.b_U}
+        for i, block in enumerate(self.blocks):
+            for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O"):
+                params[f"blocks.{i}.attn.{name}"] = getattr(block.attn, name)
+            params[f"blocks.{i}.mlp.W_in"], params[f"blocks.{i}.mlp.W_out"] = block.mlp.W_in, block.mlp.W_out
+            if self.cfg.gated_mlp:
+                params[f"blocks.{i}.mlp.W_gate"] = block.mlp.W_gate
+            for norm in ("ln1", "ln2"):
+                for attr in ("w", "b"):
+                    if hasattr(getattr(block, norm), attr):
+                        params[f"blocks.{i}.{norm}.{attr}"] = getattr(getattr(block, norm), attr)
+        for attr in ("w", "b"):
+            if hasattr(self.ln_final, attr):
+                params[f"ln_final.{attr}"] = getattr(self.ln_final, attr)
+        return params
+
+    @property
+    def adapter(self):
+        """What TL 4's logit lens reads to apply the post-unembedding transform (the final soft-cap)."""
+        return _OutputTransform(self.unembed.final_cap)
+
+    @property
+    def all_head_labels(self) -> list[str]:
+        return [f"L{l}H{h}" for l in range(self.cfg.n_layers) for h in range(self.cfg.n_heads)]
 
     def to_tokens(self, text: str | list[str], padding_side: Literal["left", "right"] = "left",
-                  prepend_bos: bool = True):
+                  prepend_bos: bool | None = True):
         """Tokenize with the model's tokenizer: returns (tokens [batch, pos], attention_mask [batch, pos])."""
         if self.tokenizer is None:
             raise ValueError(NO_TOKENIZER)
+        prepend_bos = True if prepend_bos is None else prepend_bos  # TL tools pass None for "the default"
         texts = [text] if isinstance(text, str) else list(text)
         tok, side, pad = self.tokenizer, self.tokenizer.padding_side, self.tokenizer.pad_token
         try:  # leave the tokenizer as it was

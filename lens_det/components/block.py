@@ -22,6 +22,8 @@ class Block(nn.Module):
     what is added to the residual stream.
     """
 
+    hook_out_is_single_residual_stream = True  # hook_resid_post is the one stream ln_final reads (TL's logit lens)
+
     def __init__(self, cfg: LensConfig, layer: int):
         super().__init__()
         self.residual_from_norm = cfg.residual_from_norm
