@@ -100,6 +100,20 @@ NO_TOKENIZER = ("this model has no tokenizer, so it takes token ids only: set on
                 "which attaches the checkpoint's tokenizer (from_config models carry an offline character tokenizer)")
 
 
+TL_QKV_INPUTS = ("hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input")
+
+
+def unknown_hook_message(name: str, hook_names) -> str:
+    import difflib
+
+    msg = f"{name!r} is not a hook point of this model"
+    if name.endswith(TL_QKV_INPUTS):
+        msg += (": TransformerLens's hook_attn_in / hook_q_input / hook_k_input / hook_v_input are not in lens_det "
+                "yet; hook blocks.{i}.ln1.hook_normalized (what the attention reads) or attn.hook_q / hook_k / hook_v")
+    close = difflib.get_close_matches(name, list(hook_names), n=3)
+    return msg + (f" (did you mean {', '.join(close)}?)" if close else "; model.hook_dict lists them all")
+
+
 class _OutputTransform:
     def __init__(self, transform):
         self.apply_output_logits_transform = transform
@@ -251,6 +265,12 @@ class HookedDecoder(HookedRootModule):
         default because it materialises n_heads copies of the residual stream."""
         for block in self.blocks:
             block.attn.use_attn_result = use
+
+    def set_use_hook_mlp_in(self, use: bool) -> None:
+        """Fire `blocks.{i}.hook_mlp_in` (ln2's input, a copy of resid_mid: an edit changes what the MLP reads, not
+        the residual stream), as TransformerLens; off by default (one extra copy per layer)."""
+        for block in self.blocks:
+            block.use_hook_mlp_in = use
 
     # --- forward ---
     def forward(
@@ -453,19 +473,27 @@ class HookedDecoder(HookedRootModule):
         return ForwardContext(mask, past, n_new, self.embed.W_E.dtype, positions)
 
     # --- TransformerLens conveniences ---
-    def disabled_hook_points(self) -> set[str]:
-        """Hook points that do not fire with the current settings (attn.hook_result until
-        set_use_attn_result(True))."""
-        return {f"blocks.{i}.attn.hook_result" for i, b in enumerate(self.blocks) if not b.attn.use_attn_result}
+    def disabled_hook_points(self) -> dict[str, str]:
+        """Hook points that do not fire with the current settings, each with the call that switches it on."""
+        off = {}
+        for i, block in enumerate(self.blocks):
+            if not block.attn.use_attn_result:
+                off[f"blocks.{i}.attn.hook_result"] = "model.set_use_attn_result(True)"
+            if not block.use_hook_mlp_in:
+                off[f"blocks.{i}.hook_mlp_in"] = "model.set_use_hook_mlp_in(True)"
+        return off
 
     def check_hooks_to_add(self, hook_point, hook_point_name: str, hook, dir="fwd", is_permanent=False,
                            prepend=False) -> None:
         """A hook on a hook point that does not fire would silently do nothing: refuse it (as TransformerLens)."""
-        if hook_point_name in self.disabled_hook_points():
-            raise ValueError(f"{hook_point_name} does not fire while use_attn_result is off, so this hook would "
-                             "never run; call model.set_use_attn_result(True) first")
+        switch = self.disabled_hook_points().get(hook_point_name)
+        if switch is not None:
+            raise ValueError(f"{hook_point_name} does not fire with the current settings, so this hook would never "
+                             f"run; call {switch} first")
 
     def _enable_hook_with_name(self, name: str, hook, dir):  # hooks() / run_with_hooks with a hook name
+        if name not in self.mod_dict:
+            raise ValueError(unknown_hook_message(name, self.hook_dict))
         self.check_hooks_to_add(self.mod_dict.get(name), name, hook, dir=dir)
         super()._enable_hook_with_name(name, hook, dir)
 

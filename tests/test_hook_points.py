@@ -9,7 +9,7 @@ COMMON_BLOCK = [
     "hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post",
     "ln1.hook_scale", "ln1.hook_normalized", "ln2.hook_scale", "ln2.hook_normalized",
     "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z",
-    "attn.hook_result", "mlp.hook_pre", "mlp.hook_post",
+    "attn.hook_result", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_in",
 ]
 ROPE = ["attn.hook_rot_q", "attn.hook_rot_k", "mlp.hook_pre_linear"]
 SANDWICH = ["ln1_post.hook_scale", "ln1_post.hook_normalized", "ln2_post.hook_scale", "ln2_post.hook_normalized"]
@@ -38,11 +38,13 @@ def test_every_hook_fires_with_tl_shapes(model_pair, name):
     _, model = model_pair(name)
     tokens, mask = batch("left", model.cfg.d_vocab, batch_size=2, length=7)
     model.set_use_attn_result(True)
+    model.set_use_hook_mlp_in(True)
     try:
         with torch.no_grad():
             _, cache = model.run_with_cache(tokens, attention_mask=mask)
     finally:
         model.set_use_attn_result(False)
+        model.set_use_hook_mlp_in(False)
     assert set(cache.keys()) == set(model.hook_dict)
     c = model.cfg
     assert cache["blocks.0.attn.hook_q"].shape == (2, 7, c.n_heads, c.d_head)
@@ -60,7 +62,7 @@ def test_hook_result_is_off_by_default(model_pair):
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens)
     assert not any(k.endswith("hook_result") for k in cache.keys())
-    assert len(cache.keys()) == len(model.hook_dict) - model.cfg.n_layers
+    assert len(cache.keys()) == len(model.hook_dict) - len(model.disabled_hook_points())
 
 
 @pytest.mark.parametrize("name", ["tiny-bloom", "tiny-gemma3"])

@@ -46,7 +46,7 @@ def test_run_with_cache_is_an_activation_cache(model_pair, name):
     logits, cache = model.run_with_cache(tokens)
     assert isinstance(cache, ActivationCache) and cache.model is model
     assert torch.equal(logits, model(tokens))
-    results = {f"blocks.{i}.attn.hook_result" for i in range(model.cfg.n_layers)}  # off by default
+    results = set(model.disabled_hook_points())  # hook_result, hook_mlp_in: off by default
     assert set(cache.keys()) == set(model.hook_dict) - results
     L = model.cfg.n_layers
     # TL's short keys resolve to lens_det hook names; the residual stream chains block to block.
@@ -277,7 +277,7 @@ def test_hooks_on_a_disabled_hook_point_raise_and_filters_skip_it(model_pair):
         model.add_hook(name, lambda x, hook: x)
     seen = []
     model.run_with_hooks(tokens, fwd_hooks=[(lambda n: True, lambda x, hook: seen.append(hook.name))])
-    assert name not in seen and len(seen) == len(model.hook_dict) - model.cfg.n_layers
+    assert name not in seen and len(seen) == len(model.hook_dict) - len(model.disabled_hook_points())
     model.set_use_attn_result(True)
     try:
         fired = []

@@ -129,3 +129,42 @@ def test_tl_tools_that_tokenize_without_a_mask_say_what_to_write():
         utilities.test_prompt("ab", "c", model, print_details=False)
     with pytest.raises(AttributeError, match="tokens, mask = model.to_tokens"):
         head_detector.detect_head(model, ["abcabc"], "previous_token_head")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_hook_mlp_in_feeds_only_the_mlp(model_pair, name):
+    """TL's hook_mlp_in: off by default (a hook on it raises); on, it changes no bit of any other hook (its HF
+    reference, ln2's input, is checked at tolerance 0 in tests/parity); an edit reaches the MLP but, unless the
+    residual branch starts from the norm (residual_from_norm), not resid_post's residual term."""
+    model = model_pair(name)[1]
+    tokens, mask = batch("left", model.cfg.d_vocab)
+    with pytest.raises(ValueError, match=r"set_use_hook_mlp_in\(True\)"):
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_mlp_in", lambda x, hook: x)])
+    logits, plain = model.run_with_cache(tokens, attention_mask=mask)
+    model.set_use_hook_mlp_in(True)
+    try:
+        logits_on, cache = model.run_with_cache(tokens, attention_mask=mask)
+        assert torch.equal(logits_on, logits) and all(torch.equal(plain[k], cache[k]) for k in plain.keys())
+        assert torch.equal(cache["blocks.0.hook_mlp_in"], cache["blocks.0.hook_resid_mid"])
+        zero = ("blocks.0.hook_mlp_in", lambda x, hook: torch.zeros_like(x))
+        with model.hooks(fwd_hooks=[zero]):
+            _, edited = model.run_with_cache(tokens, attention_mask=mask)
+    finally:
+        model.set_use_hook_mlp_in(False)
+    ln2_of_zero = model.blocks[0].ln2(torch.zeros_like(plain["blocks.0.hook_resid_mid"]))
+    assert torch.equal(edited["blocks.0.ln2.hook_normalized"], ln2_of_zero)  # the MLP read the edit
+    assert torch.equal(edited["blocks.0.hook_resid_mid"], plain["blocks.0.hook_resid_mid"])  # not written back
+    if not model.config.residual_from_norm:
+        resid = edited["blocks.0.hook_resid_mid"] + edited["blocks.0.hook_mlp_out"]
+        assert torch.equal(edited["blocks.0.hook_resid_post"], resid)
+
+
+def test_a_hook_on_an_unknown_name_says_what_exists(model_pair):
+    """TL's QKV-input hooks are not in lens_det: a hook on one names what to hook instead (not a bare KeyError)."""
+    model = model_pair("tiny-gemma2")[1]
+    tokens, _ = batch("none", model.cfg.d_vocab)
+    with pytest.raises(ValueError, match="ln1.hook_normalized"):
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_q_input", lambda x, hook: x)])
+    with pytest.raises(ValueError, match="did you mean blocks.0.hook_resid_mid"):
+        with model.hooks(fwd_hooks=[("blocks.0.hook_resid_mdi", lambda x, hook: x)]):
+            pass

@@ -36,6 +36,8 @@ class Block(nn.Module):
         self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
         self.hook_attn_out = HookPoint()  # [batch, pos, d_model]
         self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
+        self.hook_mlp_in = HookPoint()  # [batch, pos, d_model]: ln2's input (only with use_hook_mlp_in)
+        self.use_hook_mlp_in = False
         self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
         self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
 
@@ -44,6 +46,7 @@ class Block(nn.Module):
         a = self.ln1(x)
         attn_out = self.hook_attn_out(self.ln1_post(self.attn(a, ctx, cache_entry)))
         x = self.hook_resid_mid((a if self.residual_from_norm else x) + attn_out)
-        m = self.ln2(x)
+        # TL's hook_mlp_in: a copy of resid_mid that only the MLP branch reads, so an edit leaves the residual alone
+        m = self.ln2(self.hook_mlp_in(x.clone()) if self.use_hook_mlp_in else x)
         mlp_out = self.hook_mlp_out(self.ln2_post(self.mlp(m)))
         return self.hook_resid_post((m if self.residual_from_norm else x) + mlp_out)

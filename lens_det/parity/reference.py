@@ -30,6 +30,7 @@ SOURCES = {
     "hook_normalized": "module: the HF norm module's output",
     "hook_resid_pre": "module: the HF decoder layer's input",
     "hook_resid_mid": "module: the input of the HF pre-MLP norm",
+    "hook_mlp_in": "module: the input of the HF pre-MLP norm (only with set_use_hook_mlp_in)",
     "hook_resid_post": "module: the HF decoder layer's output",
     "hook_attn_out": "module: o_proj/dense output (Gemma 2/3: the post-attention norm's output)",
     "hook_mlp_out": "module: the MLP down projection's output (Gemma 2/3: the post-feedforward norm's output)",
@@ -166,6 +167,7 @@ def capture_reference(
             rec.norm(layer.input_layernorm, p + "ln1.", cfg)
             rec.norm(layer.post_attention_layernorm, p + "ln2.", cfg)
             rec.tap(layer.post_attention_layernorm, p + "hook_resid_mid", "in")
+            rec.tap(layer.post_attention_layernorm, p + "hook_mlp_in", "in")
             for j, name in enumerate("qkv"):
                 rec.tap(attn.query_key_value, f"{p}attn.hook_{name}", "out",
                         lambda x, j=j: x.view(b, t, h, 3, d)[..., j, :])
@@ -181,6 +183,7 @@ def capture_reference(
             pre_mlp = layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm
             rec.norm(pre_mlp, p + "ln2.", cfg)
             rec.tap(pre_mlp, p + "hook_resid_mid", "in")
+            rec.tap(pre_mlp, p + "hook_mlp_in", "in")
             for name in "qkv":
                 rec.tap(getattr(attn, f"{name}_proj"), f"{p}attn.hook_{name}", "out", per_head)
             if cfg.qk_norm:

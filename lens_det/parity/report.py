@@ -73,6 +73,7 @@ OPS = {
     "hook_result": "linear (per head)", "hook_attn_out": "linear (o_proj) / norm", "hook_pre": "linear",
     "hook_pre_linear": "linear", "hook_post": "activation", "hook_mlp_out": "linear (down) / norm",
     "hook_resid_pre": "residual add", "hook_resid_mid": "residual add", "hook_resid_post": "residual add",
+    "hook_mlp_in": "copy of resid_mid",
     "logits": "linear (unembed)",
 }
 

@@ -23,7 +23,7 @@ def test_cached_steps_bit_identical_to_hf(model_pair, name, chunk, dtype):
     report = compare(model, hf, tokens, mask, positions, prefill=5, chunk=chunk)
     steps = {r.step for r in report.rows if r.step.startswith("cached")}
     assert len(steps) == 1 + 11 // chunk
-    n_hooks = len(model.hook_dict) - model.cfg.n_layers  # every hook but the opt-in hook_result
+    n_hooks = len(model.hook_dict) - len(model.disabled_hook_points())  # every hook but the opt-in ones
     assert report.n_hooks == n_hooks and len(report.rows) == (1 + len(steps)) * (n_hooks + 1)
     assert report.passed and report.max_abs() == 0.0, report.to_text()
 

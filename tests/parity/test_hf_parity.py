@@ -17,10 +17,12 @@ PADDINGS = ["none", "left", "right", "inner"]
 def assert_bit_identical(model, hf, tokens, mask, positions=None):
     """compare() at tolerance 0: uncached, and cached with the whole batch as one prefill."""
     model.set_use_attn_result(True)
+    model.set_use_hook_mlp_in(True)
     try:
         report = compare(model, hf, tokens, mask, positions, prefill=tokens.shape[1], decode_steps=0)
     finally:
         model.set_use_attn_result(False)
+        model.set_use_hook_mlp_in(False)
     assert report.n_hooks == len(model.hook_dict) and report.coverage == 1.0, report.missing
     assert len(report.rows) == 2 * (len(model.hook_dict) + 1)  # every hook plus the logits, twice
     assert report.passed and report.max_abs() == 0.0, report.to_text()

@@ -71,7 +71,7 @@ def test_report_text_json_plot(model_pair, tmp_path):
     report = compare(model, hf, tokens, mask, "mask", prefill=4, decode_steps=3, chunk=2)
     assert report.schedule == Schedule(4, 3, 2) and report.coverage == 1.0 and report.passed
     text = report.to_text()
-    n = len(model.hook_dict) - model.cfg.n_layers  # hook_result is opt-in
+    n = len(model.hook_dict) - len(model.disabled_hook_points())  # opt-in hooks
     assert "PASS" in text and f"coverage: {n}/{n}" in text and "prefill 4, 3 decode steps of 2" in text
     report.save_json(tmp_path / "r.json")
     data = json.loads((tmp_path / "r.json").read_text())
