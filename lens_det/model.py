@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from types import SimpleNamespace
 from typing import Literal
 
 import torch
@@ -114,17 +115,12 @@ def unknown_hook_message(name: str, hook_names) -> str:
     return msg + (f" (did you mean {', '.join(close)}?)" if close else "; model.hook_dict lists them all")
 
 
-class _OutputTransform:
-    def __init__(self, transform):
-        self.apply_output_logits_transform = transform
-
-
 class LensActivationCache(ActivationCache):
     """TransformerLens's ActivationCache; decompositions that claim to sum to the residual stream refuse models
     where they would not (instead of returning parts that silently do not add up)."""
 
     def get_full_resid_decomposition(self, *args, **kwargs):
-        why = self.model.residual_is_additive()
+        why = self.model.why_residual_not_additive()
         if why is not None:
             raise ValueError(f"get_full_resid_decomposition would not sum to the residual stream here: {why}. Use "
                              "cache.decompose_resid() (attn_out / mlp_out are what is added) or stack_head_results("
@@ -529,7 +525,7 @@ class HookedDecoder(HookedRootModule):
         out, cache_dict = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
         return out, LensActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
 
-    def residual_is_additive(self) -> str | None:
+    def why_residual_not_additive(self) -> str | None:
         """None when every head's result and every neuron's output is added to the residual stream as it is (so TL's
         per-head / per-neuron decompositions sum to it); otherwise why not."""
         c = self.config
@@ -565,19 +561,15 @@ class HookedDecoder(HookedRootModule):
             params[f"blocks.{i}.mlp.W_in"], params[f"blocks.{i}.mlp.W_out"] = block.mlp.W_in, block.mlp.W_out
             if self.cfg.gated_mlp:
                 params[f"blocks.{i}.mlp.W_gate"] = block.mlp.W_gate
-            for norm in ("ln1", "ln2"):
-                for attr in ("w", "b"):
-                    if hasattr(getattr(block, norm), attr):
-                        params[f"blocks.{i}.{norm}.{attr}"] = getattr(getattr(block, norm), attr)
-        for attr in ("w", "b"):
-            if hasattr(self.ln_final, attr):
-                params[f"ln_final.{attr}"] = getattr(self.ln_final, attr)
+        norms = [(f"blocks.{i}.{n}", getattr(b, n)) for i, b in enumerate(self.blocks) for n in ("ln1", "ln2")]
+        for prefix, norm in norms + [("ln_final", self.ln_final)]:
+            params |= {f"{prefix}.{attr}": getattr(norm, attr) for attr in ("w", "b") if hasattr(norm, attr)}
         return params
 
     @property
     def adapter(self):
         """What TL 4's logit lens reads to apply the post-unembedding transform (the final soft-cap)."""
-        return _OutputTransform(self.unembed.final_cap)
+        return SimpleNamespace(apply_output_logits_transform=self.unembed.final_cap)
 
     @property
     def all_head_labels(self) -> list[str]:
