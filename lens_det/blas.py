@@ -10,10 +10,16 @@ fixed some of this on one MKL code path and not on another. MKL's strict CNR mod
 The mode can only be chosen before MKL's first GEMM in the process, so `import lens_det` chooses it (through
 MKL's `mkl_cbwr_set`, exported by libtorch) unless `MKL_CBWR` is set in the environment, which is respected.
 Set `LENS_DET_MKL_CBWR=0` to leave MKL alone. The deterministic mode checks the mode on entry.
+
+Strict CNR does not cover everything: on an AMD EPYC (AVX-512, MKL's AUTO branch) a GEMM with few output columns
+per thread (N / threads below about 16, e.g. N = 32 on 3 threads, N = 64 on 8) changes bits with the thread
+count, strict mode or not (MKL then splits the work another way). `gemm_threads(n)` caps MKL's threads for one
+call so that every thread gets at least COLUMNS_PER_THREAD output columns; with one thread nothing is split.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
@@ -22,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 _AUTO, _STRICT, _ALL = 2, 0x10000, -1
+COLUMNS_PER_THREAD = 64  # 4x the measured threshold (module docstring)
 _MODE_CHANGE_FAILURE = -8
 
 
@@ -38,6 +45,35 @@ def _mkl():
     get.restype = set_.restype = ctypes.c_int
     get.argtypes = set_.argtypes = [ctypes.c_int]
     return get, set_
+
+
+@functools.cache
+def _mkl_local_threads():
+    """MKL's thread-local thread count setter inside libtorch_cpu, or None."""
+    if not torch.backends.mkl.is_available():
+        return None
+    try:
+        fn = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")).MKL_Set_Num_Threads_Local
+    except (OSError, AttributeError):
+        return None
+    fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_int]
+    return fn
+
+
+@contextlib.contextmanager
+def gemm_threads(n_columns: int):
+    """Run the GEMMs inside on at most n_columns // COLUMNS_PER_THREAD MKL threads (at least one), on this thread
+    only; MKL's previous setting is restored after."""
+    local = _mkl_local_threads()
+    cap = max(1, n_columns // COLUMNS_PER_THREAD)
+    if local is None or cap >= torch.get_num_threads():
+        yield
+        return
+    previous = local(cap)
+    try:
+        yield
+    finally:
+        local(previous)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ composition, padding, prefill chunking, the KV cache and the thread count. Each 
 cause (torch 2.13.0 CPU build; docs/determinism.md has the figures):
   * GEMMs: a BLAS picks its kernel, blocking and thread split from the call's shape, so a row's bits depend on
     the other rows. MKL's strict reproducibility mode (lens_det.blas, set at import) removes this; rows are
-    also padded to a multiple of ROW_TILE so no call takes the matrix-vector path. bfloat16/float16 GEMMs run in
+    also padded to a multiple of ROW_TILE so no call takes the matrix-vector path, and a GEMM with few output
+    columns runs on fewer threads (lens_det.blas.gemm_threads: MKL splits those by thread count even so). bfloat16/float16 GEMMs run in
     float32 (their oneDNN kernels are outside MKL's mode) and round once.
   * Sums over keys (softmax denominator, probs @ V) run over fixed KEY_BLOCK blocks aligned on each key's
     real-token index, in float32, added block after block; masked keys are exact zeros. Attention scores are
@@ -34,7 +35,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from lens_det.blas import require_reproducible_blas
+from lens_det.blas import gemm_threads, require_reproducible_blas
 
 ROW_TILE = 8
 KEY_BLOCK = 64
@@ -98,7 +99,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1])
     w, b = weight.float(), None if bias is None else bias.float()
-    out = F.linear(_pad(rows.float(), 0, ROW_TILE), w, b)[: rows.shape[0]].to(x.dtype)
+    with gemm_threads(w.shape[0]):  # few columns per thread: MKL splits the work by thread count (lens_det.blas)
+        out = F.linear(_pad(rows.float(), 0, ROW_TILE), w, b)[: rows.shape[0]].to(x.dtype)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 

@@ -33,9 +33,9 @@ THREADS = (1, 2, 3, 4)
 DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _weights(width: int, dtype, seed: int = 7):
+def _weights(width: int, dtype, seed: int = 7, n_out: int = 48):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(48, width, generator=g) / width**0.5).to(dtype), torch.randn(48, generator=g).to(dtype)
+    return (torch.randn(n_out, width, generator=g) / width**0.5).to(dtype), torch.randn(n_out, generator=g).to(dtype)
 
 
 def _norm_weight(width: int, dtype):
@@ -70,6 +70,8 @@ def _attend(q, k, key_pos):
 AUDITED_OPS = {
     "linear": lambda x: ops.linear(x, *_weights(x.shape[-1], x.dtype)),
     "linear (no bias)": lambda x: ops.linear(x, _weights(x.shape[-1], x.dtype)[0]),
+    # few output columns: MKL splits such GEMMs by thread count unless lens_det caps the threads (lens_det.blas)
+    "linear (32 outputs)": lambda x: ops.linear(x, *_weights(x.shape[-1], x.dtype, n_out=32)),
     "gelu_tanh": ops.gelu_tanh,
     "gelu_erf": ops.gelu_erf,
     "bloom_gelu": bloom_gelu,
