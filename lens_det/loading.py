@@ -21,13 +21,29 @@ WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 LM_HEADS = ("ForCausalLM", "ForConditionalGeneration")  # HF classes whose head is the (tied) unembedding
 
 
+def _process(model: HookedDecoder, steps: dict[str, bool]) -> HookedDecoder:
+    """Apply TransformerLens weight processing chosen by keyword at load time (all off by default: HF-exact)."""
+    from lens_det.weight_processing import STEPS
+
+    unknown = sorted(set(steps) - set(STEPS))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {unknown}; weight-processing options are {', '.join(STEPS)}")
+    if any(steps.values()):
+        model.process_weights_(**{step: bool(steps.get(step, False)) for step in STEPS})
+    return model
+
+
 def from_hf_model(hf_model: Any, dtype: torch.dtype | str | None = None, device=None,
-                  share_weights: bool = False) -> HookedDecoder:
+                  share_weights: bool = False, **processing: bool) -> HookedDecoder:
     """Convert an in-memory HF causal LM (e.g. BloomForCausalLM). dtype defaults to the HF model's.
 
     The lens_det model gets its own copy of the weights, so editing one model never changes the other (a parity
     report against the HF model then sees the edit). `share_weights=True` shares storage where dtype and layout
     allow (no copy; an in-place edit of either model then changes both).
+
+    `processing`: TransformerLens's weight processing by keyword (fold_ln=True, center_writing_weights=True,
+    center_unembed=True, fold_value_biases=True, refactor_factored_attn_matrices=True); all off by default, unlike
+    TransformerLens, because a processed model is no longer HF-exact. See HookedDecoder.process_weights_.
     """
     from transformers import PreTrainedModel
 
@@ -36,8 +52,9 @@ def from_hf_model(hf_model: Any, dtype: torch.dtype | str | None = None, device=
                         f"{type(hf_model).__name__}; for a checkpoint name or directory use from_pretrained")
     _check_head(type(hf_model).__name__)
     dtype = _as_dtype(dtype) or next(hf_model.parameters()).dtype
-    return _build(hf_model.config, hf_model.state_dict(), dtype, device, copy=not share_weights,
-                  source=type(hf_model).__name__)
+    copy = not share_weights or any(processing.values())  # processing writes in place: never into the HF model
+    model = _build(hf_model.config, hf_model.state_dict(), dtype, device, copy=copy, source=type(hf_model).__name__)
+    return _process(model, processing)
 
 
 def from_pretrained(
@@ -45,6 +62,7 @@ def from_pretrained(
     dtype: torch.dtype = torch.float32,
     device=None,
     tokenizer: bool = True,
+    **processing: bool,
 ) -> HookedDecoder:
     """Load a checkpoint: an HF hub name (needs network or the local HF cache), a local `save_pretrained`
     directory, or an HF model object. Only the decoder (text) weights are read, straight from the weight files.
@@ -54,9 +72,11 @@ def from_pretrained(
         dtype: the model dtype (weights are cast to it, as HF `from_pretrained(dtype=...)` does).
         device: where to put the model.
         tokenizer: attach the checkpoint's tokenizer when it has one.
+        processing: TransformerLens weight processing by keyword (fold_ln=True, ...), off by default; see
+            from_hf_model.
     """
     if not isinstance(name_or_path, (str, Path)):
-        return from_hf_model(name_or_path, dtype=dtype, device=device)
+        return from_hf_model(name_or_path, dtype=dtype, device=device, **processing)
     directory = _local_dir(str(name_or_path))
     from transformers import AutoConfig
 
@@ -66,13 +86,14 @@ def from_pretrained(
     model.name = str(name_or_path)
     if tokenizer:
         model.tokenizer = _load_tokenizer(directory)
-    return model
+    return _process(model, processing)
 
 
-def from_config(name: str, seed: int = 0, dtype=torch.float32, device=None) -> HookedDecoder:
+def from_config(name: str, seed: int = 0, dtype=torch.float32, device=None, **processing: bool) -> HookedDecoder:
     """A model with random weights for a named config (model_configs): an HF model of that config is
     initialised with `seed` and converted, so the result matches HF for the same seed. It carries an offline
-    character tokenizer (lens_det.tokenizer), so string inputs work without a model hub."""
+    character tokenizer (lens_det.tokenizer), so string inputs work without a model hub. `processing`: TransformerLens
+    weight processing by keyword (fold_ln=True, ...), off by default; see from_hf_model."""
     from transformers import AutoModelForCausalLM
 
     if not isinstance(name, str):
@@ -81,7 +102,8 @@ def from_config(name: str, seed: int = 0, dtype=torch.float32, device=None) -> H
     dtype = _as_dtype(dtype)
     torch.manual_seed(seed)
     hf_model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation="eager")
-    model = from_hf_model(hf_model, dtype=dtype, device=device, share_weights=True)  # nobody else holds hf_model
+    model = from_hf_model(hf_model, dtype=dtype, device=device, share_weights=True,  # nobody else holds hf_model
+                          **processing)
     model.tokenizer = char_tokenizer(model.cfg)
     model.name = name
     return model

@@ -62,6 +62,11 @@ class RuntimeConfig:
     model_name = property(lambda self: getattr(self._model, "name", None) or self.architecture)
     default_prepend_bos = True
     rmsnorm_uses_offset = property(lambda self: self.rmsnorm_unit_offset)
+
+    @property
+    def normalization_type(self) -> str:  # TL: "LNPre" / "RMSPre" once fold_ln left the norms weightless
+        kind = self._model.config.normalization_type
+        return kind + "Pre" if "fold_ln" in self._model.processing else kind
     use_attn_result = property(lambda self: all(b.attn.use_attn_result for b in self._model.blocks))
 
     @property
@@ -146,6 +151,7 @@ class HookedDecoder(HookedRootModule):
         self.name: str | None = None  # the checkpoint or named config it was loaded from (cfg.model_name)
         self.deterministic = False  # batch-invariant ops on every forward (same as `with lens_det.deterministic()`)
         self.query_start = 0  # absolute index of the current call's first token (hooks under a KV cache read it)
+        self.processing: tuple[str, ...] = ()  # weight-processing steps applied (process_weights_); () = HF-exact
         self.to(device=device, dtype=dtype)
         self.eval()  # inference model (no dropout); TransformerLens' patching requires eval mode
         self.setup()
@@ -189,8 +195,21 @@ class HookedDecoder(HookedRootModule):
         return self._stack(lambda b: b.mlp.W_gate)
 
     @property
-    def b_U(self):  # [d_vocab]: no family here has an unembedding bias (see final_norm_bias_logits for Bloom)
-        return torch.zeros(self.cfg.d_vocab, dtype=self.W_U.dtype, device=self.W_U.device)
+    def b_U(self):  # [d_vocab]: zeros unless fold_ln moved a final LayerNorm bias here (final_norm_bias_logits)
+        return _or_zeros(self.unembed.bias, self.unembed.w[:, 0])
+
+    def process_weights_(self, fold_ln: bool = True, center_writing_weights: bool = True,
+                         center_unembed: bool = True, fold_value_biases: bool = True,
+                         refactor_factored_attn_matrices: bool = False) -> HookedDecoder:
+        """TransformerLens's weight processing, in place, with TL's defaults and meaning; each step must be valid
+        for the family (RMSNorm cannot be centred, a soft-capped unembedding cannot be centred, RoPE / GQA have no
+        QK refactor) or ValueError says which to switch off. The logits (log-probs after center_unembed) stay equal
+        up to float rounding; the model is then no longer HF-exact (`model.processing` lists the steps). Also
+        available at load time: from_pretrained / from_hf_model / from_config(..., fold_ln=True, ...)."""
+        from lens_det.weight_processing import process_weights_
+
+        return process_weights_(self, fold_ln, center_writing_weights, center_unembed, fold_value_biases,
+                                refactor_factored_attn_matrices)
 
     @property
     def OV(self):

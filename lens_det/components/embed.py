@@ -43,6 +43,7 @@ class Unembed(nn.Module):
         # Tied models read the embedding matrix (the unscaled one, docs/numerics.md §3.7) through `embed`.
         self._embed = [embed] if cfg.tie_word_embeddings else None  # a list keeps it out of the module tree
         self.weight = None if cfg.tie_word_embeddings else nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
+        self.bias = None  # [d_vocab]: none of these families has one; weight processing (fold_ln) may add it
         self.final_cap = SoftCap(cfg.final_softcap) if cfg.final_softcap else nn.Identity()
 
     @property
@@ -51,4 +52,4 @@ class Unembed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.w
-        return self.final_cap(ops.linear(x.to(w.device), w))
+        return self.final_cap(ops.linear(x.to(w.device), w, self.bias))

@@ -8,7 +8,8 @@ import torch
 
 from lens_det.components.positions import positions_from_mask
 from lens_det.parity.reference import capture_reference
-from lens_det.parity.report import ParityReport, Schedule, diff_hook
+from lens_det.parity.report import ParityReport, Schedule, diff_hook, kind_of
+from lens_det.weight_processing import changed_hooks
 from lens_det.components.hooks import QUERY_KEY_HOOKS
 
 
@@ -64,7 +65,9 @@ def compare(
     """Every hook point of `model` against the HF reference `hf_model` (eager attention), without a cache over
     the schedule's tokens and with both caches on the schedule (prefill, then decode steps of `chunk`).
 
-    Default tolerance 0.0: lens_det's contract is bit-identity with HF eager. `position_ids` (RoPE models):
+    Default tolerance 0.0: lens_det's contract is bit-identity with HF eager. A model with processed weights
+    (`model.processing`, e.g. fold_ln) needs a tolerance, and its hooks whose meaning the processing changed are
+    listed in `report.not_compared` instead of compared (after center_unembed, log-probs replace logits). `position_ids` (RoPE models):
     None (HF forward's arange), "mask" (HF generate's), or a tensor; both models get the same positions.
     """
     from transformers import DynamicCache
@@ -75,10 +78,15 @@ def compare(
     if hf_cfg != model.config:
         diff = {k: (v, getattr(hf_cfg, k)) for k, v in model.config.to_dict().items() if getattr(hf_cfg, k) != v}
         raise ValueError(f"the HF model has a different architecture or vocabulary than the lens_det model: {diff}")
+    processing = tuple(getattr(model, "processing", ()))
+    if processing and atol == 0 == rtol:
+        raise ValueError(f"the model's weights were processed ({', '.join(processing)}), so it equals HF up to float "
+                         "rounding, not bit for bit: pass a tolerance, e.g. compare(..., rtol=1e-5)")
     tokens, mask, positions, schedule = _prepare(model, tokens, attention_mask, position_ids, schedule,
                                                  prefill, decode_steps, chunk)
     report = ParityReport(title or f"lens_det vs HF {type(hf_model).__name__} ({model.cfg.dtype})",
-                          schedule, atol, rtol)
+                          schedule, atol, rtol, processing=processing)
+    changed = changed_hooks(processing)  # hook kind -> the step after which HF has no counterpart
     with_result = model.blocks[0].attn.use_attn_result
 
     def run(step, a, b, cache, hf_cache):
@@ -89,11 +97,18 @@ def compare(
                                                   _slice(positions, a, b), past_key_values=hf_cache,
                                                   with_result=with_result)
         for hook in ours.keys():  # firing order, so the first failing row is the first divergence
-            if hook in reference:
+            if kind_of(hook) in changed:
+                report.not_compared[hook] = f"changed by {changed[kind_of(hook)]}"
+            elif hook in reference:
                 report.rows.append(diff_hook(step, hook, ours[hook], reference[hook], atol, rtol, a))
             else:
                 report.missing[hook] = "no HF reference captured"
-        report.rows.append(diff_hook(step, "logits", logits, ref_logits, atol, rtol, a))
+        if "logits" in changed:  # center_unembed shifts each position's logits: the log-probs are what is kept
+            report.not_compared["logits"] = f"changed by {changed['logits']}; log_probs compared instead"
+            report.rows.append(diff_hook(step, "log_probs", logits.float().log_softmax(-1),
+                                         ref_logits.float().log_softmax(-1), atol, rtol, a))
+        else:
+            report.rows.append(diff_hook(step, "logits", logits, ref_logits, atol, rtol, a))
         return len(ours.keys())
 
     report.n_hooks = run("uncached", 0, schedule.length, None, None)

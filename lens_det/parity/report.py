@@ -74,7 +74,7 @@ OPS = {
     "hook_pre_linear": "linear", "hook_post": "activation", "hook_mlp_out": "linear (down) / norm",
     "hook_resid_pre": "residual add", "hook_resid_mid": "residual add", "hook_resid_post": "residual add",
     "hook_mlp_in": "copy of resid_mid",
-    "logits": "linear (unembed)",
+    "logits": "linear (unembed)", "log_probs": "linear (unembed), log_softmax",
 }
 
 
@@ -136,6 +136,8 @@ class ParityReport:
     rows: list[HookDiff] = field(default_factory=list)
     missing: dict[str, str] = field(default_factory=dict)  # hook -> why it has no reference
     n_hooks: int = 0
+    processing: tuple[str, ...] = ()  # weight-processing steps applied to the lens_det model
+    not_compared: dict[str, str] = field(default_factory=dict)  # hook -> the step that changed its meaning
 
     @property
     def passed(self) -> bool:
@@ -165,6 +167,9 @@ class ParityReport:
             f"  schedule: prefill {s.prefill}, {s.decode_steps} decode steps of {s.chunk}; tolerance {tol}",
             f"  coverage: {self.n_hooks - len(self.missing)}/{self.n_hooks} hook points have a reference"
             + (f"; missing: {self.missing}" if self.missing else ""),
+            *([f"  processed weights ({', '.join(self.processing)}): {len(self.not_compared)} hook points not "
+               f"compared, their meaning changed: {', '.join(sorted({kind_of(h) for h in self.not_compared}))}"]
+              if self.processing else []),
             f"  max |diff|: uncached {self.max_abs(False):.3g}, cached {self.max_abs(True):.3g} -> "
             + ("PASS" if self.passed else "FAIL"),
         ]
@@ -182,6 +187,7 @@ class ParityReport:
         return {
             "title": self.title, "schedule": asdict(self.schedule), "atol": self.atol, "rtol": self.rtol,
             "passed": self.passed, "coverage": self.coverage, "missing": self.missing,
+            "processing": list(self.processing), "not_compared": self.not_compared,
             "first_divergence": None if self.first_divergence is None else asdict(self.first_divergence),
             "rows": [asdict(r) for r in self.rows],
         }
