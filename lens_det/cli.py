@@ -147,6 +147,7 @@ def cmd_parity(args) -> int:
             hf, model = _models(name, DTYPES[dtype_name], args.seed)
             model.set_use_attn_result(True)
             model.set_use_hook_mlp_in(True)
+            model.set_use_split_qkv_input(True)  # hook_attn_in is its alternative, checked by the test suite
             tokens, mask = _continued(model, *_inputs(model, args), args)
             positions = "mask" if model.cfg.positional == "rope" and args.positions == "mask" else None
             report = compare(model, hf, tokens, mask, positions, prefill=args.prefill,

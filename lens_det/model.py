@@ -106,16 +106,10 @@ NO_TOKENIZER = ("this model has no tokenizer, so it takes token ids only: set on
                 "which attaches the checkpoint's tokenizer (from_config models carry an offline character tokenizer)")
 
 
-TL_QKV_INPUTS = ("hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input")
-
-
 def unknown_hook_message(name: str, hook_names) -> str:
     import difflib
 
     msg = f"{name!r} is not a hook point of this model"
-    if name.endswith(TL_QKV_INPUTS):
-        msg += (": TransformerLens's hook_attn_in / hook_q_input / hook_k_input / hook_v_input are not in lens_det "
-                "yet; hook blocks.{i}.ln1.hook_normalized (what the attention reads) or attn.hook_q / hook_k / hook_v")
     close = difflib.get_close_matches(name, list(hook_names), n=3)
     return msg + (f" (did you mean {', '.join(close)}?)" if close else "; model.hook_dict lists them all")
 
@@ -287,6 +281,31 @@ class HookedDecoder(HookedRootModule):
         for block in self.blocks:
             block.use_hook_mlp_in = use
 
+    def set_use_attn_in(self, use: bool) -> None:
+        """Fire `blocks.{i}.hook_attn_in`: resid_pre copied per head [batch, pos, head_index, d_model], what head h's
+        queries, keys and values read (through ln1), as TransformerLens; an edit changes only that head's input.
+        Not with grouped-query attention (a key/value head serves several query heads): use
+        set_use_split_qkv_input there. Off by default (n_heads copies of the residual stream per layer)."""
+        if use and self.cfg.n_rep > 1:
+            raise ValueError("hook_attn_in gives each query head its own input, but with grouped-query attention a "
+                             "key/value head serves several query heads (TransformerLens refuses it too): use "
+                             "model.set_use_split_qkv_input(True) (hook_q_input per query head, hook_k_input / "
+                             "hook_v_input per key/value head)")
+        self._set_per_head_inputs(use, "use_attn_in", "use_split_qkv_input")
+
+    def set_use_split_qkv_input(self, use: bool) -> None:
+        """Fire `blocks.{i}.hook_q_input` [batch, pos, head_index, d_model] and `hook_k_input` / `hook_v_input`
+        [batch, pos, kv_head_index, d_model]: resid_pre copied per head, separately for queries, keys and values
+        (TransformerLens's path patching into Q/K/V inputs). Off by default."""
+        self._set_per_head_inputs(use, "use_split_qkv_input", "use_attn_in")
+
+    def _set_per_head_inputs(self, use: bool, flag: str, other: str) -> None:
+        if use and getattr(self.blocks[0], other):
+            raise ValueError(f"{other} is on: hook_attn_in and hook_q/k/v_input are alternatives (with both, one "
+                             f"would silently override the other's edits); call model.set_{other}(False) first")
+        for block in self.blocks:
+            setattr(block, flag, use)
+
     # --- forward ---
     def forward(
         self,
@@ -364,6 +383,18 @@ class HookedDecoder(HookedRootModule):
             return x
         x = self.ln_final(x.to(self.ln_final.w.device))
         return None if return_type is None else self.unembed(x[:, -logits_to_keep:] if logits_to_keep else x)
+
+    def input_to_embed(self, input, attention_mask=None, past_kv_cache=None):
+        """As TransformerLens 2.x: (residual stream entering block 0 [batch, pos, d_model], tokens, None (no
+        shortformer positional embedding), attention_mask); hook_embed fires. Feed the residual back with
+        model(residual, start_at_layer=0, attention_mask=mask). A string input is tokenized left-padded, and its
+        mask returned."""
+        if past_kv_cache is not None:
+            raise ValueError("input_to_embed does not read a KV cache here (the embedding does not depend on it); "
+                             "drop past_kv_cache and pass the cache to forward")
+        tokens, attention_mask, _ = self._from_text(input, attention_mask)
+        tokens = self._check_tokens(tokens)
+        return self.hook_embed(self.embed(tokens)), tokens, None, attention_mask
 
     def _from_text(self, tokens, attention_mask):
         """A string or list of strings -> (left-padded tokens, their mask, True); anything else passes through."""
@@ -496,6 +527,10 @@ class HookedDecoder(HookedRootModule):
                 off[f"blocks.{i}.attn.hook_result"] = "model.set_use_attn_result(True)"
             if not block.use_hook_mlp_in:
                 off[f"blocks.{i}.hook_mlp_in"] = "model.set_use_hook_mlp_in(True)"
+            if not block.use_attn_in:
+                off[f"blocks.{i}.hook_attn_in"] = "model.set_use_attn_in(True)"
+            if not block.use_split_qkv_input:
+                off |= {f"blocks.{i}.hook_{x}_input": "model.set_use_split_qkv_input(True)" for x in "qkv"}
         return off
 
     def check_hooks_to_add(self, hook_point, hook_point_name: str, hook, dir="fwd", is_permanent=False,

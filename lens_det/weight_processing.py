@@ -21,9 +21,9 @@ STEPS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_bias
          "refactor_factored_attn_matrices")  # TransformerLens's order
 
 
-def why_not(model, step: str) -> str | None:
-    """Why `step` would change what `model` computes, or None where it is valid."""
-    c = model.config
+def why_not(config, step: str) -> str | None:
+    """Why `step` would change what a model of `config` (a LensConfig) computes, or None where it is valid."""
+    c = config
     if step == "fold_ln" and c.residual_from_norm:
         return ("the norm's output is also the residual stream (residual_from_norm), so its gain and bias cannot move "
                 "into the next layer's weights")
@@ -53,7 +53,7 @@ def process_weights_(model, fold_ln: bool = True, center_writing_weights: bool =
     chosen = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
                   fold_value_biases=fold_value_biases, refactor_factored_attn_matrices=refactor_factored_attn_matrices)
     steps = [s for s in STEPS if chosen[s]]
-    refused = {s: why for s in steps if (why := why_not(model, s)) is not None}
+    refused = {s: why for s in steps if (why := why_not(model.config, s)) is not None}
     if refused:
         reasons = "; ".join(f"{s}: {why}" for s, why in refused.items())
         fix = ", ".join(f"{s}=False" for s in refused)

@@ -10,6 +10,7 @@ COMMON_BLOCK = [
     "ln1.hook_scale", "ln1.hook_normalized", "ln2.hook_scale", "ln2.hook_normalized",
     "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z",
     "attn.hook_result", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_in",
+    "hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input",
 ]
 ROPE = ["attn.hook_rot_q", "attn.hook_rot_k", "mlp.hook_pre_linear"]
 SANDWICH = ["ln1_post.hook_scale", "ln1_post.hook_normalized", "ln2_post.hook_scale", "ln2_post.hook_normalized"]
@@ -39,14 +40,19 @@ def test_every_hook_fires_with_tl_shapes(model_pair, name):
     tokens, mask = batch("left", model.cfg.d_vocab, batch_size=2, length=7)
     model.set_use_attn_result(True)
     model.set_use_hook_mlp_in(True)
+    model.set_use_split_qkv_input(True)
     try:
         with torch.no_grad():
             _, cache = model.run_with_cache(tokens, attention_mask=mask)
     finally:
         model.set_use_attn_result(False)
         model.set_use_hook_mlp_in(False)
-    assert set(cache.keys()) == set(model.hook_dict)
+        model.set_use_split_qkv_input(False)
+    attn_in = {f"blocks.{i}.hook_attn_in" for i in range(model.cfg.n_layers)}  # the alternative to q/k/v_input
+    assert set(cache.keys()) == set(model.hook_dict) - attn_in
     c = model.cfg
+    assert cache["blocks.0.hook_q_input"].shape == (2, 7, c.n_heads, c.d_model)
+    assert cache["blocks.0.hook_k_input"].shape == (2, 7, c.n_key_value_heads, c.d_model)
     assert cache["blocks.0.attn.hook_q"].shape == (2, 7, c.n_heads, c.d_head)
     assert cache["blocks.0.attn.hook_k"].shape == (2, 7, c.n_key_value_heads, c.d_head)
     assert cache["blocks.0.attn.hook_pattern"].shape == (2, c.n_heads, 7, 7)

@@ -342,6 +342,9 @@ def test_stop_and_start_at_layer_are_bit_exact_pieces_of_the_forward(model_pair,
         resid = model(tokens, stop_at_layer=k, **kw)
         assert torch.equal(resid, cache[f"blocks.{layer}.hook_resid_pre"])
         assert torch.equal(model(resid, start_at_layer=k, **kw), logits)
+    embedded, same_tokens, shortformer, same_mask = model.input_to_embed(tokens, attention_mask=mask)  # TL 2.x
+    assert torch.equal(embedded, cache["hook_embed"]) and same_tokens is tokens and shortformer is None
+    assert same_mask is mask and torch.equal(model(embedded, start_at_layer=0, **kw), logits)
     _, partial = model.run_with_cache(tokens, stop_at_layer=1, **kw)  # harvesting stops at layer 1
     assert {k for k in partial.keys() if k.startswith("blocks.")} == {k for k in cache.keys() if k.startswith("blocks.0.")}
     with pytest.raises(ValueError, match="freeze"):

@@ -160,11 +160,81 @@ def test_hook_mlp_in_feeds_only_the_mlp(model_pair, name):
 
 
 def test_a_hook_on_an_unknown_name_says_what_exists(model_pair):
-    """TL's QKV-input hooks are not in lens_det: a hook on one names what to hook instead (not a bare KeyError)."""
+    """A misspelt hook name gets close matches (not a bare KeyError); TL's QKV-input hooks, off by default, name
+    the switch (hook_attn_in: set_use_attn_in; hook_q/k/v_input: set_use_split_qkv_input)."""
     model = model_pair("tiny-gemma2")[1]
     tokens, _ = batch("none", model.cfg.d_vocab)
-    with pytest.raises(ValueError, match="ln1.hook_normalized"):
+    with pytest.raises(ValueError, match=r"set_use_split_qkv_input\(True\)"):
         model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_q_input", lambda x, hook: x)])
+    with pytest.raises(ValueError, match=r"set_use_attn_in\(True\)"):
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_attn_in", lambda x, hook: x)])
     with pytest.raises(ValueError, match="did you mean blocks.0.hook_resid_mid"):
         with model.hooks(fwd_hooks=[("blocks.0.hook_resid_mdi", lambda x, hook: x)]):
             pass
+
+
+def _replace_head(name, head, value):
+    def hook(x, hook):
+        x[:, :, head] = value  # TL's in-place patching idiom
+        return x
+    return (name, hook)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_split_qkv_input_edits_reach_only_their_head(model_pair, name):
+    """TL's path patching into Q/K/V inputs: hook_q_input [batch, pos, head, d_model] and hook_k_input /
+    hook_v_input [batch, pos, kv_head, d_model] are copies of resid_pre; unedited, every hook stays bit-identical
+    (HF's fused path runs); an in-place edit of one kv head's value input changes that head's values, computed as
+    ln1(edit) @ W_V[head] + b_V[head] (float32 rounding of a per-head GEMM: 1e-5 of the scale), and no bit of the
+    queries, keys or other heads' values."""
+    model = model_pair(name)[1]
+    tokens, mask = batch("left", model.cfg.d_vocab)
+    logits, plain = model.run_with_cache(tokens, attention_mask=mask)
+    other = torch.randn(plain["blocks.1.hook_resid_pre"].shape, generator=torch.Generator().manual_seed(0))
+    head = model.cfg.n_key_value_heads - 1
+    model.set_use_split_qkv_input(True)
+    try:
+        logits_on, cache = model.run_with_cache(tokens, attention_mask=mask)
+        assert torch.equal(logits_on, logits) and all(torch.equal(plain[k], cache[k]) for k in plain.keys())
+        for kind, n in (("q", model.cfg.n_heads), ("k", model.cfg.n_key_value_heads), ("v", model.cfg.n_key_value_heads)):
+            resid = plain["blocks.1.hook_resid_pre"]
+            assert torch.equal(cache[f"blocks.1.hook_{kind}_input"], resid[:, :, None].expand(-1, -1, n, -1))
+        with model.hooks(fwd_hooks=[_replace_head("blocks.1.hook_v_input", head, other)]):
+            _, edited = model.run_with_cache(tokens, attention_mask=mask)
+    finally:
+        model.set_use_split_qkv_input(False)
+    for hook in ("attn.hook_q", "attn.hook_k", "hook_resid_pre"):
+        assert torch.equal(edited[f"blocks.1.{hook}"], plain[f"blocks.1.{hook}"]), hook
+    v, v_plain = edited["blocks.1.attn.hook_v"], plain["blocks.1.attn.hook_v"]
+    keep = [h for h in range(v.shape[2]) if h != head]
+    assert torch.equal(v[:, :, keep], v_plain[:, :, keep])
+    expected = model.blocks[1].ln1(other) @ model.blocks[1].attn._W_V[head] + model.blocks[1].attn._b_V[head]
+    torch.testing.assert_close(v[:, :, head], expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("name", ["tiny-bloom", "tiny-gemma"])
+def test_attn_in_edit_of_every_head_equals_an_edit_of_ln1_output(model_pair, name):
+    """hook_attn_in (MHA/MQA-free models: one input per head for its q, k and v): giving every head the same input
+    X equals making the attention read ln1(X) (an edit of ln1.hook_normalized), up to the per-head GEMM's rounding
+    (1e-5 of the logits' scale); with GQA it is refused, naming the split inputs."""
+    _, model = model_pair(name)
+    tokens, mask = batch("left", model.cfg.d_vocab)
+    x = torch.randn(*tokens.shape, model.cfg.d_model, generator=torch.Generator().manual_seed(1))
+    normalized = model.blocks[0].ln1(x)
+    if model.cfg.n_rep > 1:
+        with pytest.raises(ValueError, match="set_use_split_qkv_input"):
+            model.set_use_attn_in(True)
+        return
+    reference = model.run_with_hooks(tokens, attention_mask=mask,
+                                     fwd_hooks=[("blocks.0.ln1.hook_normalized", lambda t, hook: normalized)])
+    model.set_use_attn_in(True)
+    try:
+        with pytest.raises(ValueError, match="set_use_attn_in\\(False\\)"):
+            model.set_use_split_qkv_input(True)
+        edited = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=[
+            ("blocks.0.hook_attn_in", lambda t, hook: x[:, :, None].expand_as(t).clone())])
+    finally:
+        model.set_use_attn_in(False)
+    if model.cfg.residual_from_norm:
+        pytest.skip("the residual branch reads ln1's output, which only the ln1 edit changes")
+    torch.testing.assert_close(edited, reference, rtol=0, atol=1e-5 * reference.abs().max().item())

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import lens_det
 from lens_det.parity import compare
-from lens_det.parity.models import random_hf_model
+from lens_det.config import LensConfig
 from lens_det.weight_processing import STEPS, why_not
 from tests.conftest import ALL, BLOOM, batch
 from tests.test_property import build_hf, config_kwargs
@@ -25,8 +25,8 @@ from tests.test_property import build_hf, config_kwargs
 REL = 1e-5
 
 
-def valid_steps(model):
-    return [s for s in STEPS if why_not(model, s) is None]
+def valid_steps(config):
+    return [s for s in STEPS if why_not(config, s) is None]
 
 
 def assert_same_function(processed, reference, tokens, mask, steps):
@@ -43,8 +43,7 @@ def case_ids():
     # (name, steps): every valid step alone, and all valid steps together (TL's process_weights_ with the refactor)
     cases = []
     for name in ALL:
-        model = lens_det.from_hf_model(random_hf_model(name))
-        steps = valid_steps(model)
+        steps = valid_steps(LensConfig.from_name(name))
         cases += [(name, (s,)) for s in steps] + [(name, tuple(steps))]
     return cases
 
@@ -68,7 +67,7 @@ def test_processed_model_computes_the_same_function(model_pair, name, steps):
 def test_valid_steps_per_family_are_what_the_math_allows(model_pair):
     """Which steps each family gets: LayerNorm models are centred, RMSNorm ones are not; the final soft-cap forbids
     centring W_U; RoPE (and q/k norms, GQA) forbid the QK refactor; Bloom's post-LN residual forbids fold_ln."""
-    got = {name: valid_steps(model_pair(name)[1]) for name in ALL}
+    got = {name: valid_steps(model_pair(name)[1].config) for name in ALL}
     assert got["tiny-bloom"] == list(STEPS)
     assert got["tiny-bloom-resid"] == [s for s in STEPS if s != "fold_ln"]
     assert got["tiny-gemma"] == ["fold_ln", "center_unembed", "fold_value_biases"]
@@ -229,7 +228,7 @@ def check_random_config(data, config, seed):
     family, kwargs = config
     hf = build_hf(family, kwargs, torch.float32, seed, 0.3)
     model = lens_det.from_hf_model(hf)
-    steps = [s for s in valid_steps(model) if data.draw(st.booleans(), label=s)]
+    steps = [s for s in valid_steps(model.config) if data.draw(st.booleans(), label=s)]
     processed = lens_det.from_hf_model(hf, **{s: True for s in steps})
     n = data.draw(st.integers(1, 8), label="length")
     tokens = torch.tensor(data.draw(st.lists(st.integers(0, model.cfg.d_vocab - 1), min_size=n, max_size=n)))[None]

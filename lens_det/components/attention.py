@@ -112,9 +112,25 @@ class Attention(nn.Module):
     def _alibi_bias(self, ctx: ForwardContext, key_start: int, device):
         return ctx.alibi(self.slopes, key_start, device)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext, cache_entry=None) -> torch.Tensor:
+    def _reproject(self, qkv, edits):
+        """Replace the heads of q, k, v whose input was edited (Block._per_head_inputs: {head: ln1(input)} per
+        kind) by that head's projection of its own input; the other heads are kept as they are."""
+        out = []
+        for t, per_head, (w, bias) in zip(qkv, edits, self._qkv_weights()):
+            if per_head:
+                t = t.clone()
+                for h, inp in per_head.items():
+                    t[:, :, h] = ops.linear(inp, w[h], None if bias is None else bias[h])
+            out.append(t)
+        return out
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, cache_entry=None, head_edits=None) -> torch.Tensor:
+        """`x`: ln1's output. `head_edits`: per-head q/k/v inputs edited through TL's hook_attn_in / hook_q_input /
+        hook_k_input / hook_v_input (Block._per_head_inputs); those heads read them instead of x."""
         b, t, _ = x.shape
         q, k, v = self._project(x)
+        if head_edits is not None:
+            q, k, v = self._reproject((q, k, v), head_edits)
         q = self.q_norm(self.hook_q(q)).transpose(1, 2)  # HF layout [batch, head, pos, d_head]
         k = self.k_norm(self.hook_k(k)).transpose(1, 2)
         v = self.hook_v(v).transpose(1, 2)

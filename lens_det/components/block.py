@@ -34,6 +34,13 @@ class Block(nn.Module):
         self.mlp = make_mlp(cfg)
         self.ln2_post = make_optional_norm(cfg, cfg.post_mlp_norm)
         self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
+        # TransformerLens's per-head attention inputs (off by default; one copy of resid_pre per head when on):
+        self.hook_attn_in = HookPoint()  # [batch, pos, head_index, d_model] (use_attn_in; not with GQA)
+        self.hook_q_input = HookPoint()  # [batch, pos, head_index, d_model] (use_split_qkv_input)
+        self.hook_k_input = HookPoint()  # [batch, pos, kv_head_index, d_model] (use_split_qkv_input)
+        self.hook_v_input = HookPoint()  # [batch, pos, kv_head_index, d_model] (use_split_qkv_input)
+        self.use_attn_in = False
+        self.use_split_qkv_input = False
         self.hook_attn_out = HookPoint()  # [batch, pos, d_model]
         self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
         self.hook_mlp_in = HookPoint()  # [batch, pos, d_model]: ln2's input (only with use_hook_mlp_in)
@@ -44,9 +51,30 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext, cache_entry=None) -> torch.Tensor:
         x = self.hook_resid_pre(x)
         a = self.ln1(x)
-        attn_out = self.hook_attn_out(self.ln1_post(self.attn(a, ctx, cache_entry)))
+        per_head = self._per_head_inputs(x) if self.use_attn_in or self.use_split_qkv_input else None
+        attn_out = self.hook_attn_out(self.ln1_post(self.attn(a, ctx, cache_entry, per_head)))
         x = self.hook_resid_mid((a if self.residual_from_norm else x) + attn_out)
         # TL's hook_mlp_in: a copy of resid_mid that only the MLP branch reads, so an edit leaves the residual alone
         m = self.ln2(self.hook_mlp_in(x.clone()) if self.use_hook_mlp_in else x)
         mlp_out = self.hook_mlp_out(self.ln2_post(self.mlp(m)))
         return self.hook_resid_post((m if self.residual_from_norm else x) + mlp_out)
+
+    def _per_head_inputs(self, x: torch.Tensor):
+        """Fire TL's per-head input hooks on copies of resid_pre. Returns, for q, k and v, {head: ln1(its edited
+        input)} for the heads whose input a hook changed (the attention recomputes only those; every other head
+        keeps HF's fused projection of ln1's output, bit for bit), or None when nothing was edited."""
+        cfg = self.attn.cfg
+
+        def edits(hook, n_heads) -> dict[int, torch.Tensor]:
+            original = x[:, :, None, :].expand(-1, -1, n_heads, -1)
+            value = hook(original.clone())  # a real tensor: in-place edits (TL's patching idiom) must work
+            changed = (value != original).flatten(3).any(-1).flatten(0, 1).any(0)  # per head; NaN counts
+            return {h: self.ln1.normalize(value[:, :, h]) for h in changed.nonzero().flatten().tolist()}
+
+        if self.use_attn_in:
+            per_head = edits(self.hook_attn_in, cfg.n_heads)
+            inputs = (per_head, per_head, per_head)
+        else:
+            inputs = (edits(self.hook_q_input, cfg.n_heads), edits(self.hook_k_input, cfg.n_key_value_heads),
+                      edits(self.hook_v_input, cfg.n_key_value_heads))
+        return inputs if any(inputs) else None

@@ -38,8 +38,12 @@ class LayerNorm(nn.Module):
                 xf = x.float()
                 out = ((xf - xf.mean(-1, keepdim=True)) / hooked * self.w.float() + self.b.float()).to(x.dtype)
         if out is None:
-            out = ops.layer_norm(x, self.w, self.b, self.eps)
+            out = self.normalize(x)
         return self.hook_normalized(out)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The norm without its hooks (for inputs that are not the residual stream, e.g. per-head copies)."""
+        return ops.layer_norm(x, self.w, self.b, self.eps)
 
 
 class RMSNorm(nn.Module):
@@ -60,7 +64,11 @@ class RMSNorm(nn.Module):
             if hooked is not scale:
                 gain = 1.0 + self.w.float() if self.unit_offset else self.w.float()
                 return self.hook_normalized((x.float() / hooked * gain).to(x.dtype))
-        return self.hook_normalized(ops.rms_norm(x, self.w, self.eps, self.unit_offset, mean_sq))
+        return self.hook_normalized(self.normalize(x, mean_sq))
+
+    def normalize(self, x: torch.Tensor, mean_sq: torch.Tensor | None = None) -> torch.Tensor:
+        """The norm without its hooks (for inputs that are not the residual stream, e.g. per-head copies)."""
+        return ops.rms_norm(x, self.w, self.eps, self.unit_offset, mean_sq)
 
 
 def make_norm(cfg: LensConfig, dim: int | None = None) -> nn.Module:

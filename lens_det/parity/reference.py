@@ -31,6 +31,10 @@ SOURCES = {
     "hook_resid_pre": "module: the HF decoder layer's input",
     "hook_resid_mid": "module: the input of the HF pre-MLP norm",
     "hook_mlp_in": "module: the input of the HF pre-MLP norm (only with set_use_hook_mlp_in)",
+    "hook_attn_in": "module: the HF decoder layer's input, repeated per head (only with set_use_attn_in)",
+    "hook_q_input": "module: the HF decoder layer's input, repeated per head (only with set_use_split_qkv_input)",
+    "hook_k_input": "module: the HF decoder layer's input, repeated per kv head (only with set_use_split_qkv_input)",
+    "hook_v_input": "module: the HF decoder layer's input, repeated per kv head (only with set_use_split_qkv_input)",
     "hook_resid_post": "module: the HF decoder layer's output",
     "hook_attn_out": "module: o_proj/dense output (Gemma 2/3: the post-attention norm's output)",
     "hook_mlp_out": "module: the MLP down projection's output (Gemma 2/3: the post-feedforward norm's output)",
@@ -156,6 +160,9 @@ def capture_reference(
     for i, layer in enumerate(layers):
         p = f"blocks.{i}."
         rec.tap(layer, p + "hook_resid_pre", "in")
+        for name, n in (("attn_in", cfg.n_heads), ("q_input", cfg.n_heads), ("k_input", cfg.n_key_value_heads),
+                        ("v_input", cfg.n_key_value_heads)):  # TL's per-head copies of the decoder layer's input
+            rec.tap(layer, f"{p}hook_{name}", "in", lambda x, n=n: x[:, :, None, :].expand(-1, -1, n, -1))
         rec.tap(layer, p + "hook_resid_post", "out")
         if bloom:
             attn, mlp = layer.self_attention, layer.mlp

@@ -73,7 +73,9 @@ OPS = {
     "hook_result": "linear (per head)", "hook_attn_out": "linear (o_proj) / norm", "hook_pre": "linear",
     "hook_pre_linear": "linear", "hook_post": "activation", "hook_mlp_out": "linear (down) / norm",
     "hook_resid_pre": "residual add", "hook_resid_mid": "residual add", "hook_resid_post": "residual add",
-    "hook_mlp_in": "copy of resid_mid",
+    "hook_mlp_in": "copy of resid_mid", "hook_attn_in": "copy of resid_pre per head",
+    "hook_q_input": "copy of resid_pre per head", "hook_k_input": "copy of resid_pre per kv head",
+    "hook_v_input": "copy of resid_pre per kv head",
     "logits": "linear (unembed)", "log_probs": "linear (unembed), log_softmax",
 }
 

@@ -18,13 +18,33 @@ def assert_bit_identical(model, hf, tokens, mask, positions=None):
     """compare() at tolerance 0: uncached, and cached with the whole batch as one prefill."""
     model.set_use_attn_result(True)
     model.set_use_hook_mlp_in(True)
+    model.set_use_split_qkv_input(True)
     try:
         report = compare(model, hf, tokens, mask, positions, prefill=tokens.shape[1], decode_steps=0)
     finally:
         model.set_use_attn_result(False)
         model.set_use_hook_mlp_in(False)
-    assert report.n_hooks == len(model.hook_dict) and report.coverage == 1.0, report.missing
-    assert len(report.rows) == 2 * (len(model.hook_dict) + 1)  # every hook plus the logits, twice
+        model.set_use_split_qkv_input(False)
+    n_hooks = len(model.hook_dict) - model.cfg.n_layers  # all but hook_attn_in (the alternative to q/k/v_input)
+    assert report.n_hooks == n_hooks and report.coverage == 1.0, report.missing
+    assert len(report.rows) == 2 * (n_hooks + 1)  # every hook plus the logits, twice
+    assert report.passed and report.max_abs() == 0.0, report.to_text()
+
+
+@pytest.mark.parametrize("name", BLOOM + ["tiny-gemma"])
+def test_hook_attn_in_bit_identical(model_pair, name):
+    """hook_attn_in (TL's per-head copy of resid_pre, the alternative to hook_q/k/v_input) equals HF's decoder
+    layer input per head, and firing it leaves every other hook bit-identical; cache on and off."""
+    hf, model = model_pair(name)
+    if model.cfg.n_rep > 1:
+        pytest.skip("GQA: hook_attn_in is refused (tests/test_tl_compat.py)")
+    tokens, mask = batch("left", model.cfg.d_vocab)
+    model.set_use_attn_in(True)
+    try:
+        report = compare(model, hf, tokens, mask, prefill=9, decode_steps=3, chunk=2)
+    finally:
+        model.set_use_attn_in(False)
+    assert "blocks.1.hook_attn_in" in {r.hook for r in report.rows} and report.coverage == 1.0
     assert report.passed and report.max_abs() == 0.0, report.to_text()
 
 
