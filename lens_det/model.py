@@ -167,16 +167,27 @@ class HookedDecoder(HookedRootModule):
     def _stack(self, get) -> torch.Tensor:
         return torch.stack([get(b) for b in self.blocks])
 
-    W_Q = property(lambda self: self._stack(lambda b: b.attn.W_Q))  # [layer, head, d_model, d_head]
-    W_K = property(lambda self: self._stack(lambda b: b.attn.W_K))  # GQA: repeated to n_heads, as TL
-    W_V = property(lambda self: self._stack(lambda b: b.attn.W_V))
-    W_O = property(lambda self: self._stack(lambda b: b.attn.W_O))  # [layer, head, d_head, d_model]
-    b_Q = property(lambda self: self._stack(lambda b: b.attn.b_Q))  # [layer, head, d_head]
-    b_K = property(lambda self: self._stack(lambda b: b.attn.b_K))
-    b_V = property(lambda self: self._stack(lambda b: b.attn.b_V))
+    def _attn_stack(self, name: str) -> torch.Tensor:
+        """blocks[i].attn.<name> stacked over layers; refused when layers differ in d_head / kv heads (Gemma 4)."""
+        if not self.config.uniform_attention_geometry:
+            shapes = sorted({(b.attn.d_head, b.attn.n_kv_heads) for b in self.blocks})
+            raise ValueError(
+                f"model.{name} stacks every layer's weights, but this model's layers have different attention shapes "
+                f"((d_head, kv heads) = {shapes}, cfg.layer_d_head(i) / cfg.layer_n_key_value_heads(i)); use "
+                f"model.blocks[i].attn.{name} per layer"
+            )
+        return self._stack(lambda b: getattr(b.attn, name))
+
+    W_Q = property(lambda self: self._attn_stack("W_Q"))  # [layer, head, d_model, d_head]
+    W_K = property(lambda self: self._attn_stack("W_K"))  # GQA: repeated to n_heads, as TL
+    W_V = property(lambda self: self._attn_stack("W_V"))
+    W_O = property(lambda self: self._attn_stack("W_O"))  # [layer, head, d_head, d_model]
+    b_Q = property(lambda self: self._attn_stack("b_Q"))  # [layer, head, d_head]
+    b_K = property(lambda self: self._attn_stack("b_K"))
+    b_V = property(lambda self: self._attn_stack("b_V"))
     b_O = property(lambda self: self._stack(lambda b: b.attn.b_O))  # [layer, d_model]
-    _W_K = property(lambda self: self._stack(lambda b: b.attn._W_K))  # GQA: [layer, kv_head, d_model, d_head]
-    _W_V = property(lambda self: self._stack(lambda b: b.attn._W_V))
+    _W_K = property(lambda self: self._attn_stack("_W_K"))  # GQA: [layer, kv_head, d_model, d_head]
+    _W_V = property(lambda self: self._attn_stack("_W_V"))
     W_in = property(lambda self: self._stack(lambda b: b.mlp.W_in))  # [layer, d_model, d_mlp]
     W_out = property(lambda self: self._stack(lambda b: b.mlp.W_out))  # [layer, d_mlp, d_model]
     b_in = property(lambda self: self._stack(lambda b: _or_zeros(b.mlp.b_in, b.mlp.w_in[:, 0])))  # [layer, d_mlp]
@@ -532,6 +543,9 @@ class HookedDecoder(HookedRootModule):
         if c.post_attn_norm or c.post_mlp_norm:
             return ("the attention and MLP outputs pass through a norm (ln1_post / ln2_post) before the residual add, "
                     "so per-head results and per-neuron outputs do not sum to the residual stream")
+        if c.layer_scalar:
+            return ("each block multiplies the whole residual stream by its layer_scalar, so the residual stream is not "
+                    "embed + the sum of the attention and MLP outputs")
         if c.residual_from_norm:
             return ("the residual branch starts from ln1/ln2's output (residual_from_norm), so the residual stream is "
                     "not embed + the sum of the attention and MLP outputs")
