@@ -122,10 +122,20 @@ class LensActivationCache(ActivationCache):
     def get_full_resid_decomposition(self, *args, **kwargs):
         why = self.model.why_residual_not_additive()
         if why is not None:
+            instead = ("cache.decompose_resid() (attn_out / mlp_out are what is added) or " if not
+                       self.model.config.layer_scalar else "not cache.decompose_resid() either; use ")
             raise ValueError(f"get_full_resid_decomposition would not sum to the residual stream here: {why}. Use "
-                             "cache.decompose_resid() (attn_out / mlp_out are what is added) or stack_head_results("
-                             "incl_remainder=True), whose remainder absorbs the difference")
+                             f"{instead}stack_head_results(incl_remainder=True), whose remainder absorbs the "
+                             "difference")
         return super().get_full_resid_decomposition(*args, **kwargs)
+
+    def decompose_resid(self, *args, **kwargs):
+        if self.model.config.layer_scalar:
+            raise ValueError("decompose_resid would not sum to the residual stream here: each block multiplies the "
+                             "whole residual stream by its layer_scalar (blocks.{i}.layer_scalar), so the stream is "
+                             "not embed + the attn_out / mlp_out of earlier blocks. Read cache['resid_post', i] "
+                             "directly, or scale each part by the product of the later blocks' layer_scalar")
+        return super().decompose_resid(*args, **kwargs)
 
 
 class HookedDecoder(HookedRootModule):
@@ -540,12 +550,12 @@ class HookedDecoder(HookedRootModule):
         """None when every head's result and every neuron's output is added to the residual stream as it is (so TL's
         per-head / per-neuron decompositions sum to it); otherwise why not."""
         c = self.config
-        if c.post_attn_norm or c.post_mlp_norm:
-            return ("the attention and MLP outputs pass through a norm (ln1_post / ln2_post) before the residual add, "
-                    "so per-head results and per-neuron outputs do not sum to the residual stream")
         if c.layer_scalar:
             return ("each block multiplies the whole residual stream by its layer_scalar, so the residual stream is not "
                     "embed + the sum of the attention and MLP outputs")
+        if c.post_attn_norm or c.post_mlp_norm:
+            return ("the attention and MLP outputs pass through a norm (ln1_post / ln2_post) before the residual add, "
+                    "so per-head results and per-neuron outputs do not sum to the residual stream")
         if c.residual_from_norm:
             return ("the residual branch starts from ln1/ln2's output (residual_from_norm), so the residual stream is "
                     "not embed + the sum of the attention and MLP outputs")
