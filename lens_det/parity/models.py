@@ -14,12 +14,22 @@ def random_hf_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0
     random layer scalars a missing or misplaced scalar. Non-persistent buffers (RoPE tables, the embedding scale) are
     derived from the config and left as HF computed them.
     """
-    from transformers import AutoModelForCausalLM
-
     from lens_det.config import hf_config_from_name
 
+    return random_hf_model_from_config(hf_config_from_name(name), dtype, seed, std)
+
+
+def random_hf_model_from_config(hf_config, dtype: torch.dtype = torch.float32, seed: int = 0, std: float = 0.3,
+                                model_class=None):
+    """`random_hf_model` for a `transformers` config object; `model_class` (e.g. Gemma4ForConditionalGeneration)
+    defaults to the config's causal-LM class."""
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config_from_name(name), dtype=dtype, attn_implementation="eager")
+    if model_class is None:
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="eager")
+    else:
+        model = model_class._from_config(hf_config, dtype=dtype, attn_implementation="eager")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
