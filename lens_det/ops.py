@@ -113,7 +113,8 @@ def mean_square(x: torch.Tensor) -> torch.Tensor:
 
 
 def inv_sqrt_pow(x: torch.Tensor) -> torch.Tensor:
-    """torch.pow(x, -0.5): Gemma 4's RMSNorm spelling of 1 / sqrt (HF chose pow over rsqrt on purpose)."""
+    """torch.pow(x, -0.5): Gemma 4's RMSNorm spelling of 1 / sqrt (HF chose pow over rsqrt on purpose;
+    docs/numerics.md §6.1)."""
     return pointwise(lambda t: torch.pow(t, -0.5), x)
 
 

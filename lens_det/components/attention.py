@@ -53,7 +53,7 @@ class Attention(nn.Module):
         else:
             self.w_q = nn.Parameter(torch.empty(h * d, d_model))
             self.w_k = nn.Parameter(torch.empty(h_kv * d, d_model))
-            # K = V layers have no v projection: v is the k projection's output (before k_norm and RoPE)
+            # K = V layers have no v projection: v is the k projection's output (before k_norm and RoPE, §6.2)
             self.w_v = None if self.k_eq_v else nn.Parameter(torch.empty(h_kv * d, d_model))
             self.b_q = nn.Parameter(torch.zeros(h * d)) if cfg.attn_bias else None
             self.b_k = nn.Parameter(torch.zeros(h_kv * d)) if cfg.attn_bias else None

@@ -46,7 +46,8 @@ def rope_inv_freq(d_head: int, theta: float, linear_factor: float, rotary_fracti
 
     With `rotary_fraction` < 1 (HF's "proportional" RoPE, Gemma 4 full layers): the first
     int(rotary_fraction * d_head // 2) frequencies, their exponents still over the full d_head, then zeros, so the
-    remaining pairs get cos 1, sin 0 and pass unrotated (HF's `_compute_proportional_rope_parameters`)."""
+    remaining pairs get cos 1, sin 0 and pass unrotated (HF's `_compute_proportional_rope_parameters`,
+    docs/numerics.md §6.4)."""
     if rotary_fraction == 1.0:
         inv_freq = 1.0 / (theta ** (torch.arange(0, d_head, 2, dtype=torch.int64, device="cpu").float() / d_head))
     else:

@@ -1,4 +1,4 @@
-"""Gemma 1, 2, 3, VaultGemma and Gemma 4 (text): docs/numerics.md §3-§5, §10. One converter; the generations
+"""Gemma 1, 2, 3, VaultGemma and Gemma 4 (text): docs/numerics.md §3-§6. One converter; the generations
 differ only in config values."""
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ def test_gemma1_norm_roles(model_pair):
     assert logit_gap(swapped, hf, tokens, mask) > 1e-3
 
 
-# --- Gemma 4 (docs/numerics.md §10) ---
+# --- Gemma 4 (docs/numerics.md §6) ---
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("fault", ["rmsnorm_unit_offset", "full_rope_instead_of_partial", "missing_v_norm",
