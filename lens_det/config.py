@@ -40,11 +40,14 @@ class LensConfig:
     gated_mlp: bool
     layer_types: tuple[LayerType, ...]
     rmsnorm_unit_offset: bool = False  # RMSNorm multiplies by (1 + w) (Gemma 1-3)
+    # How RMSNorm forms 1 / sqrt(mean(x^2) + eps) in fp32: torch.rsqrt (Gemma 1-3) or torch.pow(., -0.5) (Gemma 4)
+    rmsnorm_inv_sqrt: Literal["rsqrt", "pow"] = "rsqrt"
     embed_norm: bool = False  # LayerNorm right after the embedding (Bloom)
     embed_scale: bool = False  # multiply embeddings by sqrt(d_model) cast to the weight dtype (Gemma)
     post_attn_norm: bool = False  # norm on the attention output before the residual add (Gemma 2/3)
     post_mlp_norm: bool = False  # norm on the MLP output before the residual add (Gemma 2/3)
-    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Gemma 3)
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Gemma 3, 4)
+    v_norm: bool = False  # per-head RMSNorm without a weight on v (Gemma 4)
     attn_softcap: float | None = None  # tanh(s / cap) * cap on attention scores, before the mask
     final_softcap: float | None = None  # tanh(l / cap) * cap on the logits
     fused_qkv: bool = False  # one projection laid out per head as [q | k | v] (Bloom)
@@ -54,6 +57,19 @@ class LensConfig:
     sliding_window: int | None = None  # keys visible iff 0 <= i - j < sliding_window (padded indices)
     rope_theta: tuple[float, ...] | None = None  # per layer
     rope_linear_factor: tuple[float, ...] | None = None  # per layer; inv_freq is divided by it
+    # per layer (None: 1.0 everywhere): the fraction of frequency pairs that rotate, HF's "proportional" RoPE
+    # (Gemma 4 full layers): int(f * d_head // 2) pairs with exponents over the full d_head, the rest inv_freq 0
+    # (cos 1, sin 0: those dimensions pass unrotated). 1.0 is ordinary RoPE.
+    rope_rotary_fraction: tuple[float, ...] | None = None
+    # Per-layer attention geometry (None: d_head / n_key_value_heads on every layer). Gemma 4's full-attention layers
+    # have their own head dim and kv-head count; d_head and n_key_value_heads then describe the other layers, and
+    # q/k/v/z/o shapes of a layer follow `layer_d_head(i)` / `layer_n_key_value_heads(i)`.
+    d_head_per_layer: tuple[int, ...] | None = None
+    n_key_value_heads_per_layer: tuple[int, ...] | None = None
+    # per layer (None: no layer): the layer has no v projection; its values are the k projection's output, taken
+    # before k_norm and RoPE (Gemma 4's attention_k_eq_v on full layers). v_norm still applies to them.
+    k_eq_v: tuple[bool, ...] | None = None
+    layer_scalar: bool = False  # each block multiplies its output (the whole residual stream) by a learned scalar
     tie_word_embeddings: bool = True
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -70,6 +86,8 @@ class LensConfig:
             )
         if self.fused_qkv and self.n_key_value_heads != self.n_heads:
             raise ValueError("fused_qkv (Bloom layout) needs n_key_value_heads == n_heads")
+        if self.rmsnorm_inv_sqrt not in ("rsqrt", "pow"):
+            raise ValueError(f"rmsnorm_inv_sqrt must be 'rsqrt' or 'pow', got {self.rmsnorm_inv_sqrt!r}")
         if self.positional not in ("alibi", "rope"):
             raise ValueError(f"positional must be 'alibi' or 'rope', got {self.positional!r}")
         if self.norm not in ("layernorm", "rmsnorm"):
@@ -79,9 +97,23 @@ class LensConfig:
             if self.rope_theta is None or self.rope_linear_factor is None:
                 raise ValueError("positional='rope' needs rope_theta and rope_linear_factor (one per layer)")
             per_layer |= {"rope_theta": self.rope_theta, "rope_linear_factor": self.rope_linear_factor}
+        elif self.rope_rotary_fraction is not None:
+            raise ValueError("rope_rotary_fraction needs positional='rope'")
+        optional = {"rope_rotary_fraction": self.rope_rotary_fraction, "d_head_per_layer": self.d_head_per_layer,
+                    "n_key_value_heads_per_layer": self.n_key_value_heads_per_layer, "k_eq_v": self.k_eq_v}
+        per_layer |= {name: values for name, values in optional.items() if values is not None}
         for name, values in per_layer.items():
             if len(values) != self.n_layers:
                 raise ValueError(f"{name} has {len(values)} entries but n_layers is {self.n_layers}")
+        for i in range(self.n_layers):
+            d, h_kv = self.layer_d_head(i), self.layer_n_key_value_heads(i)
+            if d <= 0 or h_kv <= 0 or self.n_heads % h_kv:
+                raise ValueError(f"layer {i}: d_head={d} must be positive and n_key_value_heads={h_kv} must divide "
+                                 f"n_heads={self.n_heads}")
+        if self.fused_qkv and (self.d_head_per_layer or self.n_key_value_heads_per_layer or self.k_eq_v):
+            raise ValueError("fused_qkv (Bloom layout) has one geometry for every layer and a v projection")
+        if self.rope_rotary_fraction and any(not 0.0 <= f <= 1.0 for f in self.rope_rotary_fraction):
+            raise ValueError(f"rope_rotary_fraction values must be in [0, 1], got {self.rope_rotary_fraction}")
         unknown = set(self.layer_types) - {"full_attention", "sliding_attention"}
         if unknown:
             raise NotImplementedError(f"layer_types {sorted(unknown)} are not implemented")
@@ -106,6 +138,32 @@ class LensConfig:
         """Query heads per key/value head (1 without GQA/MQA)."""
         return self.n_heads // self.n_key_value_heads
 
+    # --- per-layer attention geometry ---
+    def layer_d_head(self, layer: int) -> int:
+        return self.d_head if self.d_head_per_layer is None else self.d_head_per_layer[layer]
+
+    def layer_n_key_value_heads(self, layer: int) -> int:
+        if self.n_key_value_heads_per_layer is None:
+            return self.n_key_value_heads
+        return self.n_key_value_heads_per_layer[layer]
+
+    def layer_n_rep(self, layer: int) -> int:
+        """Query heads per key/value head on `layer`."""
+        return self.n_heads // self.layer_n_key_value_heads(layer)
+
+    def layer_k_eq_v(self, layer: int) -> bool:
+        return bool(self.k_eq_v and self.k_eq_v[layer])
+
+    def layer_rope_rotary_fraction(self, layer: int) -> float:
+        return 1.0 if self.rope_rotary_fraction is None else self.rope_rotary_fraction[layer]
+
+    @property
+    def uniform_attention_geometry(self) -> bool:
+        """Whether every layer has d_head and n_key_value_heads (so TransformerLens's [layer, head, ...] stacks of
+        attention weights exist)."""
+        return all(self.layer_d_head(i) == self.d_head and self.layer_n_key_value_heads(i) == self.n_key_value_heads
+                   for i in range(self.n_layers))
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -113,7 +171,7 @@ class LensConfig:
     @classmethod
     def from_hf_config(cls, hf_config: Any) -> LensConfig:
         """Build from a `transformers` config object (BloomConfig, GemmaConfig, Gemma2Config, Gemma3TextConfig,
-        or a Gemma3Config whose text part is used)."""
+        VaultGemmaConfig, Gemma4TextConfig, or a Gemma3Config / Gemma4Config whose text part is used)."""
         from lens_det.convert import family_for
 
         return family_for(hf_config).config_from_hf(hf_config)
@@ -125,12 +183,13 @@ class LensConfig:
 
 
 def _configs_dir():
-    """The installed `lens_det.model_configs` (the build maps model_configs/ there), or, when lens_det is imported
-    from a source checkout, the checkout's model_configs/ folder."""
-    try:
-        return resources.files("lens_det.model_configs")
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parent.parent / "model_configs"
+    """The model_configs/ folder of the source checkout lens_det is imported from, or else the installed
+    `lens_det.model_configs` (the build maps model_configs/ there). The checkout comes first: an editable install
+    of another checkout (or a git worktree) would otherwise serve that checkout's files."""
+    checkout = Path(__file__).resolve().parent.parent / "model_configs"
+    if (checkout / "__init__.py").is_file():
+        return checkout
+    return resources.files("lens_det.model_configs")
 
 
 def named_configs() -> dict[str, dict[str, Any]]:

@@ -121,10 +121,20 @@ class LensActivationCache(ActivationCache):
     def get_full_resid_decomposition(self, *args, **kwargs):
         why = self.model.why_residual_not_additive()
         if why is not None:
+            instead = ("cache.decompose_resid() (attn_out / mlp_out are what is added) or " if not
+                       self.model.config.layer_scalar else "not cache.decompose_resid() either; use ")
             raise ValueError(f"get_full_resid_decomposition would not sum to the residual stream here: {why}. Use "
-                             "cache.decompose_resid() (attn_out / mlp_out are what is added) or stack_head_results("
-                             "incl_remainder=True), whose remainder absorbs the difference")
+                             f"{instead}stack_head_results(incl_remainder=True), whose remainder absorbs the "
+                             "difference")
         return super().get_full_resid_decomposition(*args, **kwargs)
+
+    def decompose_resid(self, *args, **kwargs):
+        if self.model.config.layer_scalar:
+            raise ValueError("decompose_resid would not sum to the residual stream here: each block multiplies the "
+                             "whole residual stream by its layer_scalar (blocks.{i}.layer_scalar), so the stream is "
+                             "not embed + the attn_out / mlp_out of earlier blocks. Read cache['resid_post', i] "
+                             "directly, or scale each part by the product of the later blocks' layer_scalar")
+        return super().decompose_resid(*args, **kwargs)
 
 
 class HookedDecoder(HookedRootModule):
@@ -167,16 +177,27 @@ class HookedDecoder(HookedRootModule):
     def _stack(self, get) -> torch.Tensor:
         return torch.stack([get(b) for b in self.blocks])
 
-    W_Q = property(lambda self: self._stack(lambda b: b.attn.W_Q))  # [layer, head, d_model, d_head]
-    W_K = property(lambda self: self._stack(lambda b: b.attn.W_K))  # GQA: repeated to n_heads, as TL
-    W_V = property(lambda self: self._stack(lambda b: b.attn.W_V))
-    W_O = property(lambda self: self._stack(lambda b: b.attn.W_O))  # [layer, head, d_head, d_model]
-    b_Q = property(lambda self: self._stack(lambda b: b.attn.b_Q))  # [layer, head, d_head]
-    b_K = property(lambda self: self._stack(lambda b: b.attn.b_K))
-    b_V = property(lambda self: self._stack(lambda b: b.attn.b_V))
+    def _attn_stack(self, name: str) -> torch.Tensor:
+        """blocks[i].attn.<name> stacked over layers; refused when layers differ in d_head / kv heads (Gemma 4)."""
+        if not self.config.uniform_attention_geometry:
+            shapes = sorted({(b.attn.d_head, b.attn.n_kv_heads) for b in self.blocks})
+            raise ValueError(
+                f"model.{name} stacks every layer's weights, but this model's layers have different attention shapes "
+                f"((d_head, kv heads) = {shapes}, cfg.layer_d_head(i) / cfg.layer_n_key_value_heads(i)); use "
+                f"model.blocks[i].attn.{name} per layer"
+            )
+        return self._stack(lambda b: getattr(b.attn, name))
+
+    W_Q = property(lambda self: self._attn_stack("W_Q"))  # [layer, head, d_model, d_head]
+    W_K = property(lambda self: self._attn_stack("W_K"))  # GQA: repeated to n_heads, as TL
+    W_V = property(lambda self: self._attn_stack("W_V"))
+    W_O = property(lambda self: self._attn_stack("W_O"))  # [layer, head, d_head, d_model]
+    b_Q = property(lambda self: self._attn_stack("b_Q"))  # [layer, head, d_head]
+    b_K = property(lambda self: self._attn_stack("b_K"))
+    b_V = property(lambda self: self._attn_stack("b_V"))
     b_O = property(lambda self: self._stack(lambda b: b.attn.b_O))  # [layer, d_model]
-    _W_K = property(lambda self: self._stack(lambda b: b.attn._W_K))  # GQA: [layer, kv_head, d_model, d_head]
-    _W_V = property(lambda self: self._stack(lambda b: b.attn._W_V))
+    _W_K = property(lambda self: self._attn_stack("_W_K"))  # GQA: [layer, kv_head, d_model, d_head]
+    _W_V = property(lambda self: self._attn_stack("_W_V"))
     W_in = property(lambda self: self._stack(lambda b: b.mlp.W_in))  # [layer, d_model, d_mlp]
     W_out = property(lambda self: self._stack(lambda b: b.mlp.W_out))  # [layer, d_mlp, d_model]
     b_in = property(lambda self: self._stack(lambda b: _or_zeros(b.mlp.b_in, b.mlp.w_in[:, 0])))  # [layer, d_mlp]
@@ -286,7 +307,7 @@ class HookedDecoder(HookedRootModule):
         queries, keys and values read (through ln1), as TransformerLens; an edit changes only that head's input.
         Not with grouped-query attention (a key/value head serves several query heads): use
         set_use_split_qkv_input there. Off by default (n_heads copies of the residual stream per layer)."""
-        if use and self.cfg.n_rep > 1:
+        if use and any(block.attn.n_rep > 1 for block in self.blocks):
             raise ValueError("hook_attn_in gives each query head its own input, but with grouped-query attention a "
                              "key/value head serves several query heads (TransformerLens refuses it too): use "
                              "model.set_use_split_qkv_input(True) (hook_q_input per query head, hook_k_input / "
@@ -583,6 +604,9 @@ class HookedDecoder(HookedRootModule):
         """None when every head's result and every neuron's output is added to the residual stream as it is (so TL's
         per-head / per-neuron decompositions sum to it); otherwise why not."""
         c = self.config
+        if c.layer_scalar:
+            return ("each block multiplies the whole residual stream by its layer_scalar, so the residual stream is not "
+                    "embed + the sum of the attention and MLP outputs")
         if c.post_attn_norm or c.post_mlp_norm:
             return ("the attention and MLP outputs pass through a norm (ln1_post / ln2_post) before the residual add, "
                     "so per-head results and per-neuron outputs do not sum to the residual stream")

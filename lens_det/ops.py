@@ -114,12 +114,23 @@ def mean_square(x: torch.Tensor) -> torch.Tensor:
     return x.float().pow(2).mean(-1, keepdim=True)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool,
-             mean_sq: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 normalise, times (1 + w) or w in fp32, one cast at the end (docs/numerics.md §3.3). `mean_sq` reuses an
-    already computed `mean_square(x)` (the same ops, so the same bits)."""
+def inv_sqrt_pow(x: torch.Tensor) -> torch.Tensor:
+    """torch.pow(x, -0.5): Gemma 4's RMSNorm spelling of 1 / sqrt (HF chose pow over rsqrt on purpose;
+    docs/numerics.md §6.1)."""
+    return pointwise(lambda t: torch.pow(t, -0.5), x)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, unit_offset: bool,
+             mean_sq: torch.Tensor | None = None, inv_sqrt: str = "rsqrt") -> torch.Tensor:
+    """fp32 normalise, times (1 + w) or w in fp32 (nothing when `weight` is None), one cast at the end
+    (docs/numerics.md §3.3). `inv_sqrt` is "rsqrt" (Gemma 1-3: x * rsqrt(ms + eps)) or "pow" (Gemma 4:
+    x * pow(ms + eps, -0.5)). `mean_sq` reuses an already computed `mean_square(x)` (the same ops, so the same
+    bits)."""
     xf = x.float()
-    y = xf * pointwise(torch.rsqrt, (mean_square(xf) if mean_sq is None else mean_sq) + eps)
+    denominator = (mean_square(xf) if mean_sq is None else mean_sq) + eps
+    y = xf * (inv_sqrt_pow(denominator) if inv_sqrt == "pow" else pointwise(torch.rsqrt, denominator))
+    if weight is None:
+        return y.type_as(x)
     scale = 1.0 + weight.float() if unit_offset else weight.float()
     return (y * scale).type_as(x)
 

@@ -33,6 +33,8 @@ def why_not(config, step: str) -> str | None:
                     "every norm's output (TransformerLens skips this step for RMSNorm models)")
         if c.post_attn_norm or c.post_mlp_norm:
             return "the attention / MLP outputs pass through a norm before the residual add, so W_O / W_out do not write it"
+    if step == "fold_value_biases" and c.v_norm and c.attn_bias:
+        return "v_norm normalises the values after the bias is added, so b_V does not add a constant to the output"
     if step == "center_unembed" and c.final_softcap:
         return (f"the final logit soft-cap tanh(l / {c.final_softcap:g}) * {c.final_softcap:g} does not commute with a "
                 "shift of the logits, so centring W_U would change the log-probs")
@@ -88,7 +90,8 @@ def _readers(block_part) -> list[tuple[nn.Parameter, nn.Parameter | None]]:
     """The (weight [out, in], bias) pairs of the linear maps that read a norm's output."""
     names = (("w_qkv", "b_qkv"),) if hasattr(block_part, "w_qkv") else (
         ("w_q", "b_q"), ("w_k", "b_k"), ("w_v", "b_v"), ("w_in", "b_in"), ("w_gate", "b_gate"))
-    return [(getattr(block_part, w), getattr(block_part, b)) for w, b in names if hasattr(block_part, w)]
+    return [(getattr(block_part, w), getattr(block_part, b)) for w, b in names
+            if getattr(block_part, w, None) is not None]  # K = V layers have no w_v
 
 
 def _fold_into(gain, shift, readers, center: bool) -> None:
@@ -198,7 +201,7 @@ def _refactor_factored_attn_matrices(model) -> None:
                 raise NotImplementedError("refactoring the QK circuit of a model without q/k biases is not implemented")
         u, s, vh = FactoredMatrix(_f64(attn.W_V), _f64(attn.W_O)).svd()  # W_OV = U diag(S) Vh^T
         _write(w_v, (u * s[..., None, :]).transpose(1, 2))
-        w_o = attn.w_o.view(attn.cfg.d_model, attn.cfg.n_heads, attn.cfg.d_head)  # [d_model, head, d_head]
+        w_o = attn.w_o.view(attn.cfg.d_model, attn.cfg.n_heads, attn.d_head)  # [d_model, head, d_head]
         _write(w_o, vh.permute(1, 0, 2))
 
 

@@ -16,13 +16,16 @@ ROPE = ["attn.hook_rot_q", "attn.hook_rot_k", "mlp.hook_pre_linear"]
 SANDWICH = ["ln1_post.hook_scale", "ln1_post.hook_normalized", "ln2_post.hook_scale", "ln2_post.hook_normalized"]
 QK_NORM = ["attn.q_norm.hook_scale", "attn.q_norm.hook_normalized",
            "attn.k_norm.hook_scale", "attn.k_norm.hook_normalized"]
+V_NORM = ["attn.v_norm.hook_scale", "attn.v_norm.hook_normalized"]
 GLOBAL = ["hook_embed", "ln_final.hook_scale", "ln_final.hook_normalized"]
 GOLDEN = {
     "tiny-bloom": (GLOBAL + ["embed.ln.hook_scale", "embed.ln.hook_normalized"], COMMON_BLOCK),
     "tiny-bloom-resid": (GLOBAL + ["embed.ln.hook_scale", "embed.ln.hook_normalized"], COMMON_BLOCK),
     "tiny-gemma": (GLOBAL, COMMON_BLOCK + ROPE),
     "tiny-gemma2": (GLOBAL, COMMON_BLOCK + ROPE + SANDWICH),
+    "tiny-vaultgemma": (GLOBAL, COMMON_BLOCK + ROPE),
     "tiny-gemma3": (GLOBAL, COMMON_BLOCK + ROPE + SANDWICH + QK_NORM),
+    "tiny-gemma4": (GLOBAL, COMMON_BLOCK + ROPE + SANDWICH + QK_NORM + V_NORM),
 }
 
 
@@ -60,6 +63,37 @@ def test_every_hook_fires_with_tl_shapes(model_pair, name):
     assert cache["blocks.0.hook_resid_pre"].shape == (2, 7, c.d_model)
     assert cache["ln_final.hook_scale"].shape == (2, 7, 1)
     assert torch.equal(cache["hook_embed"], cache["blocks.0.hook_resid_pre"])
+
+
+def test_per_layer_geometry_shapes(model_pair):
+    """Gemma 4: full-attention layers have their own head dim and kv-head count; every attention hook of a layer
+    uses that layer's (cfg.layer_d_head(i), cfg.layer_n_key_value_heads(i)), and the KV cache stores them."""
+    _, model = model_pair("tiny-gemma4")
+    c = model.cfg
+    assert c.d_head_per_layer is not None and len(set(c.d_head_per_layer)) == 2
+    tokens, mask = batch("left", c.d_vocab, batch_size=2, length=7)
+    cache = model.new_cache()
+    model.set_use_attn_result(True)
+    try:
+        with torch.no_grad():
+            _, acts = model.run_with_cache(tokens, attention_mask=mask, kv_cache=cache)
+    finally:
+        model.set_use_attn_result(False)
+    for i in range(c.n_layers):
+        d, h_kv = c.layer_d_head(i), c.layer_n_key_value_heads(i)
+        a = f"blocks.{i}.attn."
+        assert acts[a + "hook_q"].shape == acts[a + "hook_z"].shape == (2, 7, c.n_heads, d)
+        for name in ("hook_k", "hook_v", "hook_rot_k", "k_norm.hook_normalized", "v_norm.hook_normalized"):
+            assert acts[a + name].shape == (2, 7, h_kv, d), (i, name)
+        assert acts[a + "v_norm.hook_scale"].shape == (2, 7, h_kv, 1)
+        assert acts[a + "hook_result"].shape == (2, 7, c.n_heads, c.d_model)
+        assert cache.layers[i].keys.shape[1:] == cache.layers[i].values.shape[1:] and cache.layers[i].keys.shape[1] == h_kv
+        assert cache.layers[i].keys.shape[-1] == d
+        assert model.blocks[i].attn.W_Q.shape == (c.n_heads, c.d_model, d)
+        assert model.blocks[i].attn.W_O.shape == (c.n_heads, d, c.d_model)
+        if c.layer_k_eq_v(i):  # K = V: the values are the k projection's output (before k_norm / RoPE)
+            assert torch.equal(acts[a + "hook_v"], acts[a + "hook_k"])
+            assert torch.equal(model.blocks[i].attn.W_V, model.blocks[i].attn.W_K)
 
 
 def test_hook_result_is_off_by_default(model_pair):

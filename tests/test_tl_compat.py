@@ -17,7 +17,8 @@ from tests.conftest import ALL, batch
 CONFIGS = ["tiny-bloom", "tiny-gemma2"]
 # decompose_resid sums to resid_post only when each block adds attn_out / mlp_out to its input; tiny-bloom-resid
 # (apply_residual_connection_post_layernorm) adds them to the norm output instead, so it is checked to NOT sum.
-ADDITIVE = [n for n in ALL if n != "tiny-bloom-resid"]
+# tiny-gemma4 multiplies the residual stream by a per-block layer_scalar, so decompose_resid refuses.
+ADDITIVE = [n for n in ALL if n not in ("tiny-bloom-resid", "tiny-gemma4")]
 REL = 1e-5
 
 
@@ -389,7 +390,42 @@ def test_to_tokens_tl_idiom_fails_with_what_to_write():
     assert ids.shape == mask.shape
 
 
-@pytest.mark.parametrize("name", ALL)
+def test_decompose_resid_refuses_a_scaled_residual_stream(model_pair):
+    """Gemma 4: resid_post = layer_scalar * (resid_mid + mlp_out), so attn_out / mlp_out do not sum to it."""
+    model = tl_model(model_pair, "tiny-gemma4")
+    tokens, _ = batch("none", model.cfg.d_vocab)
+    _, cache = model.run_with_cache(tokens)
+    with pytest.raises(ValueError, match="layer_scalar"):
+        cache.decompose_resid()
+    s = model.blocks[0].layer_scalar
+    assert torch.equal(cache["resid_post", 0], (cache["resid_mid", 0] + cache["mlp_out", 0]) * s)
+
+
+UNIFORM = [n for n in ALL if n != "tiny-gemma4"]  # tiny-gemma4's full layers have their own d_head / kv heads
+
+
+def test_weight_stacks_refuse_mixed_geometry_and_blocks_keep_tl_meaning(model_pair):
+    """Gemma 4: model.W_Q etc. cannot stack layers of different d_head and refuse, naming blocks[i].attn.W_Q; each
+    block's views reproduce its hooks (K = V layers: W_V is W_K)."""
+    _, model = model_pair("tiny-gemma4")
+    tokens, _ = batch("none", model.cfg.d_vocab)
+    _, cache = model.run_with_cache(tokens)
+    for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "_W_K", "OV", "QK"):
+        with pytest.raises(ValueError, match=r"blocks\[i\]\.attn\."):
+            getattr(model, name)
+    assert model.b_O.shape == (model.cfg.n_layers, model.cfg.d_model) and model.W_in.shape[0] == model.cfg.n_layers
+    for l, block in enumerate(model.blocks):
+        attn, x = block.attn, cache[f"blocks.{l}.ln1.hook_normalized"]
+        for hook, W, b in (("q", attn.W_Q, attn.b_Q), ("k", attn.W_K, attn.b_K), ("v", attn.W_V, attn.b_V)):
+            got = cache[f"blocks.{l}.attn.hook_{hook}"]
+            if hook != "q":
+                got = got.repeat_interleave(model.cfg.layer_n_rep(l), dim=2)
+            close(got, torch.einsum("bpm,hmd->bphd", x, W) + b)
+        z = cache[f"blocks.{l}.attn.hook_z"]
+        close(torch.einsum("bphd,hdm->bpm", z, attn.W_O), z.flatten(2) @ attn.w_o.T)
+
+
+@pytest.mark.parametrize("name", UNIFORM)
 def test_weight_stacks_have_transformer_lens_meaning(model_pair, name):
     """Each stacked weight reproduces the hook it feeds (float32 rounding of a matmul: 1e-5): q/k/v from
     ln1's output with W_Q/W_K/W_V (+ b), the MLP's pre-activation with W_gate or W_in (+ b_in), and

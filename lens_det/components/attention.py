@@ -41,7 +41,11 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layer = layer
-        h, h_kv, d, d_model = cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.d_model
+        # This layer's geometry (Gemma 4's full-attention layers differ from the others: LensConfig.d_head_per_layer)
+        self.d_head, self.n_kv_heads, self.n_rep = cfg.layer_d_head(layer), cfg.layer_n_key_value_heads(layer), \
+            cfg.layer_n_rep(layer)
+        self.k_eq_v = cfg.layer_k_eq_v(layer)
+        h, h_kv, d, d_model = cfg.n_heads, self.n_kv_heads, self.d_head, cfg.d_model
         if cfg.fused_qkv:  # Bloom: one [3 * H * d, d_model] projection, per head [q | k | v] (docs/numerics.md §2.4)
             self.w_qkv = nn.Parameter(torch.empty(3 * h * d, d_model))
             self.b_qkv = nn.Parameter(torch.zeros(3 * h * d)) if cfg.attn_bias else None
@@ -49,27 +53,31 @@ class Attention(nn.Module):
         else:
             self.w_q = nn.Parameter(torch.empty(h * d, d_model))
             self.w_k = nn.Parameter(torch.empty(h_kv * d, d_model))
-            self.w_v = nn.Parameter(torch.empty(h_kv * d, d_model))
+            # K = V layers have no v projection: v is the k projection's output (before k_norm and RoPE, §6.2)
+            self.w_v = None if self.k_eq_v else nn.Parameter(torch.empty(h_kv * d, d_model))
             self.b_q = nn.Parameter(torch.zeros(h * d)) if cfg.attn_bias else None
             self.b_k = nn.Parameter(torch.zeros(h_kv * d)) if cfg.attn_bias else None
-            self.b_v = nn.Parameter(torch.zeros(h_kv * d)) if cfg.attn_bias else None
+            self.b_v = nn.Parameter(torch.zeros(h_kv * d)) if cfg.attn_bias and not self.k_eq_v else None
             self._project = self._project_split
         self.w_o = nn.Parameter(torch.empty(d_model, h * d))
         self.b_o = nn.Parameter(torch.zeros(d_model)) if cfg.attn_bias else None
 
         self.q_norm = make_optional_norm(cfg, cfg.qk_norm, dim=d)
         self.k_norm = make_optional_norm(cfg, cfg.qk_norm, dim=d)
+        self.v_norm = make_optional_norm(cfg, cfg.v_norm, dim=d, weight=False)
         self.score_cap = SoftCap(cfg.attn_softcap) if cfg.attn_softcap else nn.Identity()
         self.window = cfg.sliding_window if cfg.layer_types[layer] == "sliding_attention" else None
         self.use_attn_result = False
 
+        # Shapes use this layer's d_head and kv heads (cfg.layer_d_head(i), cfg.layer_n_key_value_heads(i)).
         self.hook_q = HookPoint()  # [batch, pos, head_index, d_head]
         self.hook_k = HookPoint()  # [batch, pos, kv_head_index, d_head]
-        self.hook_v = HookPoint()  # [batch, pos, kv_head_index, d_head]
+        self.hook_v = HookPoint()  # [batch, pos, kv_head_index, d_head] (K = V layers: the k projection again)
         if cfg.positional == "rope":
-            self.rope_key = (cfg.rope_theta[layer], cfg.rope_linear_factor[layer])
+            fraction = cfg.layer_rope_rotary_fraction(layer)
+            self.rope_key = (cfg.rope_theta[layer], cfg.rope_linear_factor[layer], d, fraction)
             # Plain float32 attributes, not buffers: model.to(bfloat16) must not round them (docs/numerics.md §3.4).
-            self.inv_freq = rope_inv_freq(d, *self.rope_key)
+            self.inv_freq = rope_inv_freq(d, cfg.rope_theta[layer], cfg.rope_linear_factor[layer], fraction)
             self.hook_rot_q = HookPoint()  # [batch, pos, head_index, d_head]
             self.hook_rot_k = HookPoint()  # [batch, pos, kv_head_index, d_head]
             self._position, self._score_bias = self._rope, self._no_bias
@@ -84,15 +92,15 @@ class Attention(nn.Module):
     # --- projections: return q, k, v as [batch, pos, head, d_head] ---
     def _project_fused(self, x):
         b, t, _ = x.shape
-        fused = ops.linear(x, self.w_qkv, self.b_qkv).view(b, t, self.cfg.n_heads, 3, self.cfg.d_head)
+        fused = ops.linear(x, self.w_qkv, self.b_qkv).view(b, t, self.cfg.n_heads, 3, self.d_head)
         return fused[..., 0, :], fused[..., 1, :], fused[..., 2, :]
 
     def _project_split(self, x):
         b, t, _ = x.shape
-        shape = (b, t, -1, self.cfg.d_head)
+        shape = (b, t, -1, self.d_head)
         q = ops.linear(x, self.w_q, self.b_q).view(shape)
         k = ops.linear(x, self.w_k, self.b_k).view(shape)
-        v = ops.linear(x, self.w_v, self.b_v).view(shape)
+        v = k if self.k_eq_v else ops.linear(x, self.w_v, self.b_v).view(shape)
         return q, k, v
 
     # --- positions: RoPE rotates q and k ([batch, head, pos, d_head]); ALiBi adds a bias to the scores ---
@@ -133,7 +141,7 @@ class Attention(nn.Module):
             q, k, v = self._reproject((q, k, v), head_edits)
         q = self.q_norm(self.hook_q(q)).transpose(1, 2)  # HF layout [batch, head, pos, d_head]
         k = self.k_norm(self.hook_k(k)).transpose(1, 2)
-        v = self.hook_v(v).transpose(1, 2)
+        v = self.v_norm(self.hook_v(v)).transpose(1, 2)
         q, k = self._position(q, k, ctx)
         if cache_entry is None:
             key_start = 0
@@ -141,7 +149,7 @@ class Attention(nn.Module):
             k, v, key_start = cache_entry.update(k, v)
         n_key = k.shape[-2]
         bias = self._score_bias(ctx, key_start, x.device)
-        k, v = repeat_kv(k, self.cfg.n_rep), repeat_kv(v, self.cfg.n_rep)
+        k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
         scores = self.score_cap(ops.attention_scores(q, k, self.cfg.attn_scale, bias))
         scores = scores + ctx.additive_mask(key_start, n_key, self.window, x.device)
         scores = self.hook_attn_scores(scores)
@@ -149,7 +157,7 @@ class Attention(nn.Module):
         probs = self.hook_pattern(ops.softmax(scores, key_pos))
         z = self.hook_z(ops.attend(probs, v, key_pos).transpose(1, 2))
         if self.use_attn_result:
-            w_o = self.w_o.view(self.cfg.d_model, self.cfg.n_heads, self.cfg.d_head)
+            w_o = self.w_o.view(self.cfg.d_model, self.cfg.n_heads, self.d_head)
             result = torch.einsum("bqhd,mhd->bqhm", z, w_o)
             hooked = self.hook_result(result)
             if hooked is not result:  # an edited per-head result is what the layer outputs
@@ -158,13 +166,14 @@ class Attention(nn.Module):
 
     # --- TransformerLens-shaped weight views ---
     def _qkv_weights(self):
-        h, d = self.cfg.n_heads, self.cfg.d_head
+        h, d = self.cfg.n_heads, self.d_head
         if self.cfg.fused_qkv:
             w = self.w_qkv.view(h, 3, d, -1)
             bias = self.b_qkv.view(h, 3, d) if self.b_qkv is not None else None
             return [(w[:, i], None if bias is None else bias[:, i]) for i in range(3)]
         out = []
-        for w, bias in ((self.w_q, self.b_q), (self.w_k, self.b_k), (self.w_v, self.b_v)):
+        v = (self.w_k, self.b_k) if self.k_eq_v else (self.w_v, self.b_v)  # K = V: values read the k projection
+        for w, bias in ((self.w_q, self.b_q), (self.w_k, self.b_k), v):
             n = w.shape[0] // d
             out.append((w.view(n, d, -1), None if bias is None else bias.view(n, d)))
         return out
@@ -172,7 +181,7 @@ class Attention(nn.Module):
     # TransformerLens's shapes. With grouped-query attention W_K/W_V/b_K/b_V are repeated to n_heads (query head h
     # reads kv head h // n_rep, as HF's repeat_kv), and _W_K/_W_V/_b_K/_b_V are the kv heads themselves.
     def _repeat(self, x: torch.Tensor) -> torch.Tensor:
-        return x.repeat_interleave(self.cfg.n_rep, dim=0)
+        return x.repeat_interleave(self.n_rep, dim=0)
 
     def _bias(self, i: int) -> torch.Tensor:
         w, b = self._qkv_weights()[i]
@@ -220,7 +229,7 @@ class Attention(nn.Module):
 
     @property
     def W_O(self):  # [head_index, d_head, d_model]
-        return self.w_o.view(self.cfg.d_model, self.cfg.n_heads, self.cfg.d_head).permute(1, 2, 0)
+        return self.w_o.view(self.cfg.d_model, self.cfg.n_heads, self.d_head).permute(1, 2, 0)
 
     @property
     def b_O(self):  # [d_model]

@@ -19,7 +19,9 @@ class Block(nn.Module):
     Gemma 1's `post_attention_layernorm` is the pre-MLP norm (ln2); Gemma 2/3's is ln1_post
     (docs/numerics.md §3.6, §9.7). With `residual_from_norm` (Bloom's apply_residual_connection_post_layernorm)
     the residual branch starts from the norm's output (docs/numerics.md §2.3). hook_attn_out / hook_mlp_out are
-    what is added to the residual stream.
+    what is added to the residual stream. With `layer_scalar` (Gemma 4) the sum is then multiplied by the block's
+    learned scalar, and hook_resid_post is that product (what the next block reads and HF's layer returns; HF
+    multiplies in place, here a new tensor is made, so no hook's tensor is changed afterwards).
     """
 
     hook_out_is_single_residual_stream = True  # hook_resid_post is the one stream ln_final reads (TL's logit lens)
@@ -33,6 +35,9 @@ class Block(nn.Module):
         self.ln2 = make_norm(cfg)
         self.mlp = make_mlp(cfg)
         self.ln2_post = make_optional_norm(cfg, cfg.post_mlp_norm)
+        # A buffer in the model dtype, as HF's (it follows model.to(dtype)); [1]
+        self.register_buffer("layer_scalar", torch.ones(1) if cfg.layer_scalar else None)
+        self._finish = self._scale_output if cfg.layer_scalar else self._no_scale
         self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
         # TransformerLens's per-head attention inputs (off by default; one copy of resid_pre per head when on):
         self.hook_attn_in = HookPoint()  # [batch, pos, head_index, d_model] (use_attn_in; not with GQA)
@@ -57,7 +62,16 @@ class Block(nn.Module):
         # TL's hook_mlp_in: a copy of resid_mid that only the MLP branch reads, so an edit leaves the residual alone
         m = self.ln2(self.hook_mlp_in(x.clone()) if self.use_hook_mlp_in else x)
         mlp_out = self.hook_mlp_out(self.ln2_post(self.mlp(m)))
-        return self.hook_resid_post((m if self.residual_from_norm else x) + mlp_out)
+        return self.hook_resid_post(self._finish((m if self.residual_from_norm else x) + mlp_out))
+
+    def _no_scale(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def _scale_output(self, x: torch.Tensor) -> torch.Tensor:
+        # HF: `hidden_states *= self.layer_scalar` (docs/numerics.md §6.5), in place: computed in the promoted dtype, stored in x's dtype.
+        # The same arithmetic out of place (differentiable, and no hook's tensor changes afterwards).
+        s = self.layer_scalar.to(x.device)
+        return x * s if s.dtype == x.dtype else (x * s).to(x.dtype)
 
     def _per_head_inputs(self, x: torch.Tensor):
         """Fire TL's per-head input hooks on copies of resid_pre. Returns, for q, k and v, {head: ln1(its edited
@@ -75,6 +89,7 @@ class Block(nn.Module):
             per_head = edits(self.hook_attn_in, cfg.n_heads)
             inputs = (per_head, per_head, per_head)
         else:
-            inputs = (edits(self.hook_q_input, cfg.n_heads), edits(self.hook_k_input, cfg.n_key_value_heads),
-                      edits(self.hook_v_input, cfg.n_key_value_heads))
+            n_kv = self.attn.n_kv_heads
+            inputs = (edits(self.hook_q_input, cfg.n_heads), edits(self.hook_k_input, n_kv),
+                      edits(self.hook_v_input, n_kv))
         return inputs if any(inputs) else None

@@ -47,12 +47,19 @@ class LayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, unit_offset: bool):
+    """RMSNorm in fp32: x / sqrt(mean(x^2) + eps) (via rsqrt or pow(., -0.5), `inv_sqrt`), times (1 + w) or w, or
+    no weight at all (`weight=False`: Gemma 4's v_norm), one cast back at the end."""
+
+    def __init__(self, dim: int, eps: float, unit_offset: bool, inv_sqrt: str = "rsqrt", weight: bool = True):
         super().__init__()
         self.eps = eps
         self.unit_offset = unit_offset
-        self.w = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
-        self.hook_scale = HookPoint()  # [batch, pos, 1] (or [batch, pos, head_index, 1] for q/k norms)
+        self.inv_sqrt = inv_sqrt
+        if weight:
+            self.w = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
+        else:
+            self.w = None
+        self.hook_scale = HookPoint()  # [batch, pos, 1] (or [batch, pos, head_index, 1] for q/k/v norms)
         self.hook_normalized = HookPoint()  # same shape as the input
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,22 +69,24 @@ class RMSNorm(nn.Module):
             scale = (mean_sq + self.eps).sqrt()
             hooked = self.hook_scale(scale)
             if hooked is not scale:
-                gain = 1.0 + self.w.float() if self.unit_offset else self.w.float()
-                return self.hook_normalized((x.float() / hooked * gain).to(x.dtype))
+                out = x.float() / hooked
+                if self.w is not None:
+                    out = out * (1.0 + self.w.float() if self.unit_offset else self.w.float())
+                return self.hook_normalized(out.to(x.dtype))
         return self.hook_normalized(self.normalize(x, mean_sq))
 
     def normalize(self, x: torch.Tensor, mean_sq: torch.Tensor | None = None) -> torch.Tensor:
         """The norm without its hooks (for inputs that are not the residual stream, e.g. per-head copies)."""
-        return ops.rms_norm(x, self.w, self.eps, self.unit_offset, mean_sq)
+        return ops.rms_norm(x, self.w, self.eps, self.unit_offset, mean_sq, self.inv_sqrt)
 
 
-def make_norm(cfg: LensConfig, dim: int | None = None) -> nn.Module:
+def make_norm(cfg: LensConfig, dim: int | None = None, weight: bool = True) -> nn.Module:
     dim = cfg.d_model if dim is None else dim
     if cfg.norm == "layernorm":
         return LayerNorm(dim, cfg.norm_eps)
-    return RMSNorm(dim, cfg.norm_eps, cfg.rmsnorm_unit_offset)
+    return RMSNorm(dim, cfg.norm_eps, cfg.rmsnorm_unit_offset, cfg.rmsnorm_inv_sqrt, weight)
 
 
-def make_optional_norm(cfg: LensConfig, present: bool, dim: int | None = None) -> nn.Module:
+def make_optional_norm(cfg: LensConfig, present: bool, dim: int | None = None, weight: bool = True) -> nn.Module:
     """A norm when the config has it, an identity (with no hooks) when it does not."""
-    return make_norm(cfg, dim) if present else nn.Identity()
+    return make_norm(cfg, dim, weight) if present else nn.Identity()

@@ -17,6 +17,9 @@ FAMILIES: dict[str, ModuleType] = {
     "gemma2": gemma,
     "gemma3_text": gemma,
     "gemma3": gemma,
+    "vaultgemma": gemma,
+    "gemma4_text": gemma,
+    "gemma4": gemma,
 }
 
 

@@ -1,4 +1,5 @@
-"""Gemma 1, 2 and 3 (text): docs/numerics.md §3-§5. One converter; the generations differ only in config values."""
+"""Gemma 1, 2, 3, VaultGemma and Gemma 4 (text): docs/numerics.md §3-§6. One converter; the generations
+differ only in config values."""
 
 from __future__ import annotations
 
@@ -10,16 +11,19 @@ from lens_det.config import LensConfig
 # "gelu_pytorch_tanh" F.gelu's tanh approximation. Other names are refused rather than approximated.
 SUPPORTED_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_erf"}
 # The config field HF's modeling code reads for the MLP activation (Gemma 1's config already rewrites its legacy
-# "gelu" to "gelu_pytorch_tanh" in hidden_act; Gemma 2/3 read hidden_activation as given).
+# "gelu" to "gelu_pytorch_tanh" in hidden_act; Gemma 2/3/4 and VaultGemma read hidden_activation as given).
 ACTIVATION_FIELD = {"gemma": "hidden_act"}
-# Gemma 4 (and other later) fields that change the computation; a config carrying them is refused.
-UNSUPPORTED_FIELDS = (
-    "hidden_size_per_layer_input",  # Gemma 4 per-layer embeddings
-    "num_kv_shared_layers",
-    "global_head_dim",
-    "attention_k_eq_v",
-    "enable_moe_block",
-)
+# Which Gemma generation's mechanisms each HF model_type uses (VaultGemma is Gemma 2 without the two post-norms).
+GENERATION = {"gemma": 1, "gemma2": 2, "vaultgemma": 2, "gemma3_text": 3, "gemma4_text": 4}
+# Gemma 4 mechanisms not implemented yet (phase 2): field -> what it is. A config where one is on is refused.
+GEMMA4_UNSUPPORTED = {
+    "hidden_size_per_layer_input": "per-layer embeddings (PLE)",
+    "num_kv_shared_layers": "KV sharing across layers",
+    "enable_moe_block": "the mixture-of-experts block",
+}
+# Fields of Gemma 4 that change the computation; a Gemma 1-3 config carrying them is refused (not silently ignored).
+GEMMA4_ONLY_FIELDS = ("hidden_size_per_layer_input", "num_kv_shared_layers", "global_head_dim", "attention_k_eq_v",
+                      "enable_moe_block")
 
 
 def _activation(hf: Any) -> str:
@@ -32,46 +36,94 @@ def _activation(hf: Any) -> str:
     return SUPPORTED_ACTIVATIONS[name]
 
 
-def _rope(hf: Any, layer_types: tuple[str, ...]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-layer (theta, linear factor) from `rope_parameters` (one dict, or one per layer type)."""
+def _rope(hf: Any, layer_types: tuple[str, ...]) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """Per-layer (theta, linear factor, rotary fraction) from `rope_parameters` (one dict, or one per layer type).
+
+    "proportional" (Gemma 4 full layers) rotates the first int(partial_rotary_factor * d_head // 2) frequency pairs
+    (exponents over the full d_head) and leaves the rest unrotated; other types rotate every pair."""
     params = hf.rope_parameters
     per_type = params if set(params) <= {"full_attention", "sliding_attention"} else None
-    thetas, factors = [], []
+    thetas, factors, fractions = [], [], []
     for layer_type in layer_types:
         p = per_type[layer_type] if per_type else params
         rope_type = p.get("rope_type", "default")
-        if rope_type not in ("default", "linear"):
+        if rope_type not in ("default", "linear", "proportional"):
             raise NotImplementedError(
-                f"rope_parameters rope_type={rope_type!r} is not implemented (supported: default, linear)"
+                f"rope_parameters rope_type={rope_type!r} is not implemented (supported: default, linear, proportional)"
             )
-        if p.get("partial_rotary_factor", 1.0) != 1.0:
-            raise NotImplementedError("rope_parameters partial_rotary_factor != 1 is not implemented")
+        fraction = p.get("partial_rotary_factor", 1.0)
+        if rope_type == "proportional":
+            fraction = 1.0 if fraction is None else float(fraction)  # HF's default when it is missing
+        elif fraction not in (None, 1.0):
+            raise NotImplementedError(f"partial_rotary_factor with rope_type={rope_type!r} is not implemented "
+                                      "(only the 'proportional' type rotates part of the head here)")
         thetas.append(float(p["rope_theta"]))
-        factors.append(float(p["factor"]) if rope_type == "linear" else 1.0)
-    return tuple(thetas), tuple(factors)
+        factors.append(float(p.get("factor", 1.0)) if rope_type in ("linear", "proportional") else 1.0)
+        fractions.append(1.0 if rope_type != "proportional" else fraction)
+    return tuple(thetas), tuple(factors), tuple(fractions)
+
+
+def _global(hf: Any, name: str):
+    """A config value as written at the top level, also on HF's heterogeneous (per_layer_config) configs, where a
+    plain read of a per-layer attribute raises."""
+    read = getattr(hf, "_getattr_without_heterogeneous_validation", None)
+    return read(name) if read is not None else getattr(hf, name)
+
+
+def _geometry(hf: Any, n_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per-layer (head_dim, num_key_value_heads): HF's per_layer_config (Gemma 4) or the global values."""
+    if getattr(hf, "is_heterogeneous", False):
+        layers = [hf.per_layer_config[i] for i in range(n_layers)]
+        return tuple(c.head_dim for c in layers), tuple(c.num_key_value_heads for c in layers)
+    return (hf.head_dim,) * n_layers, (hf.num_key_value_heads,) * n_layers
+
+
+def _refuse_unsupported(hf: Any, generation: int) -> None:
+    if generation == 4:
+        for field, what in GEMMA4_UNSUPPORTED.items():
+            if getattr(hf, field, None):
+                raise NotImplementedError(f"{field}={getattr(hf, field)!r}: Gemma 4 {what} is not implemented yet "
+                                          f"(set it to 0 / False / None for a dense Gemma 4 text model)")
+        # use_double_wide_mlp only widens the MLP of KV-shared layers, which are refused above.
+        if getattr(hf, "use_bidirectional_attention", None) == "all":
+            raise NotImplementedError("use_bidirectional_attention='all' (non-causal attention) is not implemented")
+        return
+    for field in GEMMA4_ONLY_FIELDS:
+        if getattr(hf, field, None):
+            raise NotImplementedError(f"{field} (a Gemma 4 mechanism) is not implemented for model_type "
+                                      f"{hf.model_type!r}")
+    if getattr(hf, "use_bidirectional_attention", False):
+        raise NotImplementedError("use_bidirectional_attention=True (EmbeddingGemma-style) is not implemented")
 
 
 def config_from_hf(hf: Any) -> LensConfig:
     architecture = (getattr(hf, "architectures", None) or [None])[0]
-    if getattr(hf, "text_config", None) is not None:  # Gemma3Config (multimodal): the text part
-        architecture = architecture or "Gemma3ForConditionalGeneration"
+    if getattr(hf, "text_config", None) is not None:  # Gemma3Config / Gemma4Config (multimodal): the text part
+        default = {"gemma3": "Gemma3ForConditionalGeneration", "gemma4": "Gemma4ForConditionalGeneration"}
+        architecture = architecture or default.get(hf.model_type)
         hf = hf.text_config
     model_type = hf.model_type
-    for field in UNSUPPORTED_FIELDS:
-        if getattr(hf, field, None):
-            raise NotImplementedError(f"{field} (a Gemma 4 mechanism) is not implemented")
-    if getattr(hf, "use_bidirectional_attention", False):
-        raise NotImplementedError("use_bidirectional_attention=True (EmbeddingGemma-style) is not implemented")
-    generation = {"gemma": 1, "gemma2": 2, "gemma3_text": 3}[model_type]
+    if model_type not in GENERATION:
+        raise NotImplementedError(f"model_type {model_type!r} is not supported by the Gemma converter")
+    generation = GENERATION[model_type]
+    _refuse_unsupported(hf, generation)
     n_layers = hf.num_hidden_layers
     layer_types = tuple(getattr(hf, "layer_types", None) or ("full_attention",) * n_layers)
     if generation == 1 and any(t != "full_attention" for t in layer_types):
         raise NotImplementedError("Gemma 1 with sliding-window layers is not implemented")
-    theta, factor = _rope(hf, layer_types)
+    theta, factor, fraction = _rope(hf, layer_types)
     final_softcap = getattr(hf, "final_logit_softcapping", None)
     if architecture == "Gemma3ForConditionalGeneration":
-        final_softcap = None  # that class never applies it (docs/numerics.md §5)
-    d_head = hf.head_dim
+        final_softcap = None  # that class never applies it (docs/numerics.md §5); Gemma4ForConditionalGeneration does
+    d_heads, kv_heads = _geometry(hf, n_layers)
+    d_head, n_kv = _global(hf, "head_dim"), _global(hf, "num_key_value_heads")
+    if generation == 1:
+        attn_scale = d_head**-0.5  # docs/numerics.md §9.8
+    elif generation in (2, 3):
+        attn_scale = hf.query_pre_attn_scalar**-0.5
+    else:
+        attn_scale = 1.0  # Gemma4TextAttention.scaling: q_norm / k_norm set the scale
+    k_eq_v = tuple(bool(getattr(hf, "attention_k_eq_v", False)) and t == "full_attention" for t in layer_types)
     return LensConfig(
         architecture=model_type,
         d_model=hf.hidden_size,
@@ -80,23 +132,29 @@ def config_from_hf(hf: Any) -> LensConfig:
         d_head=d_head,
         d_mlp=hf.intermediate_size,
         d_vocab=hf.vocab_size,
-        n_key_value_heads=hf.num_key_value_heads,
+        n_key_value_heads=n_kv,
         positional="rope",
         norm="rmsnorm",
         norm_eps=hf.rms_norm_eps,
-        rmsnorm_unit_offset=True,
-        # Gemma 1 scales by head_dim ** -0.5, Gemma 2/3 by query_pre_attn_scalar ** -0.5 (docs/numerics.md §9.8)
-        attn_scale=d_head**-0.5 if generation == 1 else hf.query_pre_attn_scalar**-0.5,
+        rmsnorm_unit_offset=generation <= 3,  # Gemma 4 multiplies by w itself
+        rmsnorm_inv_sqrt="pow" if generation == 4 else "rsqrt",
+        attn_scale=attn_scale,
         act_fn=_activation(hf),
         gated_mlp=True,
         layer_types=layer_types,
         sliding_window=hf.sliding_window if "sliding_attention" in layer_types else None,
         rope_theta=theta,
         rope_linear_factor=factor,
+        rope_rotary_fraction=fraction if any(f != 1.0 for f in fraction) else None,
+        d_head_per_layer=d_heads if set(d_heads) != {d_head} else None,
+        n_key_value_heads_per_layer=kv_heads if set(kv_heads) != {n_kv} else None,
+        k_eq_v=k_eq_v if any(k_eq_v) else None,
         embed_scale=True,
-        post_attn_norm=generation >= 2,
-        post_mlp_norm=generation >= 2,
-        qk_norm=generation == 3,
+        post_attn_norm=generation >= 2 and model_type != "vaultgemma",  # VaultGemma drops both post-norms
+        post_mlp_norm=generation >= 2 and model_type != "vaultgemma",
+        qk_norm=generation >= 3,
+        v_norm=generation == 4,
+        layer_scalar=generation == 4,
         attn_softcap=getattr(hf, "attn_logit_softcapping", None) if generation == 2 else None,  # §5: G3 ignores it
         final_softcap=final_softcap,
         attn_bias=hf.attention_bias,
@@ -120,7 +178,9 @@ _NORMS = {
         "post_feedforward_layernorm": "ln2_post",
     },
 }
+_NORMS["vaultgemma"] = {"input_layernorm": "ln1", "pre_feedforward_layernorm": "ln2"}
 _NORMS["gemma3_text"] = _NORMS["gemma2"] | {"self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm"}
+_NORMS["gemma4_text"] = _NORMS["gemma3_text"]  # v_norm has no weight
 _PROJECTIONS = {
     "self_attn.q_proj": "attn.{}_q",
     "self_attn.k_proj": "attn.{}_k",
@@ -145,7 +205,8 @@ def strip_prefix(state_dict: dict, prefixes: tuple[str, ...]) -> dict:
 
 
 def state_dict_from_hf(sd: dict, cfg: LensConfig) -> dict:
-    """HF Gemma/Gemma2/Gemma3 (CausalLM or ConditionalGeneration text part) state dict -> lens_det."""
+    """HF Gemma/Gemma2/VaultGemma/Gemma3/Gemma4 (CausalLM or ConditionalGeneration text part) state dict ->
+    lens_det. K = V layers have no v_proj; Gemma 4's per-layer `layer_scalar` buffer becomes blocks.{i}.layer_scalar."""
     # transformers 5 nests the text model at model.language_model.*; hub checkpoints of the multimodal
     # Gemma 3 store it as language_model.model.* (and language_model.lm_head.*).
     sd = strip_prefix(sd, ("model.language_model.", "language_model.model.", "language_model.", "model."))
@@ -154,7 +215,11 @@ def state_dict_from_hf(sd: dict, cfg: LensConfig) -> dict:
         h, b = f"layers.{i}.", f"blocks.{i}."
         for hf_name, name in _NORMS[cfg.architecture].items():
             out[f"{b}{name}.w"] = sd[f"{h}{hf_name}.weight"]
+        if cfg.layer_scalar:
+            out[b + "layer_scalar"] = sd[h + "layer_scalar"]
         for hf_name, name in _PROJECTIONS.items():
+            if hf_name == "self_attn.v_proj" and cfg.layer_k_eq_v(i):
+                continue
             out[b + name.format("w")] = sd[f"{h}{hf_name}.weight"]
             if f"{h}{hf_name}.bias" in sd:
                 out[b + name.format("b")] = sd[f"{h}{hf_name}.bias"]

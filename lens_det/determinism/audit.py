@@ -86,6 +86,8 @@ AUDITED_OPS = {
     "mean_square": ops.mean_square,
     "rms_norm (1 + w)": lambda x: ops.rms_norm(x, _norm_weight(x.shape[-1], x.dtype), 1e-6, True),
     "rms_norm (w)": lambda x: ops.rms_norm(x, _norm_weight(x.shape[-1], x.dtype), 1e-6, False),
+    "rms_norm (pow, w)": lambda x: ops.rms_norm(x, _norm_weight(x.shape[-1], x.dtype), 1e-6, False, inv_sqrt="pow"),
+    "rms_norm (pow, no weight)": lambda x: ops.rms_norm(x, None, 1e-6, False, inv_sqrt="pow"),
     "layer_norm": lambda x: ops.layer_norm(x, _norm_weight(x.shape[-1], x.dtype), _norm_weight(x.shape[-1], x.dtype), 1e-5),
     "norm_scale": lambda x: ops.norm_scale(x, 1e-5, center=True),
     "attention_scores": _attention(_scores),

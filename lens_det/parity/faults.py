@@ -73,3 +73,69 @@ def wrong_attention_scale(model, layer: int, scale: float | None = None):
     attn = model.blocks[layer].attn
     scale = attn.cfg.d_head**-0.5 if scale is None else scale
     return _patched(attn, "cfg", dataclasses.replace(attn.cfg, attn_scale=scale))
+
+
+@contextlib.contextmanager
+def _patched_all(pairs):
+    """_patched for several (owner, name, value) at once."""
+    with contextlib.ExitStack() as stack:
+        for owner, name, value in pairs:
+            stack.enter_context(_patched(owner, name, value))
+        yield
+
+
+def _rms_norms(model):
+    from lens_det.components.norms import RMSNorm
+
+    return [m for m in model.modules() if isinstance(m, RMSNorm)]
+
+
+def rmsnorm_unit_offset(model):
+    """Every weighted RMSNorm multiplies by (1 + w), Gemma 1-3's gain, on a model whose norms use w (Gemma 4)."""
+    return _patched_all([(norm, "unit_offset", True) for norm in _rms_norms(model) if norm.w is not None])
+
+
+def rmsnorm_rsqrt(model):
+    """Every RMSNorm forms 1 / sqrt(ms + eps) with torch.rsqrt instead of Gemma 4's torch.pow(., -0.5). Whether
+    this changes any bit depends on the build and device: on x86 CPU torch 2.13 both give the same fp32 bits."""
+    return _patched_all([(norm, "inv_sqrt", "rsqrt") for norm in _rms_norms(model)])
+
+
+def rmsnorm_reciprocal_sqrt(model):
+    """Every RMSNorm divides by sqrt(ms + eps) (x / sqrt(.)) instead of multiplying by pow(., -0.5)."""
+    from lens_det import ops
+
+    def divided(x, weight, eps, unit_offset, mean_sq=None, inv_sqrt="rsqrt"):
+        xf = x.float()
+        y = xf / ((ops.mean_square(xf) if mean_sq is None else mean_sq) + eps).sqrt()
+        if weight is None:
+            return y.type_as(x)
+        return (y * (1.0 + weight.float() if unit_offset else weight.float())).type_as(x)
+    return _patched(ops, "rms_norm", divided)
+
+
+def full_rope_instead_of_partial(model):
+    """Layers with partial ("proportional") RoPE rotate every frequency pair, as ordinary RoPE."""
+    from lens_det.components.positions import rope_inv_freq
+
+    pairs = []
+    for block in model.blocks:
+        attn = block.attn
+        if getattr(attn, "rope_key", None) is None or attn.rope_key[3] == 1.0:
+            continue
+        theta, factor, d, _ = attn.rope_key
+        pairs += [(attn, "inv_freq", rope_inv_freq(d, theta, factor)), (attn, "rope_key", (theta, factor, d, 1.0))]
+    if not pairs:
+        raise ValueError("no layer of this model has partial RoPE")
+    return _patched_all(pairs)
+
+
+def missing_v_norm(model):
+    """Values skip the weightless v_norm (Gemma 4)."""
+    from torch import nn
+
+    pairs = [(block.attn, "v_norm", nn.Identity()) for block in model.blocks if not isinstance(block.attn.v_norm,
+                                                                                                   nn.Identity)]
+    if not pairs:
+        raise ValueError("this model has no v_norm")
+    return _patched_all(pairs)

@@ -6,20 +6,36 @@ import torch
 
 
 def random_hf_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, std: float = 0.3):
-    """HF model of a named config, eager attention, every parameter (norm weights and biases too) drawn from
-    N(0, std) in float32 with `seed`, then rounded to `dtype`.
+    """HF model of a named config, eager attention, every parameter (norm weights and biases too) and every
+    persistent buffer (Gemma 4's layer_scalar) drawn from N(0, std) in float32 with `seed`, then rounded to `dtype`.
 
     Built with `from_config(dtype=...)`, never `.to(dtype)`, so RoPE tables stay float32 as with
-    `from_pretrained` (docs/numerics.md §3.4). Random norm weights make the (1 + w) and cast-order pitfalls visible.
+    `from_pretrained` (docs/numerics.md §3.4). Random norm weights make the (1 + w) and cast-order pitfalls visible,
+    random layer scalars a missing or misplaced scalar. Non-persistent buffers (RoPE tables, the embedding scale) are
+    derived from the config and left as HF computed them.
     """
-    from transformers import AutoModelForCausalLM
-
     from lens_det.config import hf_config_from_name
 
+    return random_hf_model_from_config(hf_config_from_name(name), dtype, seed, std)
+
+
+def random_hf_model_from_config(hf_config, dtype: torch.dtype = torch.float32, seed: int = 0, std: float = 0.3,
+                                model_class=None):
+    """`random_hf_model` for a `transformers` config object; `model_class` (e.g. Gemma4ForConditionalGeneration)
+    defaults to the config's causal-LM class."""
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config_from_name(name), dtype=dtype, attn_implementation="eager")
+    if model_class is None:
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="eager")
+    else:
+        model = model_class._from_config(hf_config, dtype=dtype, attn_implementation="eager")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * std)
+        persistent = model.state_dict().keys()
+        for name, buffer in model.named_buffers():
+            if name in persistent and buffer.is_floating_point():
+                buffer.copy_(torch.randn(buffer.shape, generator=gen) * std)
     return model.eval()

@@ -1,7 +1,7 @@
 """HF reference values for lens_det hook points.
 
-`capture_reference` runs an HF model (BloomForCausalLM, Gemma*/Gemma2/Gemma3 CausalLM or the text part of
-Gemma3ForConditionalGeneration) once and returns, for every lens_det hook point, the value HF computed there:
+`capture_reference` runs an HF model (BloomForCausalLM, Gemma/Gemma2/VaultGemma/Gemma3/Gemma4 CausalLM or the text
+part of Gemma3/Gemma4ForConditionalGeneration) once and returns, for every lens_det hook point, the value HF computed there:
 read from an HF module's input or output, recorded inside HF's eager attention (registered as a transformers
 attention implementation that calls HF's own `eager_attention_forward`), or derived from HF tensors with HF's
 own operations where HF has no single tensor (the norm divisor, Bloom's pre-softmax scores, per-head results).
@@ -35,12 +35,12 @@ SOURCES = {
     "hook_q_input": "module: the HF decoder layer's input, repeated per head (only with set_use_split_qkv_input)",
     "hook_k_input": "module: the HF decoder layer's input, repeated per kv head (only with set_use_split_qkv_input)",
     "hook_v_input": "module: the HF decoder layer's input, repeated per kv head (only with set_use_split_qkv_input)",
-    "hook_resid_post": "module: the HF decoder layer's output",
-    "hook_attn_out": "module: o_proj/dense output (Gemma 2/3: the post-attention norm's output)",
-    "hook_mlp_out": "module: the MLP down projection's output (Gemma 2/3: the post-feedforward norm's output)",
+    "hook_resid_post": "module: the HF decoder layer's output (Gemma 4: after its in-place layer_scalar multiply)",
+    "hook_attn_out": "module: o_proj/dense output (Gemma 2/3/4: the post-attention norm's output)",
+    "hook_mlp_out": "module: the MLP down projection's output (Gemma 2/3/4: the post-feedforward norm's output)",
     "hook_q": "module: q_proj / fused query_key_value output, split per head",
     "hook_k": "module: k_proj / fused query_key_value output, split per head",
-    "hook_v": "module: v_proj / fused query_key_value output, split per head",
+    "hook_v": "module: v_proj / fused query_key_value output, split per head (K = V layers: k_proj's output)",
     "hook_rot_q": "attention: the query HF's eager attention receives",
     "hook_rot_k": "attention: the new keys HF's eager attention receives",
     "hook_attn_scores": "attention/derived: HF's eager score ops (Bloom: baddbmm with HF's build_alibi_tensor)",
@@ -149,19 +149,21 @@ def capture_reference(
     """
     embed, layers, final_norm, embed_ln = _decoder(hf_model)
     bloom = cfg.fused_qkv
-    h, d = cfg.n_heads, cfg.d_head
+    h = cfg.n_heads
     rec = _Recorder()
     b, t = tokens.shape
-    per_head = lambda x: x.view(b, t, -1, d)  # noqa: E731
+
+    def per_head(d):  # [b, t, heads * d] -> [b, t, heads, d], d the layer's head dim
+        return lambda x: x.view(b, t, -1, d)
     bloom_inputs: dict[int, tuple] = {}
     if embed_ln is not None:
         rec.norm(embed_ln, "embed.ln.", cfg)
     rec.tap(embed_ln if embed_ln is not None else embed, "hook_embed", "out")
     for i, layer in enumerate(layers):
-        p = f"blocks.{i}."
+        p, d = f"blocks.{i}.", cfg.layer_d_head(i)
         rec.tap(layer, p + "hook_resid_pre", "in")
-        for name, n in (("attn_in", cfg.n_heads), ("q_input", cfg.n_heads), ("k_input", cfg.n_key_value_heads),
-                        ("v_input", cfg.n_key_value_heads)):  # TL's per-head copies of the decoder layer's input
+        n_kv = cfg.layer_n_key_value_heads(i)
+        for name, n in (("attn_in", cfg.n_heads), ("q_input", cfg.n_heads), ("k_input", n_kv), ("v_input", n_kv)):  # TL's per-head copies of the decoder layer's input
             rec.tap(layer, f"{p}hook_{name}", "in", lambda x, n=n: x[:, :, None, :].expand(-1, -1, n, -1))
         rec.tap(layer, p + "hook_resid_post", "out")
         if bloom:
@@ -177,8 +179,8 @@ def capture_reference(
             rec.tap(layer.post_attention_layernorm, p + "hook_mlp_in", "in")
             for j, name in enumerate("qkv"):
                 rec.tap(attn.query_key_value, f"{p}attn.hook_{name}", "out",
-                        lambda x, j=j: x.view(b, t, h, 3, d)[..., j, :])
-            rec.tap(attn.dense, p + "attn.hook_z", "in", per_head)
+                        lambda x, j=j, d=d: x.view(b, t, h, 3, d)[..., j, :])
+            rec.tap(attn.dense, p + "attn.hook_z", "in", per_head(d))
             rec.tap(attn.dense, p + "hook_attn_out", "out")
             rec.tap(mlp.dense_h_to_4h, p + "mlp.hook_pre", "out")
             rec.tap(mlp.dense_4h_to_h, p + "mlp.hook_post", "in")
@@ -187,19 +189,27 @@ def capture_reference(
             attn, mlp = layer.self_attn, layer.mlp
             sandwich = cfg.post_attn_norm
             rec.norm(layer.input_layernorm, p + "ln1.", cfg)
-            pre_mlp = layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm
+            # Gemma 1's post_attention_layernorm is the pre-MLP norm; Gemma 2/3/4 and VaultGemma have a
+            # pre_feedforward_layernorm (VaultGemma without the post-norms)
+            pre_mlp = getattr(layer, "pre_feedforward_layernorm", None)
+            pre_mlp = layer.post_attention_layernorm if pre_mlp is None else pre_mlp
             rec.norm(pre_mlp, p + "ln2.", cfg)
             rec.tap(pre_mlp, p + "hook_resid_mid", "in")
             rec.tap(pre_mlp, p + "hook_mlp_in", "in")
-            for name in "qkv":
-                rec.tap(getattr(attn, f"{name}_proj"), f"{p}attn.hook_{name}", "out", per_head)
-            if cfg.qk_norm:
-                for name in "qk":
-                    norm = getattr(attn, f"{name}_norm")
-                    rec.tap(norm, f"{p}attn.{name}_norm.hook_normalized", "out", lambda x: x.transpose(1, 2))
-                    rec.tap(norm, f"{p}attn.{name}_norm.hook_scale", "in",
-                            lambda x: ops.norm_scale(x.transpose(1, 2), cfg.norm_eps, center=False))
-            rec.tap(attn.o_proj, p + "attn.hook_z", "in", per_head)
+            for name in "qk":
+                rec.tap(getattr(attn, f"{name}_proj"), f"{p}attn.hook_{name}", "out", per_head(d))
+            # K = V layers (Gemma 4 attention_k_eq_v) have no v_proj: their values are k_proj's output
+            rec.tap(attn.k_proj if cfg.layer_k_eq_v(i) else attn.v_proj, f"{p}attn.hook_v", "out", per_head(d))
+            # Gemma 3 norms q/k as [batch, head, pos, d]; Gemma 4 norms q/k/v as [batch, pos, head, d] (before the
+            # transpose), lens_det's layout
+            to_tl = (lambda x: x) if cfg.v_norm else (lambda x: x.transpose(1, 2))
+            norms = ("q", "k") if cfg.qk_norm else ()
+            for name in norms + (("v",) if cfg.v_norm else ()):
+                norm = getattr(attn, f"{name}_norm")
+                rec.tap(norm, f"{p}attn.{name}_norm.hook_normalized", "out", to_tl)
+                rec.tap(norm, f"{p}attn.{name}_norm.hook_scale", "in",
+                        lambda x: ops.norm_scale(to_tl(x), cfg.norm_eps, center=False))
+            rec.tap(attn.o_proj, p + "attn.hook_z", "in", per_head(d))
             rec.tap(mlp.gate_proj, p + "mlp.hook_pre", "out")
             rec.tap(mlp.up_proj, p + "mlp.hook_pre_linear", "out")
             rec.tap(mlp.down_proj, p + "mlp.hook_post", "in")
@@ -234,7 +244,7 @@ def capture_reference(
             for i, layer in enumerate(layers):
                 o = layer.self_attention.dense if bloom else layer.self_attn.o_proj
                 z = values[f"blocks.{i}.attn.hook_z"]
-                w_o = o.weight.view(cfg.d_model, h, d)
+                w_o = o.weight.view(cfg.d_model, h, cfg.layer_d_head(i))
                 values[f"blocks.{i}.attn.hook_result"] = torch.einsum("bqhd,mhd->bqhm", z, w_o)
     return out.logits, values
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lens_det
-from lens_det.determinism import (batch_invariance, cache_invariance, check_all, chunk_invariance, run_to_run,
+from lens_det.determinism import (batch_invariance, cache_invariance, check_all, chunk_invariance,
                                   thread_invariance)
 from tests.conftest import ALL, DTYPES, batch
 

@@ -58,9 +58,11 @@ def test_chunked_prefill_same_tokens_and_bounded_hook_gap(model_pair, name):
     assert len(ends) == 1
 
 
-def test_cache_stores_what_hf_keeps(model_pair):
-    """Sliding layers keep W - 1 positions, full layers everything; keys are post-RoPE (and post k-norm)."""
-    hf, model = model_pair("tiny-gemma3")
+@pytest.mark.parametrize("name", ["tiny-gemma3", "tiny-gemma4"])
+def test_cache_stores_what_hf_keeps(model_pair, name):
+    """Sliding layers keep W - 1 positions, full layers everything; keys are post-RoPE (and post k-norm), values
+    post v-norm (Gemma 4), each layer with its own kv heads and head dim."""
+    hf, model = model_pair(name)
     tokens, mask = batch("none", model.cfg.d_vocab, length=16)
     from transformers import DynamicCache
 
@@ -74,7 +76,7 @@ def test_cache_stores_what_hf_keeps(model_pair):
         assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
 
 
-@pytest.mark.parametrize("name", ["tiny-bloom", "tiny-gemma2", "tiny-gemma3"])
+@pytest.mark.parametrize("name", ["tiny-bloom", "tiny-gemma2", "tiny-gemma3", "tiny-gemma4"])
 def test_cache_bytes_formula(model_pair, name):
     """2 x layers x batch x stored positions x kv_heads x d_head x itemsize, sliding layers storing W - 1."""
     for dtype in DTYPES:
@@ -86,5 +88,6 @@ def test_cache_bytes_formula(model_pair, name):
         c = model.cfg
         stored = [12 if t == "full_attention" else min(12, c.sliding_window - 1) for t in c.layer_types]
         itemsize = torch.empty((), dtype=dtype).element_size()
-        assert cache.nbytes == sum(2 * 2 * s * c.n_key_value_heads * c.d_head * itemsize for s in stored)
+        assert cache.nbytes == sum(2 * 2 * s * c.layer_n_key_value_heads(i) * c.layer_d_head(i) * itemsize
+                                   for i, s in enumerate(stored))
         assert f"bytes={cache.nbytes}" in repr(cache) and "tokens_seen=12" in repr(cache)

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import lens_det
 from lens_det import ops
+from lens_det.parity import faults
 from lens_det.components.embed import EmbedScale
 from lens_det.config import hf_config_from_name
 from lens_det.model import HookedDecoder
@@ -60,7 +61,7 @@ def test_casting_before_the_unit_offset_multiply_fails(model_pair, monkeypatch):
     tokens, mask = batch("left", model.cfg.d_vocab)
     assert logit_gap(model, hf, tokens, mask) == 0.0
 
-    def llama_order(x, weight, eps, unit_offset, mean_sq=None):
+    def llama_order(x, weight, eps, unit_offset, mean_sq=None, inv_sqrt="rsqrt"):
         xf = x.float()
         y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
         return y * (1.0 + weight)
@@ -95,3 +96,63 @@ def test_gemma1_norm_roles(model_pair):
         swapped.blocks[0].ln1.w.copy_(swapped.blocks[0].ln2.w)
         swapped.blocks[0].ln2.w.copy_(ln1)
     assert logit_gap(swapped, hf, tokens, mask) > 1e-3
+
+
+# --- Gemma 4 (docs/numerics.md §6) ---
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fault", ["rmsnorm_unit_offset", "full_rope_instead_of_partial", "missing_v_norm",
+                                   "rmsnorm_reciprocal_sqrt"])
+def test_gemma4_pitfalls_fail(model_pair, fault, dtype):
+    """Gemma 4's RMSNorm gain is w (not 1 + w) and its 1/sqrt is pow(., -0.5) (x / sqrt(.) rounds differently);
+    full layers rotate only a fraction of the frequency pairs; values pass a weightless RMSNorm."""
+    hf, model = model_pair("tiny-gemma4", dtype)
+    tokens, mask = batch("left", model.cfg.d_vocab)
+    assert logit_gap(model, hf, tokens, mask) == 0.0
+    with getattr(faults, fault)(model):
+        gap = logit_gap(model, hf, tokens, mask)
+    assert gap > 0.0
+    if fault != "rmsnorm_reciprocal_sqrt":  # a rounding-level fault; the others change the function
+        assert gap > 1e-3
+    assert logit_gap(model, hf, tokens, mask) == 0.0  # the fault is undone on exit
+
+
+def test_gemma4_pow_and_rsqrt_agree_on_this_cpu(model_pair):
+    """HF's Gemma4RMSNorm uses torch.pow(ms + eps, -0.5) on purpose ("compiler differences between Torch and JAX");
+    lens_det runs pow too. On x86 CPU with torch 2.13, fp32 pow(x, -0.5) and rsqrt give the same bits, so an rsqrt
+    implementation would pass here: this test records that, so a parity pass on CPU is not read as proof that
+    rsqrt is safe on other devices."""
+    hf, model = model_pair("tiny-gemma4")
+    x = torch.rand(4096, generator=torch.Generator().manual_seed(0)) * 10 + 1e-6
+    tokens, mask = batch("left", model.cfg.d_vocab)
+    with faults.rmsnorm_rsqrt(model):
+        gap = logit_gap(model, hf, tokens, mask)
+    assert torch.equal(torch.pow(x, -0.5), torch.rsqrt(x)) == (gap == 0.0)
+
+
+def test_gemma4_layer_scalar_matters(model_pair):
+    """Gemma 4 multiplies each block's output by a learned scalar; dropping it breaks parity."""
+    hf, model = model_pair("tiny-gemma4")
+    tokens, mask = batch("left", model.cfg.d_vocab)
+    scalars = [float(b.layer_scalar) for b in model.blocks]
+    assert all(s != 1.0 for s in scalars) and len(set(scalars)) == len(scalars)  # random, non-trivial
+    unscaled = with_config(model)
+    with torch.no_grad():
+        for block in unscaled.blocks:
+            block.layer_scalar.fill_(1.0)
+    assert logit_gap(unscaled, hf, tokens, mask) > 1e-3
+
+
+def test_vaultgemma_has_no_post_norms(model_pair):
+    """VaultGemma is Gemma 2 without the post-attention / post-feedforward norms: adding them (unit-gain norms,
+    w = 0 with the 1 + w offset) breaks parity."""
+    hf, model = model_pair("tiny-vaultgemma")
+    tokens, mask = batch("left", model.cfg.d_vocab)
+    assert not model.cfg.post_attn_norm and not model.cfg.post_mlp_norm
+    sandwich = HookedDecoder(dataclasses.replace(model.config, post_attn_norm=True, post_mlp_norm=True))
+    sandwich.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        for block in sandwich.blocks:
+            block.ln1_post.w.zero_()
+            block.ln2_post.w.zero_()
+    assert logit_gap(sandwich, hf, tokens, mask) > 1e-3
