@@ -70,6 +70,18 @@ class LensConfig:
     # before k_norm and RoPE (Gemma 4's attention_k_eq_v on full layers). v_norm still applies to them.
     k_eq_v: tuple[bool, ...] | None = None
     layer_scalar: bool = False  # each block multiplies its output (the whole residual stream) by a learned scalar
+    # Per-layer embeddings (Gemma 4 E2B/E4B "PLE"; 0: none): width of each layer's extra input. A packed token table
+    # [d_vocab_per_layer_input, n_layers * d_per_layer_input] plus a projection of the embedding give every block
+    # its own [batch, pos, d_per_layer_input] input, which gates a third residual sub-block at the block's end.
+    d_per_layer_input: int = 0
+    d_vocab_per_layer_input: int | None = None
+    # per layer (None: no sharing): the earlier layer whose keys and values (after its cache update: past + new) this
+    # layer attends to instead of projecting its own (Gemma 4's num_kv_shared_layers; None for layers that project
+    # their own). Such "consumer" layers have no k/v projections, k/v norms or cache entry.
+    kv_source_layer: tuple[int | None, ...] | None = None
+    # per layer (None: d_mlp everywhere): the MLP width of each layer (Gemma 4's use_double_wide_mlp doubles it on
+    # KV-sharing consumer layers)
+    d_mlp_per_layer: tuple[int, ...] | None = None
     tie_word_embeddings: bool = True
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -100,7 +112,8 @@ class LensConfig:
         elif self.rope_rotary_fraction is not None:
             raise ValueError("rope_rotary_fraction needs positional='rope'")
         optional = {"rope_rotary_fraction": self.rope_rotary_fraction, "d_head_per_layer": self.d_head_per_layer,
-                    "n_key_value_heads_per_layer": self.n_key_value_heads_per_layer, "k_eq_v": self.k_eq_v}
+                    "n_key_value_heads_per_layer": self.n_key_value_heads_per_layer, "k_eq_v": self.k_eq_v,
+                    "kv_source_layer": self.kv_source_layer, "d_mlp_per_layer": self.d_mlp_per_layer}
         per_layer |= {name: values for name, values in optional.items() if values is not None}
         for name, values in per_layer.items():
             if len(values) != self.n_layers:
@@ -114,11 +127,32 @@ class LensConfig:
             raise ValueError("fused_qkv (Bloom layout) has one geometry for every layer and a v projection")
         if self.rope_rotary_fraction and any(not 0.0 <= f <= 1.0 for f in self.rope_rotary_fraction):
             raise ValueError(f"rope_rotary_fraction values must be in [0, 1], got {self.rope_rotary_fraction}")
+        self._check_kv_sharing()
+        if self.d_per_layer_input < 0 or (self.d_per_layer_input and not self.d_vocab_per_layer_input):
+            raise ValueError("d_per_layer_input must be >= 0, and per-layer embeddings need d_vocab_per_layer_input")
+        if self.d_mlp_per_layer and any(d <= 0 for d in self.d_mlp_per_layer):
+            raise ValueError(f"d_mlp_per_layer values must be positive, got {self.d_mlp_per_layer}")
         unknown = set(self.layer_types) - {"full_attention", "sliding_attention"}
         if unknown:
             raise NotImplementedError(f"layer_types {sorted(unknown)} are not implemented")
         if "sliding_attention" in self.layer_types and not self.sliding_window:
             raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+
+    def _check_kv_sharing(self) -> None:
+        """A consumer reads an earlier layer of the same type and geometry that projects its own keys/values."""
+        for i in range(self.n_layers):
+            j = self.layer_kv_source(i)
+            if j is None:
+                continue
+            if not 0 <= j < i or self.layer_kv_source(j) is not None:
+                raise ValueError(f"kv_source_layer[{i}]={j} must be an earlier layer with its own k/v projections")
+            same = (self.layer_types[j], self.layer_d_head(j), self.layer_n_key_value_heads(j)) == \
+                (self.layer_types[i], self.layer_d_head(i), self.layer_n_key_value_heads(i))
+            if not same:
+                raise ValueError(f"layer {i} shares the keys/values of layer {j}, which differs in layer type, d_head "
+                                 "or kv heads")
+            if self.fused_qkv or self.positional != "rope":
+                raise ValueError("kv_source_layer needs split q/k/v projections and RoPE")
 
     # --- TransformerLens field names read by ActivationCache and transformer_lens.patching ---
     @property
@@ -153,6 +187,17 @@ class LensConfig:
 
     def layer_k_eq_v(self, layer: int) -> bool:
         return bool(self.k_eq_v and self.k_eq_v[layer])
+
+    def layer_kv_source(self, layer: int) -> int | None:
+        """The layer whose keys/values `layer` attends to (None: its own)."""
+        return None if self.kv_source_layer is None else self.kv_source_layer[layer]
+
+    def layer_d_mlp(self, layer: int) -> int:
+        return self.d_mlp if self.d_mlp_per_layer is None else self.d_mlp_per_layer[layer]
+
+    @property
+    def uniform_mlp_width(self) -> bool:
+        return all(self.layer_d_mlp(i) == self.d_mlp for i in range(self.n_layers))
 
     def layer_rope_rotary_fraction(self, layer: int) -> float:
         return 1.0 if self.rope_rotary_fraction is None else self.rope_rotary_fraction[layer]

@@ -2,7 +2,8 @@
 
 Per layer it holds keys (post-RoPE, post q/k-norm) and values [batch, kv_heads, pos, d_head] on that layer's
 device, the way HF's DynamicCache does (docs/numerics.md §1.5): full-attention layers keep everything, sliding-window
-layers keep the last W - 1 positions. Positions are not stored: ALiBi and mask-derived RoPE positions are
+layers keep the last W - 1 positions; KV-sharing consumer layers store nothing (their source layer's keys and values
+are handed over within each forward call, as HF's KVSharingDict). Positions are not stored: ALiBi and mask-derived RoPE positions are
 recomputed from the mask history, default RoPE positions continue from the number of tokens seen.
 
 A forward call stages its updates and commits them only when the whole call succeeded, so an error (bad input,
@@ -57,6 +58,35 @@ class KVCacheEntry:
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
 
 
+class SharedKVEntry:
+    """The entry of a KV-sharing consumer layer (LensConfig.kv_source_layer): it stores nothing (its keys and
+    values are its source layer's, handed over within each forward call), like HF's DummyLayer."""
+
+    keys = values = None
+    start = 0
+    length = 0
+    nbytes = 0
+
+    def __init__(self, source: int):
+        self.source = source
+
+    def update(self, k, v):
+        raise RuntimeError(f"a KV-sharing layer stores nothing; its keys/values are layer {self.source}'s")
+
+    def commit(self) -> None:
+        pass
+
+    def discard(self) -> None:
+        pass
+
+
+def _entry(config: LensConfig, layer: int):
+    source = config.layer_kv_source(layer)
+    if source is not None:
+        return SharedKVEntry(source)
+    return KVCacheEntry(config.sliding_window if config.layer_types[layer] == "sliding_attention" else None)
+
+
 class KVCache:
     """Caller-owned KV cache: `model(tokens, attention_mask=full_mask, kv_cache=cache)` appends the new tokens."""
 
@@ -66,9 +96,8 @@ class KVCache:
             raise ValueError(f"max_length must be an int >= 1 (or None for no cap), got {max_length!r}")
         self.config = config
         self.max_length = max_length
-        self.layers = [
-            KVCacheEntry(config.sliding_window if t == "sliding_attention" else None) for t in config.layer_types
-        ]
+        # KV-sharing consumer layers get a SharedKVEntry that stores nothing (nbytes counts producers only)
+        self.layers = [_entry(config, i) for i in range(config.n_layers)]
         self.mask: torch.Tensor | None = None  # [batch, seen] 0/1 (long)
         self.frozen = False
 
@@ -124,7 +153,7 @@ class KVCache:
             entry.discard()
 
     def __repr__(self) -> str:
-        stored = sorted({entry.length for entry in self.layers})
+        stored = sorted({entry.length for entry in self.layers if isinstance(entry, KVCacheEntry)})
         return (
             f"KVCache(layers={len(self.layers)}, tokens_seen={self.length}, batch={self.batch_size}, "
             f"stored_positions={stored}, bytes={self.nbytes}, frozen={self.frozen})"

@@ -18,6 +18,7 @@ from lens_det.components.block import Block
 from lens_det.components.context import ForwardContext
 from lens_det.components.embed import Embed, Unembed
 from lens_det.components.norms import make_norm
+from lens_det.components.per_layer import PerLayerEmbed
 from lens_det.components.positions import positions_from_mask
 from lens_det.config import LensConfig
 from lens_det.kv_cache import KVCache
@@ -148,7 +149,16 @@ class HookedDecoder(HookedRootModule):
         self.config = config
         self.embed = Embed(config)
         self.hook_embed = HookPoint()  # [batch, pos, d_model]
+        if config.d_per_layer_input:  # Gemma 4 per-layer embeddings (lens_det.components.per_layer)
+            self.ple = PerLayerEmbed(config)
+            self.hook_per_layer_inputs = HookPoint()  # [batch, pos, n_layers, d_per_layer_input]
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        # HF's _maybe_slice_kv_shared_inputs: from this layer on every layer is a KV-sharing consumer, so with an
+        # integer logits_to_keep they run on the kept positions only (None: no such tail)
+        sources = config.kv_source_layer or (None,) * config.n_layers
+        consumers = [i for i, j in enumerate(sources) if j is not None]
+        self.kv_consumer_tail = consumers[0] if consumers and consumers == list(range(consumers[0],
+                                                                                      config.n_layers)) else None
         self.ln_final = make_norm(config)
         self.unembed = Unembed(config, self.embed)
         self.tokenizer = None
@@ -198,16 +208,24 @@ class HookedDecoder(HookedRootModule):
     b_O = property(lambda self: self._stack(lambda b: b.attn.b_O))  # [layer, d_model]
     _W_K = property(lambda self: self._attn_stack("_W_K"))  # GQA: [layer, kv_head, d_model, d_head]
     _W_V = property(lambda self: self._attn_stack("_W_V"))
-    W_in = property(lambda self: self._stack(lambda b: b.mlp.W_in))  # [layer, d_model, d_mlp]
-    W_out = property(lambda self: self._stack(lambda b: b.mlp.W_out))  # [layer, d_mlp, d_model]
-    b_in = property(lambda self: self._stack(lambda b: _or_zeros(b.mlp.b_in, b.mlp.w_in[:, 0])))  # [layer, d_mlp]
+    def _mlp_stack(self, get) -> torch.Tensor:
+        """get(block) stacked over layers; refused when layers differ in MLP width (Gemma 4's double-wide MLP)."""
+        if not self.config.uniform_mlp_width:
+            raise ValueError(f"this model's layers have different MLP widths (cfg.layer_d_mlp(i): "
+                             f"{sorted(set(self.config.d_mlp_per_layer))}), so they do not stack; use "
+                             "model.blocks[i].mlp per layer")
+        return self._stack(get)
+
+    W_in = property(lambda self: self._mlp_stack(lambda b: b.mlp.W_in))  # [layer, d_model, d_mlp]
+    W_out = property(lambda self: self._mlp_stack(lambda b: b.mlp.W_out))  # [layer, d_mlp, d_model]
+    b_in = property(lambda self: self._mlp_stack(lambda b: _or_zeros(b.mlp.b_in, b.mlp.w_in[:, 0])))  # [layer, d_mlp]
     b_out = property(lambda self: self._stack(lambda b: _or_zeros(b.mlp.b_out, b.mlp.w_out[:, 0])))
 
     @property
     def W_gate(self):  # [layer, d_model, d_mlp] (gated MLPs only, as TL)
         if not self.cfg.gated_mlp:
             raise AttributeError(f"{self.cfg.architecture} has no gated MLP, so no W_gate")
-        return self._stack(lambda b: b.mlp.W_gate)
+        return self._mlp_stack(lambda b: b.mlp.W_gate)
 
     @property
     def b_U(self):  # [d_vocab]: zeros unless fold_ln moved a final LayerNorm bias here (final_norm_bias_logits)
@@ -354,7 +372,9 @@ class HookedDecoder(HookedRootModule):
             kv_cache: a `KVCache` (from `model.new_cache()`); the new positions are appended to it.
             return_type: "logits", "loss" (mean next-token cross-entropy over real tokens), "both" or None.
             logits_to_keep: unembed only the last k positions (0: all), as HF's `logits_to_keep`; HF generate
-                uses 1, and the logits of one row are rounded differently than those of all rows.
+                uses 1, and the logits of one row are rounded differently than those of all rows. With KV sharing
+                (Gemma 4 E2B/E4B) the consumer layers then run on the last k positions only, as HF's eager
+                `_maybe_slice_kv_shared_inputs` (so their hooks see k positions); per-hook comparisons use 0.
             stop_at_layer: as TransformerLens: run blocks [start, stop) and return the residual stream entering
                 block `stop` ([batch, pos, d_model], blocks.{stop}.hook_resid_pre); negative counts from the end.
                 Later hooks do not fire, so run_with_cache stops harvesting there.
@@ -397,13 +417,24 @@ class HookedDecoder(HookedRootModule):
 
     def _forward_layers(self, tokens, ctx, kv_cache, return_type, logits_to_keep, start, stop, resid):
         x = self.hook_embed(self.embed(tokens)) if resid is None else resid
+        per_layer = self._per_layer_inputs(tokens, x) if resid is None else None
         for i in range(start, stop):
+            if i == self.kv_consumer_tail and stop == self.cfg.n_layers and 0 < logits_to_keep < x.shape[1]:
+                ctx, x = ctx.keep_last(logits_to_keep), x[:, -logits_to_keep:]  # HF's _maybe_slice_kv_shared_inputs
+                per_layer = None if per_layer is None else per_layer[:, -logits_to_keep:]
             block = self.blocks[i]
-            x = block(x.to(block.ln1.w.device), ctx, None if kv_cache is None else kv_cache.layers[i])
+            x = block(x.to(block.ln1.w.device), ctx, None if kv_cache is None else kv_cache.layers[i],
+                      None if per_layer is None else per_layer[:, :, i])
         if stop < self.cfg.n_layers:
             return x
         x = self.ln_final(x.to(self.ln_final.w.device))
         return None if return_type is None else self.unembed(x[:, -logits_to_keep:] if logits_to_keep else x)
+
+    def _per_layer_inputs(self, tokens, embedding):
+        """Gemma 4's per-layer embeddings [batch, pos, n_layers, d_per_layer_input] (None without them)."""
+        if not self.config.d_per_layer_input:
+            return None
+        return self.hook_per_layer_inputs(self.ple(tokens, embedding))
 
     def input_to_embed(self, input, attention_mask=None, past_kv_cache=None):
         """As TransformerLens 2.x: (residual stream entering block 0 [batch, pos, d_model], tokens, None (no
@@ -440,6 +471,9 @@ class HookedDecoder(HookedRootModule):
         stop = n if stop is None else stop
         if start >= stop and stop_at_layer is not None:
             raise ValueError(f"start_at_layer {start} must come before stop_at_layer {stop}")
+        if start_at_layer is not None and self.config.d_per_layer_input:
+            raise NotImplementedError("start_at_layer with per-layer embeddings (d_per_layer_input) is not "
+                                      "implemented: every block also reads per-layer inputs made from the token ids")
         partial = start_at_layer is not None or stop_at_layer is not None
         if partial and kv_cache is not None and not kv_cache.frozen:
             raise ValueError("start_at_layer/stop_at_layer run only some layers, which cannot grow the KV cache of "
@@ -489,7 +523,7 @@ class HookedDecoder(HookedRootModule):
                     f"tokens have batch size {batch} but the cache holds batch size {kv_cache.batch_size}; "
                     "use a new cache (model.new_cache()) or the same batch"
                 )
-            cached = next((e.keys for e in kv_cache.layers if e.keys is not None), None)
+            cached = next((e.keys for e in kv_cache.layers if e.keys is not None), None)  # consumers: None
             if cached is not None and cached.dtype != self.embed.W_E.dtype:
                 raise ValueError(f"the cache holds {cached.dtype} but the model runs in {self.embed.W_E.dtype}; "
                                  "use a new cache after changing the model dtype")
@@ -634,8 +668,10 @@ class HookedDecoder(HookedRootModule):
         is 1 + w (cfg.rmsnorm_uses_offset says so)."""
         params = {"embed.W_E": self.W_E, "unembed.W_U": self.W_U, "unembed.b_U": self.b_U}
         for i, block in enumerate(self.blocks):
+            own_kv = block.attn.kv_source is None  # KV-sharing consumers have no K/V weights
             for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O"):
-                params[f"blocks.{i}.attn.{name}"] = getattr(block.attn, name)
+                if own_kv or name[-1] not in "KV":
+                    params[f"blocks.{i}.attn.{name}"] = getattr(block.attn, name)
             params[f"blocks.{i}.mlp.W_in"], params[f"blocks.{i}.mlp.W_out"] = block.mlp.W_in, block.mlp.W_out
             if self.cfg.gated_mlp:
                 params[f"blocks.{i}.mlp.W_gate"] = block.mlp.W_gate

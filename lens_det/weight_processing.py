@@ -33,6 +33,9 @@ def why_not(config, step: str) -> str | None:
                     "every norm's output (TransformerLens skips this step for RMSNorm models)")
         if c.post_attn_norm or c.post_mlp_norm:
             return "the attention / MLP outputs pass through a norm before the residual add, so W_O / W_out do not write it"
+    if step == "fold_value_biases" and c.kv_source_layer and c.attn_bias:
+        return ("KV-sharing layers attend to an earlier layer's values, so its b_V would have to fold into their b_O "
+                "as well (not implemented)")
     if step == "fold_value_biases" and c.v_norm and c.attn_bias:
         return "v_norm normalises the values after the bias is added, so b_V does not add a constant to the output"
     if step == "center_unembed" and c.final_softcap:
@@ -168,13 +171,13 @@ def _fold_value_biases(model) -> None:
     """b_O += sum over heads of b_V[h] @ W_O[h]; b_V = 0 (attention rows sum to 1, so b_V adds a constant)."""
     for block in model.blocks:
         attn = block.attn
-        w_v, b_v = attn._qkv_weights()[2]
-        if b_v is None:
+        weights = attn._qkv_weights()[2]
+        if weights is None or weights[1] is None:
             continue  # no value bias: nothing to fold
-        per_head = attn._repeat(_f64(b_v))  # [head, d_head]
+        per_head = attn._repeat(_f64(weights[1]))  # [head, d_head]
         w_o = _f64(attn.W_O)  # [head, d_head, d_model]
         _write(attn.b_o, _f64(attn.b_o) + torch.einsum("hd,hdm->m", per_head, w_o))
-        b_v.zero_()
+        weights[1].zero_()
 
 
 def _refactor_factored_attn_matrices(model) -> None:

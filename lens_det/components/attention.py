@@ -45,6 +45,11 @@ class Attention(nn.Module):
         self.d_head, self.n_kv_heads, self.n_rep = cfg.layer_d_head(layer), cfg.layer_n_key_value_heads(layer), \
             cfg.layer_n_rep(layer)
         self.k_eq_v = cfg.layer_k_eq_v(layer)
+        # KV sharing (Gemma 4): a consumer attends to kv_source's keys/values and projects none of its own; a layer
+        # some consumer reads puts its keys/values (after the cache update: past + new) in the forward context.
+        self.kv_source = cfg.layer_kv_source(layer)
+        self.shares_kv = layer in (cfg.kv_source_layer or ())
+        own_kv = self.kv_source is None
         h, h_kv, d, d_model = cfg.n_heads, self.n_kv_heads, self.d_head, cfg.d_model
         if cfg.fused_qkv:  # Bloom: one [3 * H * d, d_model] projection, per head [q | k | v] (docs/numerics.md §2.4)
             self.w_qkv = nn.Parameter(torch.empty(3 * h * d, d_model))
@@ -52,34 +57,38 @@ class Attention(nn.Module):
             self._project = self._project_fused
         else:
             self.w_q = nn.Parameter(torch.empty(h * d, d_model))
-            self.w_k = nn.Parameter(torch.empty(h_kv * d, d_model))
+            self.w_k = nn.Parameter(torch.empty(h_kv * d, d_model)) if own_kv else None
             # K = V layers have no v projection: v is the k projection's output (before k_norm and RoPE, §6.2)
-            self.w_v = None if self.k_eq_v else nn.Parameter(torch.empty(h_kv * d, d_model))
+            self.w_v = nn.Parameter(torch.empty(h_kv * d, d_model)) if own_kv and not self.k_eq_v else None
             self.b_q = nn.Parameter(torch.zeros(h * d)) if cfg.attn_bias else None
-            self.b_k = nn.Parameter(torch.zeros(h_kv * d)) if cfg.attn_bias else None
-            self.b_v = nn.Parameter(torch.zeros(h_kv * d)) if cfg.attn_bias and not self.k_eq_v else None
+            self.b_k = nn.Parameter(torch.zeros(h_kv * d)) if cfg.attn_bias and own_kv else None
+            self.b_v = nn.Parameter(torch.zeros(h_kv * d)) if cfg.attn_bias and own_kv and not self.k_eq_v else None
             self._project = self._project_split
         self.w_o = nn.Parameter(torch.empty(d_model, h * d))
         self.b_o = nn.Parameter(torch.zeros(d_model)) if cfg.attn_bias else None
 
         self.q_norm = make_optional_norm(cfg, cfg.qk_norm, dim=d)
-        self.k_norm = make_optional_norm(cfg, cfg.qk_norm, dim=d)
-        self.v_norm = make_optional_norm(cfg, cfg.v_norm, dim=d, weight=False)
+        self.k_norm = make_optional_norm(cfg, cfg.qk_norm and own_kv, dim=d)
+        self.v_norm = make_optional_norm(cfg, cfg.v_norm and own_kv, dim=d, weight=False)
         self.score_cap = SoftCap(cfg.attn_softcap) if cfg.attn_softcap else nn.Identity()
         self.window = cfg.sliding_window if cfg.layer_types[layer] == "sliding_attention" else None
         self.use_attn_result = False
 
         # Shapes use this layer's d_head and kv heads (cfg.layer_d_head(i), cfg.layer_n_key_value_heads(i)).
+        # KV-sharing consumers have no hook_k / hook_v / hook_rot_k: their keys and values are kv_source's (patch
+        # them there; the edit reaches every consumer, as in HF's data flow).
         self.hook_q = HookPoint()  # [batch, pos, head_index, d_head]
-        self.hook_k = HookPoint()  # [batch, pos, kv_head_index, d_head]
-        self.hook_v = HookPoint()  # [batch, pos, kv_head_index, d_head] (K = V layers: the k projection again)
+        if own_kv:
+            self.hook_k = HookPoint()  # [batch, pos, kv_head_index, d_head]
+            self.hook_v = HookPoint()  # [batch, pos, kv_head_index, d_head] (K = V layers: the k projection again)
         if cfg.positional == "rope":
             fraction = cfg.layer_rope_rotary_fraction(layer)
             self.rope_key = (cfg.rope_theta[layer], cfg.rope_linear_factor[layer], d, fraction)
             # Plain float32 attributes, not buffers: model.to(bfloat16) must not round them (docs/numerics.md §3.4).
             self.inv_freq = rope_inv_freq(d, cfg.rope_theta[layer], cfg.rope_linear_factor[layer], fraction)
             self.hook_rot_q = HookPoint()  # [batch, pos, head_index, d_head]
-            self.hook_rot_k = HookPoint()  # [batch, pos, kv_head_index, d_head]
+            if own_kv:
+                self.hook_rot_k = HookPoint()  # [batch, pos, kv_head_index, d_head]
             self._position, self._score_bias = self._rope, self._no_bias
         else:
             self.slopes = alibi_slopes(h)
@@ -99,6 +108,8 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         shape = (b, t, -1, self.d_head)
         q = ops.linear(x, self.w_q, self.b_q).view(shape)
+        if self.kv_source is not None:  # KV-sharing consumer: keys and values come from kv_source
+            return q, None, None
         k = ops.linear(x, self.w_k, self.b_k).view(shape)
         v = k if self.k_eq_v else ops.linear(x, self.w_v, self.b_v).view(shape)
         return q, k, v
@@ -106,9 +117,9 @@ class Attention(nn.Module):
     # --- positions: RoPE rotates q and k ([batch, head, pos, d_head]); ALiBi adds a bias to the scores ---
     def _rope(self, q, k, ctx: ForwardContext):
         cos, sin = ctx.rope(self.inv_freq, self.rope_key, q.device)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q = self.hook_rot_q(q.transpose(1, 2)).transpose(1, 2)
-        k = self.hook_rot_k(k.transpose(1, 2)).transpose(1, 2)
+        q = self.hook_rot_q(apply_rope(q, cos, sin).transpose(1, 2)).transpose(1, 2)
+        if k is not None:  # None on KV-sharing consumers (their keys were rotated by kv_source)
+            k = self.hook_rot_k(apply_rope(k, cos, sin).transpose(1, 2)).transpose(1, 2)
         return q, k
 
     def _no_rotation(self, q, k, ctx: ForwardContext):
@@ -124,8 +135,12 @@ class Attention(nn.Module):
         """Replace the heads of q, k, v whose input was edited (Block._per_head_inputs: {head: ln1(input)} per
         kind) by that head's projection of its own input; the other heads are kept as they are."""
         out = []
-        for t, per_head, (w, bias) in zip(qkv, edits, self._qkv_weights()):
+        for kind, t, per_head, weights in zip("qkv", qkv, edits, self._qkv_weights()):
+            if per_head and t is None:
+                raise ValueError(f"layer {self.layer} reads the keys/values of layer {self.kv_source} (KV sharing), so "
+                                 f"an edit of its hook_{kind}_input has no effect; edit blocks.{self.kv_source}'s")
             if per_head:
+                w, bias = weights
                 t = t.clone()
                 for h, inp in per_head.items():
                     t[:, :, h] = ops.linear(inp, w[h], None if bias is None else bias[h])
@@ -140,13 +155,20 @@ class Attention(nn.Module):
         if head_edits is not None:
             q, k, v = self._reproject((q, k, v), head_edits)
         q = self.q_norm(self.hook_q(q)).transpose(1, 2)  # HF layout [batch, head, pos, d_head]
-        k = self.k_norm(self.hook_k(k)).transpose(1, 2)
-        v = self.v_norm(self.hook_v(v)).transpose(1, 2)
-        q, k = self._position(q, k, ctx)
-        if cache_entry is None:
-            key_start = 0
+        if self.kv_source is None:
+            k = self.k_norm(self.hook_k(k)).transpose(1, 2)
+            v = self.v_norm(self.hook_v(v)).transpose(1, 2)
+            q, k = self._position(q, k, ctx)
+            if cache_entry is None:
+                key_start = 0
+            else:
+                k, v, key_start = cache_entry.update(k, v)
+            if self.shares_kv:
+                ctx.shared_kv[self.layer] = (k, v, key_start)
         else:
-            k, v, key_start = cache_entry.update(k, v)
+            q, _ = self._position(q, None, ctx)
+            k, v, key_start = ctx.shared_kv[self.kv_source]
+            k, v = k.to(x.device), v.to(x.device)  # kv_source may sit on another device
         n_key = k.shape[-2]
         bias = self._score_bias(ctx, key_start, x.device)
         k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
@@ -174,6 +196,9 @@ class Attention(nn.Module):
         out = []
         v = (self.w_k, self.b_k) if self.k_eq_v else (self.w_v, self.b_v)  # K = V: values read the k projection
         for w, bias in ((self.w_q, self.b_q), (self.w_k, self.b_k), v):
+            if w is None:  # KV-sharing consumer: no k / v projection
+                out.append(None)
+                continue
             n = w.shape[0] // d
             out.append((w.view(n, d, -1), None if bias is None else bias.view(n, d)))
         return out
@@ -183,8 +208,17 @@ class Attention(nn.Module):
     def _repeat(self, x: torch.Tensor) -> torch.Tensor:
         return x.repeat_interleave(self.n_rep, dim=0)
 
+    def _weights(self, i: int):
+        """(weight, bias) of q (0), k (1) or v (2); KV-sharing consumers have no k / v weights of their own."""
+        weights = self._qkv_weights()[i]
+        if weights is None:
+            raise AttributeError(f"layer {self.layer} has no key/value weights: it attends to the keys and values of "
+                                 f"layer {self.kv_source} (KV sharing), computed from that layer's input; read "
+                                 f"blocks[{self.kv_source}].attn's")
+        return weights
+
     def _bias(self, i: int) -> torch.Tensor:
-        w, b = self._qkv_weights()[i]
+        w, b = self._weights(i)
         return b if b is not None else w.new_zeros(w.shape[:2])
 
     @property
@@ -193,11 +227,11 @@ class Attention(nn.Module):
 
     @property
     def _W_K(self):  # [kv_head_index, d_model, d_head]
-        return self._qkv_weights()[1][0].transpose(1, 2)
+        return self._weights(1)[0].transpose(1, 2)
 
     @property
     def _W_V(self):  # [kv_head_index, d_model, d_head]
-        return self._qkv_weights()[2][0].transpose(1, 2)
+        return self._weights(2)[0].transpose(1, 2)
 
     @property
     def W_K(self):  # [head_index, d_model, d_head]

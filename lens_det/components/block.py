@@ -10,6 +10,7 @@ from lens_det.components.attention import Attention
 from lens_det.components.context import ForwardContext
 from lens_det.components.mlp import make_mlp
 from lens_det.components.norms import make_norm, make_optional_norm
+from lens_det.components.per_layer import PerLayerInputBlock
 from lens_det.config import LensConfig
 
 
@@ -33,7 +34,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer)
         self.ln1_post = make_optional_norm(cfg, cfg.post_attn_norm)
         self.ln2 = make_norm(cfg)
-        self.mlp = make_mlp(cfg)
+        self.mlp = make_mlp(cfg, layer)
         self.ln2_post = make_optional_norm(cfg, cfg.post_mlp_norm)
         # A buffer in the model dtype, as HF's (it follows model.to(dtype)); [1]
         self.register_buffer("layer_scalar", torch.ones(1) if cfg.layer_scalar else None)
@@ -52,8 +53,18 @@ class Block(nn.Module):
         self.use_hook_mlp_in = False
         self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
         self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
+        if cfg.d_per_layer_input:  # Gemma 4 per-layer embeddings: a third residual sub-block
+            self.ple = PerLayerInputBlock(cfg)
+            self.hook_per_layer_input = HookPoint()  # [batch, pos, d_per_layer_input]: this block's PLE input
+            self.hook_ple_out = HookPoint()  # [batch, pos, d_model]: what the PLE sub-block adds to the residual
+            self._per_layer = self._add_per_layer
+        else:
+            self._per_layer = self._no_per_layer
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext, cache_entry=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, cache_entry=None,
+                per_layer_input: torch.Tensor | None = None) -> torch.Tensor:
+        """`per_layer_input` [batch, pos, d_per_layer_input]: this block's slice of the per-layer embeddings
+        (models with d_per_layer_input only)."""
         x = self.hook_resid_pre(x)
         a = self.ln1(x)
         per_head = self._per_head_inputs(x) if self.use_attn_in or self.use_split_qkv_input else None
@@ -62,7 +73,16 @@ class Block(nn.Module):
         # TL's hook_mlp_in: a copy of resid_mid that only the MLP branch reads, so an edit leaves the residual alone
         m = self.ln2(self.hook_mlp_in(x.clone()) if self.use_hook_mlp_in else x)
         mlp_out = self.hook_mlp_out(self.ln2_post(self.mlp(m)))
-        return self.hook_resid_post(self._finish((m if self.residual_from_norm else x) + mlp_out))
+        x = (m if self.residual_from_norm else x) + mlp_out
+        return self.hook_resid_post(self._finish(self._per_layer(x, per_layer_input)))
+
+    def _no_per_layer(self, x: torch.Tensor, per_layer_input) -> torch.Tensor:
+        return x
+
+    def _add_per_layer(self, x: torch.Tensor, per_layer_input: torch.Tensor) -> torch.Tensor:
+        # HF: residual + post_per_layer_input_norm(per_layer_projection(act(per_layer_input_gate(h)) * ple_i))
+        per_layer_input = self.hook_per_layer_input(per_layer_input.to(x.device))
+        return x + self.hook_ple_out(self.ple(x, per_layer_input))
 
     def _no_scale(self, x: torch.Tensor) -> torch.Tensor:
         return x

@@ -18,7 +18,17 @@ class ForwardContext:
     n_query: int
     dtype: torch.dtype
     position_ids: torch.Tensor | None = None  # [batch or 1, n_query] (RoPE models)
+    # KV sharing: layer -> (keys, values, key_start) it attended to (after its cache update), for the layers that
+    # read them (LensConfig.kv_source_layer). Made fresh for every forward call, so cache on and off agree.
+    shared_kv: dict = field(default_factory=dict)
     _memo: dict = field(default_factory=dict)
+
+    def keep_last(self, k: int) -> ForwardContext:
+        """The context of the last `k` query positions only (same keys, same shared K/V): HF's
+        `_maybe_slice_kv_shared_inputs`, which runs the KV-sharing layers on the last logits_to_keep positions."""
+        positions = None if self.position_ids is None else self.position_ids[:, -k:]
+        return ForwardContext(self.mask, self.query_start + self.n_query - k, k, self.dtype, positions,
+                              self.shared_kv)
 
     def _get(self, key, build):
         if key not in self._memo:

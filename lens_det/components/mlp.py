@@ -20,12 +20,13 @@ ACTIVATIONS = {"bloom_gelu": bloom_gelu, "gelu_tanh": ops.gelu_tanh, "gelu_erf":
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: LensConfig):
+    def __init__(self, cfg: LensConfig, d_mlp: int | None = None):
         super().__init__()
+        d_mlp = cfg.d_mlp if d_mlp is None else d_mlp  # this layer's width (cfg.layer_d_mlp)
         self.act = ACTIVATIONS[cfg.act_fn]
-        self.w_in = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model))
-        self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp)) if cfg.mlp_bias else None
-        self.w_out = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp))
+        self.w_in = nn.Parameter(torch.empty(d_mlp, cfg.d_model))
+        self.b_in = nn.Parameter(torch.zeros(d_mlp)) if cfg.mlp_bias else None
+        self.w_out = nn.Parameter(torch.empty(cfg.d_model, d_mlp))
         self.b_out = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.mlp_bias else None
         self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
         self.hook_post = HookPoint()  # [batch, pos, d_mlp]
@@ -43,10 +44,11 @@ class MLP(nn.Module):
         return self.w_out.T
 
 class GatedMLP(MLP):
-    def __init__(self, cfg: LensConfig):
-        super().__init__(cfg)
-        self.w_gate = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model))
-        self.b_gate = nn.Parameter(torch.zeros(cfg.d_mlp)) if cfg.mlp_bias else None
+    def __init__(self, cfg: LensConfig, d_mlp: int | None = None):
+        super().__init__(cfg, d_mlp)
+        d_mlp = self.w_in.shape[0]
+        self.w_gate = nn.Parameter(torch.empty(d_mlp, cfg.d_model))
+        self.b_gate = nn.Parameter(torch.zeros(d_mlp)) if cfg.mlp_bias else None
         self.hook_pre_linear = HookPoint()  # [batch, pos, d_mlp]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,5 +61,6 @@ class GatedMLP(MLP):
         return self.w_gate.T
 
 
-def make_mlp(cfg: LensConfig) -> MLP:
-    return GatedMLP(cfg) if cfg.gated_mlp else MLP(cfg)
+def make_mlp(cfg: LensConfig, layer: int = 0) -> MLP:
+    """Layer `layer`'s MLP, cfg.layer_d_mlp(layer) wide (hooks: [batch, pos, that width])."""
+    return (GatedMLP if cfg.gated_mlp else MLP)(cfg, cfg.layer_d_mlp(layer))

@@ -15,10 +15,8 @@ SUPPORTED_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_erf"}
 ACTIVATION_FIELD = {"gemma": "hidden_act"}
 # Which Gemma generation's mechanisms each HF model_type uses (VaultGemma is Gemma 2 without the two post-norms).
 GENERATION = {"gemma": 1, "gemma2": 2, "vaultgemma": 2, "gemma3_text": 3, "gemma4_text": 4}
-# Gemma 4 mechanisms not implemented yet (phase 2): field -> what it is. A config where one is on is refused.
+# Gemma 4 mechanisms not implemented yet: field -> what it is. A config where one is on is refused.
 GEMMA4_UNSUPPORTED = {
-    "hidden_size_per_layer_input": "per-layer embeddings (PLE)",
-    "num_kv_shared_layers": "KV sharing across layers",
     "enable_moe_block": "the mixture-of-experts block",
 }
 # Fields of Gemma 4 that change the computation; a Gemma 1-3 config carrying them is refused (not silently ignored).
@@ -78,13 +76,29 @@ def _geometry(hf: Any, n_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]
     return (hf.head_dim,) * n_layers, (hf.num_key_value_heads,) * n_layers
 
 
+def _kv_sharing(hf: Any, layer_types: tuple[str, ...]) -> tuple[int | None, ...] | None:
+    """Per layer, the layer whose K/V it reuses (HF's kv_sharing_modes: each "reuse" layer reads the "store" layer,
+    the last non-shared layer of its type), or None without num_kv_shared_layers."""
+    if not getattr(hf, "num_kv_shared_layers", 0):
+        return None
+    modes = hf.kv_sharing_modes
+    store = {layer_types[j]: j for j, mode in enumerate(modes) if mode == "store"}
+    return tuple(store[t] if mode == "reuse" else None for t, mode in zip(layer_types, modes))
+
+
+def _mlp_widths(hf: Any, kv_source: tuple[int | None, ...] | None) -> tuple[int, ...] | None:
+    """Per-layer MLP width when use_double_wide_mlp doubles it on KV-sharing consumer layers (Gemma4TextMLP)."""
+    if not (getattr(hf, "use_double_wide_mlp", False) and kv_source):
+        return None
+    return tuple(hf.intermediate_size * (2 if j is not None else 1) for j in kv_source)
+
+
 def _refuse_unsupported(hf: Any, generation: int) -> None:
     if generation == 4:
         for field, what in GEMMA4_UNSUPPORTED.items():
             if getattr(hf, field, None):
                 raise NotImplementedError(f"{field}={getattr(hf, field)!r}: Gemma 4 {what} is not implemented yet "
                                           f"(set it to 0 / False / None for a dense Gemma 4 text model)")
-        # use_double_wide_mlp only widens the MLP of KV-shared layers, which are refused above.
         if getattr(hf, "use_bidirectional_attention", None) == "all":
             raise NotImplementedError("use_bidirectional_attention='all' (non-causal attention) is not implemented")
         return
@@ -123,7 +137,12 @@ def config_from_hf(hf: Any) -> LensConfig:
         attn_scale = hf.query_pre_attn_scalar**-0.5
     else:
         attn_scale = 1.0  # Gemma4TextAttention.scaling: q_norm / k_norm set the scale
-    k_eq_v = tuple(bool(getattr(hf, "attention_k_eq_v", False)) and t == "full_attention" for t in layer_types)
+    kv_source = _kv_sharing(hf, layer_types)
+    consumer = kv_source or (None,) * n_layers
+    # consumers project no keys/values at all, so they have no K = V either
+    k_eq_v = tuple(bool(getattr(hf, "attention_k_eq_v", False)) and t == "full_attention" and j is None
+                   for t, j in zip(layer_types, consumer))
+    ple = (getattr(hf, "hidden_size_per_layer_input", 0) or 0) if generation == 4 else 0
     return LensConfig(
         architecture=model_type,
         d_model=hf.hidden_size,
@@ -155,6 +174,10 @@ def config_from_hf(hf: Any) -> LensConfig:
         qk_norm=generation >= 3,
         v_norm=generation == 4,
         layer_scalar=generation == 4,
+        d_per_layer_input=ple,
+        d_vocab_per_layer_input=hf.vocab_size_per_layer_input if ple else None,
+        kv_source_layer=kv_source,
+        d_mlp_per_layer=_mlp_widths(hf, kv_source),
         attn_softcap=getattr(hf, "attn_logit_softcapping", None) if generation == 2 else None,  # §5: G3 ignores it
         final_softcap=final_softcap,
         attn_bias=hf.attention_bias,
@@ -191,6 +214,13 @@ _PROJECTIONS = {
     "mlp.down_proj": "mlp.{}_out",
 }
 
+_KV_MODULES = ("self_attn.k_proj", "self_attn.v_proj", "self_attn.k_norm", "self_attn.v_norm")
+# Gemma 4 per-layer embeddings: model-level and per-layer HF weights -> lens_det
+_PLE_MODEL = {"embed_tokens_per_layer.weight": "ple.W_E", "per_layer_model_projection.weight": "ple.w_proj",
+              "per_layer_projection_norm.weight": "ple.ln.w"}
+_PLE_BLOCK = {"per_layer_input_gate.weight": "ple.w_gate", "per_layer_projection.weight": "ple.w_out",
+              "post_per_layer_input_norm.weight": "ple.ln.w"}
+
 
 def strip_prefix(state_dict: dict, prefixes: tuple[str, ...]) -> dict:
     """Drop the first matching prefix from every key (checkpoints nest the decoder under different names)."""
@@ -211,14 +241,20 @@ def state_dict_from_hf(sd: dict, cfg: LensConfig) -> dict:
     # Gemma 3 store it as language_model.model.* (and language_model.lm_head.*).
     sd = strip_prefix(sd, ("model.language_model.", "language_model.model.", "language_model.", "model."))
     out = {"embed.W_E": sd["embed_tokens.weight"], "ln_final.w": sd["norm.weight"]}
+    if cfg.d_per_layer_input:
+        out |= {new: sd[old] for old, new in _PLE_MODEL.items()}
     for i in range(cfg.n_layers):
         h, b = f"layers.{i}.", f"blocks.{i}."
+        consumer = cfg.layer_kv_source(i) is not None  # HF ignores a checkpoint's k/v weights of such layers
         for hf_name, name in _NORMS[cfg.architecture].items():
-            out[f"{b}{name}.w"] = sd[f"{h}{hf_name}.weight"]
+            if not (consumer and hf_name in _KV_MODULES):
+                out[f"{b}{name}.w"] = sd[f"{h}{hf_name}.weight"]
         if cfg.layer_scalar:
             out[b + "layer_scalar"] = sd[h + "layer_scalar"]
+        if cfg.d_per_layer_input:
+            out |= {b + new: sd[h + old] for old, new in _PLE_BLOCK.items()}
         for hf_name, name in _PROJECTIONS.items():
-            if hf_name == "self_attn.v_proj" and cfg.layer_k_eq_v(i):
+            if hf_name == "self_attn.v_proj" and cfg.layer_k_eq_v(i) or consumer and hf_name in _KV_MODULES:
                 continue
             out[b + name.format("w")] = sd[f"{h}{hf_name}.weight"]
             if f"{h}{hf_name}.bias" in sd:

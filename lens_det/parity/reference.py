@@ -50,6 +50,14 @@ SOURCES = {
     "hook_pre": "module: gate_proj / dense_h_to_4h output",
     "hook_pre_linear": "module: up_proj output",
     "hook_post": "module: the input of down_proj / dense_4h_to_h",
+    # Gemma 4 per-layer embeddings (PLE)
+    "hook_tokens": "module: embed_tokens_per_layer's output (the scaled packed table), reshaped per layer",
+    "hook_proj": "module: the input of per_layer_projection_norm (projection * d_model**-0.5, reshaped)",
+    "hook_per_layer_inputs": "module: the return value of the text model's project_per_layer_inputs",
+    "hook_per_layer_input": "module: the per_layer_input argument of the HF decoder layer",
+    "ple.hook_pre": "module: per_layer_input_gate's output",
+    "ple.hook_post": "module: the input of per_layer_projection",
+    "hook_ple_out": "module: post_per_layer_input_norm's output",
 }
 
 
@@ -63,6 +71,11 @@ def _decoder(hf_model: Any):
     return inner.embed_tokens, list(inner.layers), inner.norm, None
 
 
+def _text_model(hf_model: Any):
+    inner = hf_model.model
+    return getattr(inner, "language_model", inner)
+
+
 def _first(args, kwargs, name):
     return args[0] if args else kwargs[name]
 
@@ -71,6 +84,8 @@ class _Recorder:
     def __init__(self):
         self.values: dict[str, torch.Tensor] = {}
         self.handles: list = []
+        self.skip: set[str] = set()  # recorded names that are no lens_det hook point of this model
+        self.restore: list[Callable] = []
 
     def tap(self, module, name: str, where: str, fn: Callable = lambda t: t):
         """Record fn(module input or output) under `name`."""
@@ -91,6 +106,8 @@ class _Recorder:
     def remove(self):
         for handle in self.handles:
             handle.remove()
+        for undo in self.restore:
+            undo()
 
 
 @contextlib.contextmanager
@@ -159,6 +176,8 @@ def capture_reference(
     if embed_ln is not None:
         rec.norm(embed_ln, "embed.ln.", cfg)
     rec.tap(embed_ln if embed_ln is not None else embed, "hook_embed", "out")
+    if cfg.d_per_layer_input:
+        _per_layer_embeddings(_text_model(hf_model), rec, cfg, b, t)
     for i, layer in enumerate(layers):
         p, d = f"blocks.{i}.", cfg.layer_d_head(i)
         rec.tap(layer, p + "hook_resid_pre", "in")
@@ -196,15 +215,17 @@ def capture_reference(
             rec.norm(pre_mlp, p + "ln2.", cfg)
             rec.tap(pre_mlp, p + "hook_resid_mid", "in")
             rec.tap(pre_mlp, p + "hook_mlp_in", "in")
-            for name in "qk":
+            own_kv = cfg.layer_kv_source(i) is None  # KV-sharing consumers have no k/v projections or norms
+            for name in "qk" if own_kv else "q":
                 rec.tap(getattr(attn, f"{name}_proj"), f"{p}attn.hook_{name}", "out", per_head(d))
             # K = V layers (Gemma 4 attention_k_eq_v) have no v_proj: their values are k_proj's output
-            rec.tap(attn.k_proj if cfg.layer_k_eq_v(i) else attn.v_proj, f"{p}attn.hook_v", "out", per_head(d))
+            if own_kv:
+                rec.tap(attn.k_proj if cfg.layer_k_eq_v(i) else attn.v_proj, f"{p}attn.hook_v", "out", per_head(d))
             # Gemma 3 norms q/k as [batch, head, pos, d]; Gemma 4 norms q/k/v as [batch, pos, head, d] (before the
             # transpose), lens_det's layout
             to_tl = (lambda x: x) if cfg.v_norm else (lambda x: x.transpose(1, 2))
             norms = ("q", "k") if cfg.qk_norm else ()
-            for name in norms + (("v",) if cfg.v_norm else ()):
+            for name in (norms + (("v",) if cfg.v_norm else ()) if own_kv else ("q",) if cfg.qk_norm else ()):
                 norm = getattr(attn, f"{name}_norm")
                 rec.tap(norm, f"{p}attn.{name}_norm.hook_normalized", "out", to_tl)
                 rec.tap(norm, f"{p}attn.{name}_norm.hook_scale", "in",
@@ -213,6 +234,8 @@ def capture_reference(
             rec.tap(mlp.gate_proj, p + "mlp.hook_pre", "out")
             rec.tap(mlp.up_proj, p + "mlp.hook_pre_linear", "out")
             rec.tap(mlp.down_proj, p + "mlp.hook_post", "in")
+            if cfg.d_per_layer_input:
+                _per_layer_block(layer, rec, cfg, p)
             if sandwich:
                 rec.norm(layer.post_attention_layernorm, p + "ln1_post.", cfg)
                 rec.norm(layer.post_feedforward_layernorm, p + "ln2_post.", cfg)
@@ -222,6 +245,8 @@ def capture_reference(
                 rec.tap(attn.o_proj, p + "hook_attn_out", "out")
                 rec.tap(mlp.down_proj, p + "hook_mlp_out", "out")
     rec.norm(final_norm, "ln_final.", cfg)
+    if cfg.kv_source_layer:  # HF's eager attention receives the source layer's keys: no hook_rot_k of their own
+        rec.skip |= {f"blocks.{i}.attn.hook_rot_k" for i in range(cfg.n_layers) if cfg.layer_kv_source(i) is not None}
 
     kwargs: dict[str, Any] = {"attention_mask": attention_mask}
     if past_key_values is not None:
@@ -236,7 +261,7 @@ def capture_reference(
             out = hf_model(tokens, output_attentions=bloom, **kwargs)
     finally:
         rec.remove()
-    values = rec.values
+    values = {k: v for k, v in rec.values.items() if k not in rec.skip}
     with torch.no_grad():
         if bloom:
             _bloom_attention(values, out.attentions, cfg, bloom_inputs, past_key_values)
@@ -247,6 +272,36 @@ def capture_reference(
                 w_o = o.weight.view(cfg.d_model, h, cfg.layer_d_head(i))
                 values[f"blocks.{i}.attn.hook_result"] = torch.einsum("bqhd,mhd->bqhm", z, w_o)
     return out.logits, values
+
+
+def _per_layer_embeddings(text_model: Any, rec: _Recorder, cfg: LensConfig, b: int, t: int) -> None:
+    """Gemma 4 PLE, model level: the scaled token table, the projection before its norm, the norm, and what
+    project_per_layer_inputs returns (recorded by wrapping that method on this instance for the call)."""
+    shape = (b, t, cfg.n_layers, cfg.d_per_layer_input)
+    rec.tap(text_model.embed_tokens_per_layer, "ple.hook_tokens", "out", lambda x: x.reshape(shape))
+    rec.tap(text_model.per_layer_projection_norm, "ple.hook_proj", "in")
+    rec.norm(text_model.per_layer_projection_norm, "ple.ln.", cfg)
+    original = text_model.project_per_layer_inputs
+
+    def project(*args, **kwargs):
+        out = original(*args, **kwargs)
+        rec.values["hook_per_layer_inputs"] = out.detach()
+        return out
+
+    text_model.project_per_layer_inputs = project
+    rec.restore.append(lambda: delattr(text_model, "project_per_layer_inputs"))
+
+
+def _per_layer_block(layer: Any, rec: _Recorder, cfg: LensConfig, p: str) -> None:
+    """Gemma 4 PLE, per decoder layer: its per_layer_input argument and the gated sub-block at its end."""
+    def layer_input(mod, args, kwargs):
+        value = args[1] if len(args) > 1 else kwargs["per_layer_input"]
+        rec.values[p + "hook_per_layer_input"] = value.detach()
+    rec.handles.append(layer.register_forward_pre_hook(layer_input, with_kwargs=True))
+    rec.tap(layer.per_layer_input_gate, p + "ple.hook_pre", "out")
+    rec.tap(layer.per_layer_projection, p + "ple.hook_post", "in")
+    rec.norm(layer.post_per_layer_input_norm, p + "ple.ln.", cfg)
+    rec.tap(layer.post_per_layer_input_norm, p + "hook_ple_out", "out")
 
 
 def _bloom_attention(values, attentions, cfg: LensConfig, inputs: dict, cache) -> None:
