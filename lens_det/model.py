@@ -357,6 +357,7 @@ class HookedDecoder(HookedRootModule):
         start_at_layer: int | None = None,
         stop_at_layer: int | None = None,
         loss_per_token: bool = False,
+        input_ids: Int[torch.Tensor, "batch pos"] | None = None,
     ):
         """Run the model.
 
@@ -382,6 +383,9 @@ class HookedDecoder(HookedRootModule):
                 block (e.g. a cached blocks.{k}.hook_resid_pre), not token ids.
             With either, a KV cache must be frozen (read only): a partial run cannot grow every layer's cache.
             loss_per_token: with a loss, return it per position [batch, pos - 1] (0 where a pair has a pad).
+            input_ids: with start_at_layer on a model with per-layer embeddings (Gemma 4 E2B/E4B), the token ids of
+                the residual stream's positions: every block also reads per-layer inputs made from them and their
+                embedding (TransformerLens's `tokens` argument of start_at_layer).
         """
         if return_type not in ("logits", "loss", "both", None):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
@@ -394,7 +398,9 @@ class HookedDecoder(HookedRootModule):
         resid = None
         if start_at_layer is not None:  # the input is a residual stream; token ids only give shape and device
             resid = self._check_residual(tokens)
-            tokens = torch.zeros(resid.shape[:2], dtype=torch.long, device=resid.device)
+            tokens = self._tokens_for_residual(resid, input_ids)
+        elif input_ids is not None:
+            raise ValueError("input_ids is only for start_at_layer (the first argument holds the token ids otherwise)")
         else:
             tokens = self._check_tokens(tokens)
         mask = self._full_mask(tokens, attention_mask, kv_cache)
@@ -417,7 +423,7 @@ class HookedDecoder(HookedRootModule):
 
     def _forward_layers(self, tokens, ctx, kv_cache, return_type, logits_to_keep, start, stop, resid):
         x = self.hook_embed(self.embed(tokens)) if resid is None else resid
-        per_layer = self._per_layer_inputs(tokens, x) if resid is None else None
+        per_layer = self._per_layer_inputs(tokens, x if resid is None else self.embed(tokens))
         for i in range(start, stop):
             if i == self.kv_consumer_tail and stop == self.cfg.n_layers and 0 < logits_to_keep < x.shape[1]:
                 ctx, x = ctx.keep_last(logits_to_keep), x[:, -logits_to_keep:]  # HF's _maybe_slice_kv_shared_inputs
@@ -471,9 +477,12 @@ class HookedDecoder(HookedRootModule):
         stop = n if stop is None else stop
         if start >= stop and stop_at_layer is not None:
             raise ValueError(f"start_at_layer {start} must come before stop_at_layer {stop}")
-        if start_at_layer is not None and self.config.d_per_layer_input:
-            raise NotImplementedError("start_at_layer with per-layer embeddings (d_per_layer_input) is not "
-                                      "implemented: every block also reads per-layer inputs made from the token ids")
+        skipped = sorted({j for i in range(start, stop) if (j := self.config.layer_kv_source(i)) is not None
+                          and j < start})
+        if skipped:
+            raise ValueError(f"start_at_layer={start} skips layer(s) {skipped}, whose keys/values later layers attend to "
+                             "(KV sharing), so they cannot run from a residual stream alone; start at or before "
+                             f"layer {skipped[0]}")
         partial = start_at_layer is not None or stop_at_layer is not None
         if partial and kv_cache is not None and not kv_cache.frozen:
             raise ValueError("start_at_layer/stop_at_layer run only some layers, which cannot grow the KV cache of "
@@ -481,6 +490,20 @@ class HookedDecoder(HookedRootModule):
         if partial and return_type in ("loss", "both"):
             raise ValueError("the loss needs the whole model run from token ids; drop start_at_layer/stop_at_layer")
         return start, stop
+
+    def _tokens_for_residual(self, resid, input_ids) -> torch.Tensor:
+        """start_at_layer: the token ids behind the residual stream (per-layer embeddings need them), else zeros
+        that only give shape and device."""
+        if input_ids is None:
+            if self.config.d_per_layer_input:
+                raise ValueError("this model has per-layer embeddings, which every block reads from the token ids: "
+                                 "with start_at_layer pass input_ids=<the tokens of the residual's positions>")
+            return torch.zeros(resid.shape[:2], dtype=torch.long, device=resid.device)
+        ids = self._check_tokens(input_ids)
+        if ids.shape != resid.shape[:2]:
+            raise ValueError(f"input_ids has shape {tuple(ids.shape)} but the residual stream has "
+                             f"{tuple(resid.shape[:2])} positions")
+        return ids
 
     def _check_residual(self, resid) -> torch.Tensor:
         if not isinstance(resid, torch.Tensor) or not resid.is_floating_point():

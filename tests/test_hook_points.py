@@ -18,6 +18,12 @@ QK_NORM = ["attn.q_norm.hook_scale", "attn.q_norm.hook_normalized",
            "attn.k_norm.hook_scale", "attn.k_norm.hook_normalized"]
 V_NORM = ["attn.v_norm.hook_scale", "attn.v_norm.hook_normalized"]
 GLOBAL = ["hook_embed", "ln_final.hook_scale", "ln_final.hook_normalized"]
+PLE_GLOBAL = ["hook_per_layer_inputs", "ple.hook_tokens", "ple.hook_proj", "ple.ln.hook_scale", "ple.ln.hook_normalized"]
+PLE_BLOCK = ["hook_per_layer_input", "ple.hook_pre", "ple.hook_post", "ple.ln.hook_scale", "ple.ln.hook_normalized",
+             "hook_ple_out"]
+# KV-sharing consumer layers project no keys / values: these hooks are absent there (their source layer has them)
+KV_OWN = ["attn.hook_k", "attn.hook_v", "attn.hook_rot_k", "attn.k_norm.hook_scale", "attn.k_norm.hook_normalized",
+          "attn.v_norm.hook_scale", "attn.v_norm.hook_normalized"]
 GOLDEN = {
     "tiny-bloom": (GLOBAL + ["embed.ln.hook_scale", "embed.ln.hook_normalized"], COMMON_BLOCK),
     "tiny-bloom-resid": (GLOBAL + ["embed.ln.hook_scale", "embed.ln.hook_normalized"], COMMON_BLOCK),
@@ -26,6 +32,7 @@ GOLDEN = {
     "tiny-vaultgemma": (GLOBAL, COMMON_BLOCK + ROPE),
     "tiny-gemma3": (GLOBAL, COMMON_BLOCK + ROPE + SANDWICH + QK_NORM),
     "tiny-gemma4": (GLOBAL, COMMON_BLOCK + ROPE + SANDWICH + QK_NORM + V_NORM),
+    "tiny-gemma4-ple": (GLOBAL + PLE_GLOBAL, COMMON_BLOCK + ROPE + SANDWICH + QK_NORM + V_NORM + PLE_BLOCK),
 }
 
 
@@ -33,7 +40,9 @@ GOLDEN = {
 def test_golden_hook_names(model_pair, name):
     _, model = model_pair(name)
     top, per_block = GOLDEN[name]
-    expected = set(top) | {f"blocks.{i}.{h}" for i in range(model.cfg.n_layers) for h in per_block}
+    c = model.cfg
+    expected = set(top) | {f"blocks.{i}.{h}" for i in range(c.n_layers) for h in per_block
+                           if c.layer_kv_source(i) is None or h not in KV_OWN}
     assert set(model.hook_dict) == expected
 
 

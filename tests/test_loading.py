@@ -23,7 +23,8 @@ def assert_same_model(a, b):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("name", ["tiny-bloom", "tiny-gemma2", "tiny-gemma3", "tiny-vaultgemma", "tiny-gemma4"])
+@pytest.mark.parametrize("name", ["tiny-bloom", "tiny-gemma2", "tiny-gemma3", "tiny-vaultgemma", "tiny-gemma4",
+                                  "tiny-gemma4-ple"])
 def test_save_pretrained_round_trip(tmp_path, name, dtype):
     hf = random_hf_model(name)
     hf.save_pretrained(tmp_path)

@@ -18,7 +18,7 @@ CONFIGS = ["tiny-bloom", "tiny-gemma2"]
 # decompose_resid sums to resid_post only when each block adds attn_out / mlp_out to its input; tiny-bloom-resid
 # (apply_residual_connection_post_layernorm) adds them to the norm output instead, so it is checked to NOT sum.
 # tiny-gemma4 multiplies the residual stream by a per-block layer_scalar, so decompose_resid refuses.
-ADDITIVE = [n for n in ALL if n not in ("tiny-bloom-resid", "tiny-gemma4")]
+ADDITIVE = [n for n in ALL if n not in ("tiny-bloom-resid", "tiny-gemma4", "tiny-gemma4-ple")]
 REL = 1e-5
 
 
@@ -338,14 +338,23 @@ def test_stop_and_start_at_layer_are_bit_exact_pieces_of_the_forward(model_pair,
     tokens, mask = batch("left", model.cfg.d_vocab)
     kw = dict(attention_mask=mask, position_ids="mask")
     logits, cache = model.run_with_cache(tokens, **kw)
+    # per-layer embeddings (tiny-gemma4-ple) are made from the token ids, which start_at_layer then needs
+    ids = dict(input_ids=tokens) if model.cfg.d_per_layer_input else {}
     for k in (1, model.cfg.n_layers - 1, -1):
         layer = k % model.cfg.n_layers
         resid = model(tokens, stop_at_layer=k, **kw)
         assert torch.equal(resid, cache[f"blocks.{layer}.hook_resid_pre"])
-        assert torch.equal(model(resid, start_at_layer=k, **kw), logits)
+        if any((j := model.cfg.layer_kv_source(i)) is not None and j < layer for i in range(layer, model.cfg.n_layers)):
+            with pytest.raises(ValueError, match="KV sharing"):  # a skipped layer's keys/values are needed
+                model(resid, start_at_layer=k, **kw, **ids)
+            continue
+        assert torch.equal(model(resid, start_at_layer=k, **kw, **ids), logits)
+        if ids:
+            with pytest.raises(ValueError, match="input_ids"):
+                model(resid, start_at_layer=k, **kw)
     embedded, same_tokens, shortformer, same_mask = model.input_to_embed(tokens, attention_mask=mask)  # TL 2.x
     assert torch.equal(embedded, cache["hook_embed"]) and same_tokens is tokens and shortformer is None
-    assert same_mask is mask and torch.equal(model(embedded, start_at_layer=0, **kw), logits)
+    assert same_mask is mask and torch.equal(model(embedded, start_at_layer=0, **kw, **ids), logits)
     _, partial = model.run_with_cache(tokens, stop_at_layer=1, **kw)  # harvesting stops at layer 1
     assert {k for k in partial.keys() if k.startswith("blocks.")} == {k for k in cache.keys() if k.startswith("blocks.0.")}
     with pytest.raises(ValueError, match="freeze"):
@@ -401,7 +410,8 @@ def test_decompose_resid_refuses_a_scaled_residual_stream(model_pair):
     assert torch.equal(cache["resid_post", 0], (cache["resid_mid", 0] + cache["mlp_out", 0]) * s)
 
 
-UNIFORM = [n for n in ALL if n != "tiny-gemma4"]  # tiny-gemma4's full layers have their own d_head / kv heads
+# tiny-gemma4(-ple)'s full layers have their own d_head / kv heads (and -ple's KV-sharing layers no K/V weights)
+UNIFORM = [n for n in ALL if n not in ("tiny-gemma4", "tiny-gemma4-ple")]
 
 
 def test_weight_stacks_refuse_mixed_geometry_and_blocks_keep_tl_meaning(model_pair):

@@ -18,7 +18,7 @@ from tests.conftest import ALL, batch
 # every head result and neuron output is added to the residual as it is (VaultGemma: Gemma 2 without post-norms)
 ADDITIVE = ["tiny-bloom", "tiny-gemma", "tiny-vaultgemma"]
 # post-norms / residual from the norm output / layer_scalar (tiny-gemma4)
-NOT_ADDITIVE = ["tiny-gemma2", "tiny-gemma3", "tiny-bloom-resid", "tiny-gemma4"]
+NOT_ADDITIVE = ["tiny-gemma2", "tiny-gemma3", "tiny-bloom-resid", "tiny-gemma4", "tiny-gemma4-ple"]
 
 
 def close(a, b, rel=1e-5):
@@ -158,6 +158,8 @@ def test_hook_mlp_in_feeds_only_the_mlp(model_pair, name):
     assert torch.equal(edited["blocks.0.hook_resid_mid"], plain["blocks.0.hook_resid_mid"])  # not written back
     if not model.config.residual_from_norm:
         resid = edited["blocks.0.hook_resid_mid"] + edited["blocks.0.hook_mlp_out"]
+        if model.config.d_per_layer_input:  # Gemma 4 PLE: a third sub-block's output is added too
+            resid = resid + edited["blocks.0.hook_ple_out"]
         if model.config.layer_scalar:  # Gemma 4: the block's output is scaled
             resid = resid * model.blocks[0].layer_scalar
         assert torch.equal(edited["blocks.0.hook_resid_post"], resid)

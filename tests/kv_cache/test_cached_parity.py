@@ -58,10 +58,11 @@ def test_chunked_prefill_same_tokens_and_bounded_hook_gap(model_pair, name):
     assert len(ends) == 1
 
 
-@pytest.mark.parametrize("name", ["tiny-gemma3", "tiny-gemma4"])
+@pytest.mark.parametrize("name", ["tiny-gemma3", "tiny-gemma4", "tiny-gemma4-ple"])
 def test_cache_stores_what_hf_keeps(model_pair, name):
     """Sliding layers keep W - 1 positions, full layers everything; keys are post-RoPE (and post k-norm), values
-    post v-norm (Gemma 4), each layer with its own kv heads and head dim."""
+    post v-norm (Gemma 4), each layer with its own kv heads and head dim. KV-sharing consumer layers store nothing
+    (HF: a DummyLayer)."""
     hf, model = model_pair(name)
     tokens, mask = batch("none", model.cfg.d_vocab, length=16)
     from transformers import DynamicCache
@@ -71,14 +72,18 @@ def test_cache_stores_what_hf_keeps(model_pair, name):
         hf(tokens, attention_mask=mask, past_key_values=hf_cache, use_cache=True)
         model(tokens, attention_mask=mask, kv_cache=cache)
     for i, (ours, theirs) in enumerate(zip(cache.layers, hf_cache.layers)):
+        if model.cfg.layer_kv_source(i) is not None:
+            assert type(theirs).__name__ == "DummyLayer" and ours.keys is None and ours.nbytes == 0
+            continue
         expected = 16 if model.cfg.layer_types[i] == "full_attention" else model.cfg.sliding_window - 1
         assert ours.length == expected
         assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
 
 
-@pytest.mark.parametrize("name", ["tiny-bloom", "tiny-gemma2", "tiny-gemma3", "tiny-gemma4"])
+@pytest.mark.parametrize("name", ["tiny-bloom", "tiny-gemma2", "tiny-gemma3", "tiny-gemma4", "tiny-gemma4-ple"])
 def test_cache_bytes_formula(model_pair, name):
-    """2 x layers x batch x stored positions x kv_heads x d_head x itemsize, sliding layers storing W - 1."""
+    """2 x layers x batch x stored positions x kv_heads x d_head x itemsize, sliding layers storing W - 1,
+    KV-sharing consumer layers storing nothing (only the layers that project keys/values count)."""
     for dtype in DTYPES:
         _, model = model_pair(name, dtype)
         tokens, _ = batch("none", model.cfg.d_vocab, batch_size=2, length=12)
@@ -86,7 +91,8 @@ def test_cache_bytes_formula(model_pair, name):
         with torch.no_grad():
             model(tokens, kv_cache=cache)
         c = model.cfg
-        stored = [12 if t == "full_attention" else min(12, c.sliding_window - 1) for t in c.layer_types]
+        stored = [0 if c.layer_kv_source(i) is not None else 12 if t == "full_attention"
+                  else min(12, c.sliding_window - 1) for i, t in enumerate(c.layer_types)]
         itemsize = torch.empty((), dtype=dtype).element_size()
         assert cache.nbytes == sum(2 * 2 * s * c.layer_n_key_value_heads(i) * c.layer_d_head(i) * itemsize
                                    for i, s in enumerate(stored))
