@@ -131,6 +131,11 @@ class Attention(nn.Module):
     def _alibi_bias(self, ctx: ForwardContext, key_start: int, device):
         return ctx.alibi(self.slopes, key_start, device)
 
+    def _publish_kv(self, ctx: ForwardContext, k, v, key_start: int) -> None:
+        """Hand this layer's keys and values (after its cache update: past + new, [batch, kv_head, key, d_head]) to
+        the layers that share them, for this forward call only (HF: KVSharingDict, filled by the "store" layer)."""
+        ctx.shared_kv[self.layer] = (k, v, key_start)
+
     def _reproject(self, qkv, edits):
         """Replace the heads of q, k, v whose input was edited (Block._per_head_inputs: {head: ln1(input)} per
         kind) by that head's projection of its own input; the other heads are kept as they are."""
@@ -164,7 +169,7 @@ class Attention(nn.Module):
             else:
                 k, v, key_start = cache_entry.update(k, v)
             if self.shares_kv:
-                ctx.shared_kv[self.layer] = (k, v, key_start)
+                self._publish_kv(ctx, k, v, key_start)
         else:
             q, _ = self._position(q, None, ctx)
             k, v, key_start = ctx.shared_kv[self.kv_source]
@@ -212,7 +217,7 @@ class Attention(nn.Module):
         """(weight, bias) of q (0), k (1) or v (2); KV-sharing consumers have no k / v weights of their own."""
         weights = self._qkv_weights()[i]
         if weights is None:
-            raise AttributeError(f"layer {self.layer} has no key/value weights: it attends to the keys and values of "
+            raise ValueError(f"layer {self.layer} has no key/value weights: it attends to the keys and values of "
                                  f"layer {self.kv_source} (KV sharing), computed from that layer's input; read "
                                  f"blocks[{self.kv_source}].attn's")
         return weights

@@ -139,3 +139,39 @@ def missing_v_norm(model):
     if not pairs:
         raise ValueError("this model has no v_norm")
     return _patched_all(pairs)
+
+
+def kv_sharing_new_keys_only(model):
+    """KV-sharing consumers attend to their source layer's keys/values of the current call's tokens only, not
+    past + new (sharing built beside the cache instead of after its update; HF 5.5's use_cache=False bug was the
+    mirror image). Uncached forwards are unaffected; every cached step after the first is wrong."""
+    from lens_det.components.attention import Attention
+
+    pairs = []
+    for block in model.blocks:
+        attn = block.attn
+        if attn.shares_kv:
+            def publish(ctx, k, v, key_start, attn=attn):
+                n = ctx.n_query
+                Attention._publish_kv(attn, ctx, k[:, :, -n:], v[:, :, -n:], key_start + k.shape[-2] - n)
+            pairs.append((attn, "_publish_kv", publish))
+    if not pairs:
+        raise ValueError("this model has no KV sharing")
+    return _patched_all(pairs)
+
+
+def kv_consumers_run_every_position(model):
+    """With logits_to_keep, the KV-sharing layers still run on every position (HF's eager forward runs them on the
+    kept positions only, `_maybe_slice_kv_shared_inputs`): the same function, other matmul shapes, so the kept
+    logits round differently from HF's (and HF generate's)."""
+    if model.kv_consumer_tail is None:
+        raise ValueError("this model has no tail of KV-sharing layers")
+    return _patched(model, "kv_consumer_tail", None)
+
+
+def per_layer_inputs_unscaled(model):
+    """Per-layer embeddings combined as proj + table, without HF's * 2**-0.5. Nearly invisible in the logits: each
+    block's PLE sub-block ends in an RMSNorm, scale-invariant up to its eps."""
+    if getattr(model, "ple", None) is None:
+        raise ValueError("this model has no per-layer embeddings")
+    return _patched(model.ple, "combine_scale", 1.0)

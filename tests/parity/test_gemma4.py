@@ -1,6 +1,8 @@
-"""Gemma 4 text beyond the tiny-gemma4 config the parametrized suites run: the text part of
+"""Gemma 4 text beyond the tiny-gemma4 / tiny-gemma4-ple configs the parametrized suites run: the text part of
 Gemma4ForConditionalGeneration, a variant without K = V (v_proj on full layers, HF then keeps the global kv-head
-count), and the phase-2 mechanisms that are refused."""
+count), per-layer embeddings / KV sharing / double-wide MLP specifics (tiny-gemma4-ple: HF's logits_to_keep slicing
+of the KV-sharing layers, cache on/off equality, patches of a KV source reaching its consumers), and the
+mechanisms that are refused."""
 
 import pytest
 import torch
@@ -78,8 +80,6 @@ def test_proportional_rope_table():
 
 
 @pytest.mark.parametrize("field, value, match", [
-    ("hidden_size_per_layer_input", 8, "per-layer embeddings"),
-    ("num_kv_shared_layers", 2, "KV sharing"),
     ("enable_moe_block", True, "mixture-of-experts"),
     ("use_bidirectional_attention", "all", "bidirectional"),
 ])
@@ -97,3 +97,104 @@ def test_gemma4_fields_on_an_older_gemma_are_refused():
     hf.attention_k_eq_v = True
     with pytest.raises(NotImplementedError, match="attention_k_eq_v"):
         LensConfig.from_hf_config(hf)
+
+
+# --- per-layer embeddings, KV sharing, double-wide MLP (tiny-gemma4-ple; E2B-style) ---
+
+def test_ple_config_mechanisms(model_pair):
+    """HF's kv_sharing_modes: each "reuse" layer reads the last non-shared layer of its type; the double-wide MLP
+    is on those layers; consumers have no k/v weights, norms, hooks or cache entry."""
+    hf, model = model_pair("tiny-gemma4-ple")
+    c = model.cfg
+    assert hf.config.kv_sharing_modes == [None, None, None, "store", "store", "reuse", "reuse", "reuse"]
+    assert c.kv_source_layer == (None,) * 5 + (3, 3, 4) and model.kv_consumer_tail == 5
+    assert c.d_mlp_per_layer == (96,) * 5 + (192,) * 3 and c.d_per_layer_input == 8
+    for i in (5, 6, 7):
+        attn = model.blocks[i].attn
+        assert attn.w_k is None and attn.w_v is None and not hasattr(attn, "hook_k")
+        assert model.blocks[i].mlp.w_in.shape == (192, c.d_model)
+        with pytest.raises(ValueError, match=f"layer {c.kv_source_layer[i]}"):
+            attn.W_K
+    with pytest.raises(ValueError, match="MLP widths"):
+        model.W_in
+    assert "blocks.5.attn.W_K" not in model.tl_parameters() and "blocks.4.attn.W_K" in model.tl_parameters()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("padding", ["none", "left"])
+@pytest.mark.parametrize("keep", [1, 3, 20])
+def test_logits_to_keep_runs_kv_sharing_layers_on_kept_positions(model_pair, dtype, padding, keep):
+    """HF's eager forward with an integer logits_to_keep runs the KV-sharing layers on the last logits_to_keep
+    positions only (_maybe_slice_kv_shared_inputs); lens_det does the same, so the kept logits are HF's bit for
+    bit (in fp32 they differ from the full forward's rows), uncached and as a cached prefill + decode step."""
+    from transformers import DynamicCache
+
+    hf, model = model_pair("tiny-gemma4-ple", dtype)
+    tokens, mask = batch(padding, model.cfg.d_vocab, length=12)
+    pos = lens_det.positions_from_mask(mask)
+    seen = []
+    hook = ("blocks.6.hook_resid_pre", lambda x, hook: seen.append(x.shape[1]))
+    with torch.no_grad():
+        ref = hf(tokens, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits
+        with model.hooks(fwd_hooks=[hook]):
+            ours = model(tokens, attention_mask=mask, position_ids=pos, logits_to_keep=keep)
+        assert torch.equal(ours, ref) and seen == [min(keep, 12)]
+        hf_cache, cache = DynamicCache(config=hf.config), model.new_cache()
+        for a, b in ((0, 9), (9, 12)):
+            ref = hf(tokens[:, a:b], attention_mask=mask[:, :b], position_ids=pos[:, a:b], logits_to_keep=keep,
+                     past_key_values=hf_cache, use_cache=True).logits
+            ours = model(tokens[:, a:b], attention_mask=mask[:, :b], position_ids=pos[:, a:b],
+                         logits_to_keep=keep, kv_cache=cache)
+            assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_kv_sharing_cache_on_equals_cache_off(model_pair, chunk):
+    """Deterministic mode (batch-invariant ops): every hook of a left-padded batch through the KV cache in
+    chunks equals the uncached forward bit for bit, consumer layers included (their keys are their source's
+    past + new)."""
+    from lens_det.parity import self_parity
+
+    _, model = model_pair("tiny-gemma4-ple")
+    tokens, mask = batch("left", model.cfg.d_vocab)
+    model.deterministic = True
+    try:
+        report = self_parity(model, tokens, mask, prefill=4, chunk=chunk, rtol=0.0)
+    finally:
+        model.deterministic = False
+    assert report.passed and report.max_abs() == 0.0, report.to_text()
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 3])
+def test_patching_a_kv_source_reaches_its_consumers(model_pair, chunk):
+    """An edit of hook_k / hook_v on a producer (layer 3, read by sliding layers 5 and 6) changes what those
+    consumers attend to, exactly as the same edit of k_proj / v_proj's output does in HF; layer 4 (the full
+    layers' source) and its consumer 7 only change downstream. Cache off and on."""
+    from transformers import DynamicCache
+
+    hf, model = model_pair("tiny-gemma4-ple")
+    tokens, mask = batch("left", model.cfg.d_vocab)
+    pos = lens_det.positions_from_mask(mask)
+    bump = lambda x: x * 1.5 + 0.25  # noqa: E731
+    lens_hooks = [("blocks.3.attn.hook_k", lambda x, hook: bump(x)), ("blocks.3.attn.hook_v", lambda x, hook: bump(x))]
+    attn = hf.model.layers[3].self_attn
+    handles = [m.register_forward_hook(lambda mod, args, out: bump(out)) for m in (attn.k_proj, attn.v_proj)]
+    bounds = [(0, 16)] if chunk is None else [(0, 5)] + [(a, min(a + chunk, 16)) for a in range(5, 16, chunk)]
+    try:
+        cache, hf_cache = (None, None) if chunk is None else (model.new_cache(), DynamicCache(config=hf.config))
+        for a, b in bounds:
+            kw = dict(attention_mask=mask[:, :b], position_ids=pos[:, a:b])
+            with torch.no_grad(), model.hooks(fwd_hooks=lens_hooks):
+                _, ours = model.run_with_cache(tokens[:, a:b], kv_cache=cache, **kw)
+            with torch.no_grad():
+                plain = model(tokens[:, a:b], **kw) if chunk is None else None
+            from lens_det.parity.reference import capture_reference
+            ref_logits, ref = capture_reference(hf, model.config, tokens[:, a:b], mask[:, :b], pos[:, a:b],
+                                                past_key_values=hf_cache)
+            for name in ("blocks.5.attn.hook_pattern", "blocks.6.attn.hook_z", "blocks.7.attn.hook_z", "ln_final.hook_normalized"):
+                assert torch.equal(ours[name], ref[name]), (a, name)
+        if plain is not None:
+            assert not torch.equal(plain, ref_logits)  # the edit mattered
+    finally:
+        for h in handles:
+            h.remove()

@@ -143,6 +143,48 @@ def test_gemma4_layer_scalar_matters(model_pair):
     assert logit_gap(unscaled, hf, tokens, mask) > 1e-3
 
 
+def test_gemma4_kv_sharing_reads_past_plus_new(model_pair):
+    """KV-sharing consumers attend to their source layer's keys/values after its cache update (past + new); a
+    consumer that reads only the new tokens' keys is right without a cache and wrong on every later cached step
+    (compare's cached steps catch it; the uncached pass does not)."""
+    from lens_det.parity import compare
+
+    hf, model = model_pair("tiny-gemma4-ple")
+    tokens, mask = batch("left", model.cfg.d_vocab)
+    with faults.kv_sharing_new_keys_only(model):
+        report = compare(model, hf, tokens, mask, lens_det.positions_from_mask(mask), prefill=5, chunk=3)
+    assert not report.passed
+    first = report.first_divergence
+    assert first.step.startswith("cached:") and first.step != "cached:0" and first.layer == 5
+    assert all(row.passed for row in report.rows if row.step == "uncached")
+
+
+def test_gemma4_kv_sharing_layers_run_on_kept_positions(model_pair):
+    """With logits_to_keep HF runs the KV-sharing layers on the kept positions only: running them on every position
+    computes the same function with other matmul shapes, so the kept fp32 logits (and HF generate's first step)
+    are not HF's bits."""
+    hf, model = model_pair("tiny-gemma4-ple")
+    tokens, mask = batch("left", model.cfg.d_vocab, length=8)
+    pos = lens_det.positions_from_mask(mask)
+    with torch.no_grad():
+        ref = hf(tokens, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits
+        assert torch.equal(model(tokens, attention_mask=mask, position_ids=pos, logits_to_keep=1), ref)
+        with faults.kv_consumers_run_every_position(model):
+            wrong = model(tokens, attention_mask=mask, position_ids=pos, logits_to_keep=1)
+    assert 0 < (wrong - ref).abs().max() < 1e-4
+
+
+def test_gemma4_per_layer_inputs_scale(model_pair):
+    """Per-layer embeddings are (projection + token table) * 2**-0.5. Each block's PLE sub-block ends in an RMSNorm,
+    which is scale-invariant up to its eps, so a missing scale changes the logits only slightly: a tolerance-based
+    check would pass it, the bitwise one does not."""
+    hf, model = model_pair("tiny-gemma4-ple")
+    tokens, mask = batch("left", model.cfg.d_vocab)
+    with faults.per_layer_inputs_unscaled(model):
+        assert 0.0 < logit_gap(model, hf, tokens, mask) < 1e-2
+    assert logit_gap(model, hf, tokens, mask) == 0.0
+
+
 def test_vaultgemma_has_no_post_norms(model_pair):
     """VaultGemma is Gemma 2 without the post-attention / post-feedforward norms: adding them (unit-gain norms,
     w = 0 with the 1 + w offset) breaks parity."""
