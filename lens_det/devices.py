@@ -1,5 +1,7 @@
 """Placing blocks on several devices. Activations follow the blocks; each KV-cache entry is created on (and
-stays with) its layer's device, so cached and new keys never sit on different devices."""
+stays with) its layer's device, so cached and new keys never sit on different devices. A KV-sharing layer moves its
+source layer's keys/values to its own device; per-layer embeddings live with the embedding and each block moves
+its slice."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import torch
 
 _BLOCK = re.compile(r"(?:^|\.)(?:blocks|layers|h)\.(\d+)$")
 _EMBED = ("embed", "word_embeddings", "embed_tokens", "wte")
+# Gemma 4's per-layer embeddings (lens_det's `ple`, HF's three model-level modules) sit with the embedding
+_PER_LAYER_EMBED = ("ple", "embed_tokens_per_layer", "per_layer_model_projection", "per_layer_projection_norm")
 _FINAL = ("ln_final", "ln_f", "norm")
 _UNEMBED = ("unembed", "lm_head")
 _BLOCK_LISTS = ("blocks", "layers", "h")
@@ -39,6 +43,9 @@ def resolve_device_map(device_map: dict[str, Any], n_layers: int, tied: bool = F
             placed |= {f"blocks.{i}": _device(value) for i in range(n_layers)}
         elif last in _EMBED or key.endswith("word_embeddings_layernorm"):
             placed.setdefault("embed", _device(value))
+        elif last in _PER_LAYER_EMBED:  # follows the embedding unless an embedding key placed it already
+            placed.setdefault("embed", _device(value))
+            placed.setdefault("embed", _device(value))
         elif last in _FINAL:
             placed["ln_final"] = _device(value)
         elif last in _UNEMBED:
@@ -66,6 +73,8 @@ def place(model, device_map: dict[str, Any]) -> None:
     tied = model.unembed.weight is None
     devices = resolve_device_map(device_map, model.cfg.n_layers, tied)
     model.embed.to(devices["embed"])
+    if getattr(model, "ple", None) is not None:  # per-layer embeddings read the token ids and the embedding
+        model.ple.to(devices["embed"])
     for i, block in enumerate(model.blocks):
         block.to(devices[f"blocks.{i}"])
     model.ln_final.to(devices["ln_final"])

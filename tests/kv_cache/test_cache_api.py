@@ -161,3 +161,40 @@ def test_accelerate_maps_with_stateless_modules_and_block_lists(model_pair):
     bloom.place({"transformer.word_embeddings": "cpu", "transformer.word_embeddings_layernorm": "cpu",
                  "transformer.h": "cpu", "transformer.ln_f": "cpu"})
     assert copy.copy(model.cfg).n_layers == model.cfg.n_layers
+
+
+def test_device_map_with_per_layer_embeddings_and_kv_sharing(model_pair):
+    """tiny-gemma4-ple under an accelerate-style map naming HF's per-layer embedding modules (they follow the
+    embedding): the same greedy tokens and logits."""
+    hf, _ = model_pair("tiny-gemma4-ple")
+    model = lens_det.from_hf_model(hf)
+    tokens, mask = batch("left", model.cfg.d_vocab, length=8)
+    expected = model.generate(tokens, mask, max_new_tokens=4, stop_tokens=[])
+    model.place({"model.embed_tokens": "cpu", "model.embed_tokens_per_layer": "cpu",
+                 "model.per_layer_model_projection": "cpu", "model.per_layer_projection_norm": "cpu",
+                 "model.layers": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu"})
+    got = model.generate(tokens, mask, max_new_tokens=4, stop_tokens=[])
+    assert torch.equal(got.tokens, expected.tokens)
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, expected.logits))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kv_sharing_moves_shared_keys_to_the_consumers_device(model_pair):
+    """Producers (layers 3, 4) on CUDA, their consumers (5-7) on the CPU: each consumer moves the shared keys and
+    values to its own device; only producers hold cache entries."""
+    hf, _ = model_pair("tiny-gemma4-ple")
+    model = lens_det.from_hf_model(hf)
+    tokens, mask = batch("left", model.cfg.d_vocab, length=8)
+    expected = model.generate(tokens, mask, max_new_tokens=4, stop_tokens=[])
+    device_map = {"embed": "cuda:0", "ln_final": "cpu", **{f"blocks.{i}": ("cuda:0" if i < 5 else "cpu")
+                                                           for i in range(model.cfg.n_layers)}}
+    model.place(device_map)
+    out = model.generate(tokens.cuda(), mask.cuda(), max_new_tokens=4, stop_tokens=[], return_cache=True)
+    for i, entry in enumerate(out.kv_cache.layers):
+        if i < 5:
+            assert entry.keys.device.type == "cuda"
+        else:
+            assert entry.keys is None and entry.nbytes == 0
+    assert out.tokens.shape == expected.tokens.shape
+    for a, b in zip(out.logits, expected.logits):
+        torch.testing.assert_close(a.cpu(), b, rtol=0, atol=1e-3)  # CUDA and CPU matmuls round differently
