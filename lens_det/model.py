@@ -164,7 +164,9 @@ class HookedDecoder(HookedRootModule):
         self.tokenizer = None
         self.name: str | None = None  # the checkpoint or named config it was loaded from (cfg.model_name)
         self.deterministic = False  # batch-invariant ops on every forward (same as `with lens_det.deterministic()`)
-        self.query_start = 0  # absolute index of the current call's first token (hooks under a KV cache read it)
+        # absolute index of the first position the running hooks see: the call's first token (under a KV cache), or,
+        # after the KV-sharing layers were cut to logits_to_keep positions, the first kept one
+        self.query_start = 0
         self.processing: tuple[str, ...] = ()  # weight-processing steps applied (process_weights_); () = HF-exact
         self.to(device=device, dtype=dtype)
         self.eval()  # inference model (no dropout); TransformerLens' patching requires eval mode
@@ -427,6 +429,7 @@ class HookedDecoder(HookedRootModule):
         for i in range(start, stop):
             if i == self.kv_consumer_tail and stop == self.cfg.n_layers and 0 < logits_to_keep < x.shape[1]:
                 ctx, x = ctx.keep_last(logits_to_keep), x[:, -logits_to_keep:]  # HF's _maybe_slice_kv_shared_inputs
+                self.query_start = ctx.query_start  # later hooks see the kept positions only (patch_hook reads it)
                 per_layer = None if per_layer is None else per_layer[:, -logits_to_keep:]
             block = self.blocks[i]
             x = block(x.to(block.ln1.w.device), ctx, None if kv_cache is None else kv_cache.layers[i],

@@ -198,3 +198,21 @@ def test_patching_a_kv_source_reaches_its_consumers(model_pair, chunk):
     finally:
         for h in handles:
             h.remove()
+
+
+def test_patch_hook_positions_after_the_kv_sharing_cut(model_pair):
+    """After the KV-sharing layers are cut to the logits_to_keep positions, model.query_start is the first kept
+    position, so lens_det.patching.patch_hook writes absolute positions where they are (and skips the cut ones)."""
+    from lens_det.patching import patch_hook
+
+    _, model = model_pair("tiny-gemma4-ple")
+    tokens, mask = batch("none", model.cfg.d_vocab, length=10)
+    other, _ = batch("none", model.cfg.d_vocab, length=10, seed=2)
+    name = "blocks.6.hook_resid_pre"
+    with torch.no_grad():
+        _, clean = model.run_with_cache(other, names_filter=name)
+        base = model(tokens, logits_to_keep=1)
+        first = model.run_with_hooks(tokens, logits_to_keep=1, fwd_hooks=[(name, patch_hook(model, clean[name], 0))])
+        last = model.run_with_hooks(tokens, logits_to_keep=1, fwd_hooks=[(name, patch_hook(model, clean[name], 9))])
+    assert model.query_start == 9
+    assert torch.equal(first, base) and not torch.equal(last, base)
