@@ -670,6 +670,9 @@ class HookedDecoder(HookedRootModule):
         if c.post_attn_norm or c.post_mlp_norm:
             return ("the attention and MLP outputs pass through a norm (ln1_post / ln2_post) before the residual add, "
                     "so per-head results and per-neuron outputs do not sum to the residual stream")
+        if c.d_per_layer_input:
+            return ("each block also adds its per-layer-embedding sub-block's output (hook_ple_out), so the residual "
+                    "stream is not embed + the sum of the attention and MLP outputs")
         if c.residual_from_norm:
             return ("the residual branch starts from ln1/ln2's output (residual_from_norm), so the residual stream is "
                     "not embed + the sum of the attention and MLP outputs")

@@ -76,6 +76,9 @@ OPS = {
     "hook_mlp_in": "copy of resid_mid", "hook_attn_in": "copy of resid_pre per head",
     "hook_q_input": "copy of resid_pre per head", "hook_k_input": "copy of resid_pre per kv head",
     "hook_v_input": "copy of resid_pre per kv head",
+    "hook_tokens": "embedding (per-layer table)", "hook_proj": "linear (per-layer projection)",
+    "hook_per_layer_inputs": "per-layer combine", "hook_per_layer_input": "slice of per-layer inputs",
+    "hook_ple_out": "linear (per-layer projection) / norm",
     "logits": "linear (unembed)", "log_probs": "linear (unembed), log_softmax",
 }
 

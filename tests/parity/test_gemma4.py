@@ -38,16 +38,24 @@ def assert_parity(hf, model, chunk=None):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_conditional_generation_text_part(dtype):
+@pytest.mark.parametrize("name", ["tiny-gemma4", "tiny-gemma4-ple"])
+def test_conditional_generation_text_part(dtype, name):
     """Gemma4ForConditionalGeneration (no vision / audio towers): same decoder under model.language_model, and,
-    unlike Gemma 3's, it applies the final soft-cap."""
-    cfg = Gemma4Config(text_config=tiny_fields(), vision_config=None, audio_config=None)
+    unlike Gemma 3's, it applies the final soft-cap. With per-layer embeddings and KV sharing too (including the
+    logits_to_keep cut of the KV-sharing layers)."""
+    fields = dict(resolve_name(name)["hf_config"])
+    cfg = Gemma4Config(text_config=fields, vision_config=None, audio_config=None)
     hf = random_hf_model_from_config(cfg, dtype, model_class=Gemma4ForConditionalGeneration).eval()
     model = lens_det.from_hf_model(hf)
     assert model.cfg.hf_architecture == "Gemma4ForConditionalGeneration" and model.cfg.final_softcap == 8.0
-    assert model.cfg.d_head_per_layer is not None and model.cfg.k_eq_v is not None
+    assert model.cfg.d_head_per_layer is not None
+    assert (model.cfg.k_eq_v is not None) == (name == "tiny-gemma4")
     assert_parity(hf, model)
     assert_parity(hf, model, chunk=3)
+    tokens, mask = batch("left", model.cfg.d_vocab)
+    with torch.no_grad():
+        assert torch.equal(model(tokens, attention_mask=mask, logits_to_keep=1),
+                           hf(tokens, attention_mask=mask, logits_to_keep=1).logits)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
