@@ -20,6 +20,8 @@ FAMILIES: dict[str, ModuleType] = {
     "vaultgemma": gemma,
     "gemma4_text": gemma,
     "gemma4": gemma,
+    "gemma4_unified_text": gemma,
+    "gemma4_unified": gemma,
 }
 
 

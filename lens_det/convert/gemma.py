@@ -14,7 +14,8 @@ SUPPORTED_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_erf"}
 # "gelu" to "gelu_pytorch_tanh" in hidden_act; Gemma 2/3/4 and VaultGemma read hidden_activation as given).
 ACTIVATION_FIELD = {"gemma": "hidden_act"}
 # Which Gemma generation's mechanisms each HF model_type uses (VaultGemma is Gemma 2 without the two post-norms).
-GENERATION = {"gemma": 1, "gemma2": 2, "vaultgemma": 2, "gemma3_text": 3, "gemma4_text": 4}
+# Gemma 4 "unified" (12B) is Gemma 4 text without per-layer embeddings or MoE, under its own model_type.
+GENERATION = {"gemma": 1, "gemma2": 2, "vaultgemma": 2, "gemma3_text": 3, "gemma4_text": 4, "gemma4_unified_text": 4}
 # Gemma 4 mechanisms not implemented yet: field -> what it is. A config where one is on is refused.
 GEMMA4_UNSUPPORTED = {
     "enable_moe_block": "the mixture-of-experts block",
@@ -113,7 +114,8 @@ def _refuse_unsupported(hf: Any, generation: int) -> None:
 def config_from_hf(hf: Any) -> LensConfig:
     architecture = (getattr(hf, "architectures", None) or [None])[0]
     if getattr(hf, "text_config", None) is not None:  # Gemma3Config / Gemma4Config (multimodal): the text part
-        default = {"gemma3": "Gemma3ForConditionalGeneration", "gemma4": "Gemma4ForConditionalGeneration"}
+        default = {"gemma3": "Gemma3ForConditionalGeneration", "gemma4": "Gemma4ForConditionalGeneration",
+                   "gemma4_unified": "Gemma4UnifiedForConditionalGeneration"}
         architecture = architecture or default.get(hf.model_type)
         hf = hf.text_config
     model_type = hf.model_type
@@ -203,7 +205,7 @@ _NORMS = {
 }
 _NORMS["vaultgemma"] = {"input_layernorm": "ln1", "pre_feedforward_layernorm": "ln2"}
 _NORMS["gemma3_text"] = _NORMS["gemma2"] | {"self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm"}
-_NORMS["gemma4_text"] = _NORMS["gemma3_text"]  # v_norm has no weight
+_NORMS["gemma4_text"] = _NORMS["gemma4_unified_text"] = _NORMS["gemma3_text"]  # v_norm has no weight
 _PROJECTIONS = {
     "self_attn.q_proj": "attn.{}_q",
     "self_attn.k_proj": "attn.{}_k",

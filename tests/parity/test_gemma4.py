@@ -76,6 +76,21 @@ def test_without_k_eq_v(dtype, chunk):
     assert_parity(hf, model, chunk)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gemma4_unified_text(dtype):
+    """Gemma 4 "unified" (the 12B: its own model_type gemma4_unified_text and classes, a Gemma 2-style decoder
+    layer with layer_scalar) computes what Gemma 4 text without per-layer embeddings computes: bit-identical."""
+    fields = tiny_fields(model_type="gemma4_unified_text", architectures=["Gemma4UnifiedForCausalLM"])
+    for field in ("hidden_size_per_layer_input", "vocab_size_per_layer_input", "enable_moe_block"):
+        fields.pop(field)
+    hf = random_hf_model_from_config(AutoConfig.for_model(fields.pop("model_type"), **fields), dtype)
+    assert type(hf).__name__ == "Gemma4UnifiedForCausalLM"
+    model = lens_det.from_hf_model(hf)
+    assert model.cfg.architecture == "gemma4_unified_text" and model.cfg.layer_scalar
+    assert_parity(hf, model)
+    assert_parity(hf, model, chunk=2)
+
+
 def test_proportional_rope_table():
     """HF's proportional inv_freq: int(f * d // 2) rotated pairs, exponents over the full d, then zeros."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
