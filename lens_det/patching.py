@@ -162,7 +162,8 @@ def patch_sweep(model: Any, clean_tokens: torch.Tensor, corrupted_tokens: torch.
     """Patch the clean value of `blocks.{layer}.{hook}` (TransformerLens short names: resid_pre, resid_mid,
     resid_post, attn_out, mlp_out, or attn.hook_z / attn.hook_v ... for heads) into the corrupted run, one
     layer x position (by="pos") or layer x head (by="head", all positions) at a time. Where layers have different
-    head counts (Gemma 4's full-attention layers), the heads a layer lacks are NaN."""
+    head counts (Gemma 4's full-attention layers), the heads a layer lacks are NaN; so is every entry of a layer
+    without the hook (Gemma 4's KV-sharing layers have no hook_k / hook_v: patch their source layer's)."""
     full = hook if "." in hook or hook.startswith("hook_") else f"hook_{hook}"
     if clean_tokens.shape != corrupted_tokens.shape:
         raise ValueError(f"clean and corrupted tokens must have the same shape, got {tuple(clean_tokens.shape)} "
@@ -184,7 +185,9 @@ def patch_sweep(model: Any, clean_tokens: torch.Tensor, corrupted_tokens: torch.
     keyed = full.endswith(QUERY_KEY_HOOKS)
 
     def size(layer: int) -> int:  # positions, or the layer's heads (kv heads for hook_k/v; per layer on Gemma 4)
-        value = clean_cache[f"blocks.{layer}.{full}"]
+        value = clean_cache.cache_dict.get(f"blocks.{layer}.{full}")
+        if value is None:  # a layer without this hook (KV-sharing layers have no hook_k / hook_v): a NaN row
+            return 0
         return clean_tokens.shape[1] if by == "pos" else value.shape[1 if keyed else 2]
 
     sizes = [size(layer) for layer in range(n_layers)]

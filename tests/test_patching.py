@@ -9,7 +9,7 @@ from lens_det.patching import generate_with_patches, logit_diff, patch_hook, pat
 from tests.conftest import batch
 
 
-@pytest.fixture(params=["tiny-gemma2", "tiny-gemma4"])
+@pytest.fixture(params=["tiny-gemma2", "tiny-gemma4", "tiny-gemma4-ple"])
 def pair(model_pair, request):
     _, model = model_pair(request.param)
     clean, _ = batch("none", model.cfg.d_vocab, batch_size=2, length=7, seed=3)
@@ -42,10 +42,27 @@ def test_sweep_equals_manual_hooks(pair, hook, by):
             assert result.raw[layer, i].item() == metric(logits).item()
     frame = result.to_frame()
     assert len(frame) == result.raw.numel() and set(frame.columns) == {"layer", by, "value", "raw"}
-    # the corrupted position itself at layer 0 restores the clean run exactly (resid_pre is the whole input)
-    if hook == "resid_pre":
+    # the corrupted position itself at layer 0 restores the clean run exactly (resid_pre is the whole input; not
+    # with per-layer embeddings, which every block reads from the token ids themselves)
+    if hook == "resid_pre" and not model.cfg.d_per_layer_input:
         assert result.values[0, 2].item() == pytest.approx(1.0, abs=1e-6)
         assert (result.values[0, :2] == 0).all()
+
+
+def test_sweep_over_hook_k_leaves_kv_sharing_layers_nan(model_pair):
+    """Gemma 4's KV-sharing layers have no hook_k (they attend to their source layer's keys): their rows are NaN,
+    the other layers' rows are their kv heads."""
+    _, model = model_pair("tiny-gemma4-ple")
+    clean, _ = batch("none", model.cfg.d_vocab, batch_size=2, length=7, seed=3)
+    corrupted = clean.clone()
+    corrupted[:, 2] = (clean[:, 2] + 11) % model.cfg.d_vocab
+    result = patch_sweep(model, clean, corrupted, logit_diff(5, 9), hook="attn.hook_k", by="head")
+    for layer in range(model.cfg.n_layers):
+        row = result.raw[layer]
+        if model.cfg.layer_kv_source(layer) is not None:
+            assert row.isnan().all()
+        else:
+            assert not row[: model.cfg.layer_n_key_value_heads(layer)].isnan().any()
 
 
 def test_pattern_patch_by_query_and_key(pair):
@@ -131,7 +148,9 @@ def test_negative_positions_and_kv_head_sweeps(pair):
                                         fwd_hooks=[(name, patch_hook(model, cache[name], position=6))])
     assert torch.equal(last, explicit)
     result = patch_sweep(model, clean, corrupted, logit_diff(5, 9), hook="attn.hook_v", by="head")
-    kv_heads = [model.cfg.layer_n_key_value_heads(i) for i in range(model.cfg.n_layers)]
+    # KV-sharing layers (tiny-gemma4-ple) have no hook_v: a NaN row
+    kv_heads = [0 if model.cfg.layer_kv_source(i) is not None else model.cfg.layer_n_key_value_heads(i)
+                for i in range(model.cfg.n_layers)]
     assert result.raw.shape == (model.cfg.n_layers, max(kv_heads))
     for layer, n in enumerate(kv_heads):  # Gemma 4's full layers have fewer kv heads: the rest is NaN
         assert not result.raw[layer, :n].isnan().any() and result.raw[layer, n:].isnan().all()
