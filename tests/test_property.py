@@ -1,7 +1,7 @@
 """The contract "equal to HF", property-based (hypothesis).
 
 Drawn: random VALID HF configs of every supported family (BloomConfig, GemmaConfig, Gemma2Config,
-Gemma3TextConfig, VaultGemmaConfig, Gemma4TextConfig without per-layer embeddings / KV sharing / MoE: per-layer
+Gemma3TextConfig, VaultGemmaConfig, Gemma4TextConfig without MoE: per-layer embeddings, KV sharing, double-wide MLP, per-layer
 head dims and kv heads, K = V, proportional RoPE, layer scalars): 1-3 layers, small hidden sizes (odd ones and non-multiples of 8 included), MQA/GQA/MHA,
 head_dim independent of hidden/heads (Gemma), odd intermediate sizes, vocab and pad id, attention biases, sliding
 windows (1 to longer than the sequence) and random layer_types, soft-caps, query_pre_attn_scalar, RoPE theta and
@@ -56,10 +56,11 @@ def _rope(draw) -> dict:
     return {"rope_type": "linear", "factor": factor, "rope_theta": theta}
 
 
-def _gemma4(draw, n_layers: int, n_heads: int) -> dict:
-    """Gemma 4 text, dense: per-layer-type head dims and kv heads, K = V, proportional (partial) RoPE on full
-    layers, weightless v_norm, layer scalars (drawn with the weights), final soft-cap. HF forces the last layer to
-    full attention, so it is drawn that way."""
+def _gemma4(draw, n_layers: int, n_heads: int, vocab: int) -> dict:
+    """Gemma 4 text: per-layer-type head dims and kv heads, K = V, proportional (partial) RoPE on full layers,
+    weightless v_norm, layer scalars (drawn with the weights), final soft-cap; per-layer embeddings, KV sharing of
+    the last layers (when the remaining layers still produce every layer type, as HF requires) and the double-wide
+    MLP. HF forces the last layer to full attention, so it is drawn that way."""
     layer_types = draw(st.lists(st.sampled_from(["sliding_attention", "full_attention"]), min_size=n_layers - 1,
                                 max_size=n_layers - 1)) + ["full_attention"]
     divisors = [d for d in range(1, n_heads + 1) if n_heads % d == 0]
@@ -67,13 +68,23 @@ def _gemma4(draw, n_layers: int, n_heads: int) -> dict:
             "partial_rotary_factor": draw(st.sampled_from([0.25, 0.5, 1.0]))}
     if draw(st.booleans()):
         full["factor"] = draw(st.sampled_from([1.0, 2.0, 8.0]))
+    ple = draw(st.sampled_from([0, 1, 3, 8]))
     return dict(hidden_activation=draw(st.sampled_from(ACTIVATIONS)), layer_types=layer_types,
                 sliding_window=draw(st.integers(1, 12)), global_head_dim=draw(st.sampled_from([2, 4, 8, 12])),
                 attention_k_eq_v=draw(st.booleans()),
                 num_global_key_value_heads=draw(st.one_of(st.none(), st.sampled_from(divisors))),
                 final_logit_softcapping=draw(st.sampled_from([None, 0.5, 5.0, 30.0])),
                 rope_parameters={"full_attention": full, "sliding_attention": _rope(draw)},
-                hidden_size_per_layer_input=0, num_kv_shared_layers=0, enable_moe_block=False)
+                hidden_size_per_layer_input=ple, vocab_size_per_layer_input=vocab,
+                # KV sharing only with PLE: HF 5.23 fails without (lens_det refuses it, tests/parity/test_gemma4.py)
+                num_kv_shared_layers=_kv_shared(draw, layer_types) if ple else 0,
+                use_double_wide_mlp=draw(st.booleans()), enable_moe_block=False)
+
+
+def _kv_shared(draw, layer_types: list[str]) -> int:
+    """How many trailing layers share K/V: any count whose leading layers still include every layer type."""
+    valid = [n for n in range(len(layer_types)) if set(layer_types[: len(layer_types) - n]) == set(layer_types)]
+    return draw(st.sampled_from(valid))
 
 
 @st.composite
@@ -110,7 +121,7 @@ def config_kwargs(draw, families=tuple(FAMILIES)):
     if family == "gemma":
         return family, kw | dict(hidden_act=draw(st.sampled_from(ACTIVATIONS)), rope_parameters=_rope(draw))
     if family == "gemma4_text":
-        return family, kw | _gemma4(draw, n_layers, n_heads)
+        return family, kw | _gemma4(draw, n_layers, n_heads, vocab)
     kw |= dict(hidden_activation=draw(st.sampled_from(ACTIVATIONS)),
                sliding_window=draw(st.integers(1, 12)),
                query_pre_attn_scalar=draw(st.sampled_from([1, 4, 8, 20, 256])),

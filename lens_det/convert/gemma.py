@@ -100,6 +100,13 @@ def _refuse_unsupported(hf: Any, generation: int) -> None:
             if getattr(hf, field, None):
                 raise NotImplementedError(f"{field}={getattr(hf, field)!r}: Gemma 4 {what} is not implemented yet "
                                           f"(set it to 0 / False / None for a dense Gemma 4 text model)")
+        if getattr(hf, "num_kv_shared_layers", 0) and not getattr(hf, "hidden_size_per_layer_input", 0):
+            # transformers 5.23's _maybe_slice_kv_shared_inputs slices per_layer_inputs even when it is None, so HF
+            # eager raises on every multi-token forward: there is no reference to be bit-identical to
+            raise NotImplementedError("num_kv_shared_layers without per-layer embeddings (hidden_size_per_layer_input) "
+                                      "is not implemented: HF's eager forward fails on it (it slices the absent "
+                                      "per-layer inputs), so there is no reference; every released KV-sharing "
+                                      "checkpoint has both")
         if getattr(hf, "use_bidirectional_attention", None) == "all":
             raise NotImplementedError("use_bidirectional_attention='all' (non-causal attention) is not implemented")
         return
