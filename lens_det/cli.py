@@ -8,7 +8,7 @@ import time
 
 import torch
 
-TINY = ["tiny-bloom", "tiny-bloom-resid", "tiny-gemma", "tiny-gemma2", "tiny-vaultgemma", "tiny-gemma3", "tiny-gemma4"]
+TINY = ["tiny-bloom", "tiny-bloom-resid", "tiny-gemma", "tiny-gemma2", "tiny-vaultgemma", "tiny-gemma3", "tiny-gemma4", "tiny-gemma4-moe"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

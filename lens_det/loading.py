@@ -54,7 +54,18 @@ def from_hf_model(hf_model: Any, dtype: torch.dtype | str | None = None, device=
     dtype = _as_dtype(dtype) or next(hf_model.parameters()).dtype
     copy = not share_weights or any(processing.values())  # processing writes in place: never into the HF model
     model = _build(hf_model.config, hf_model.state_dict(), dtype, device, copy=copy, source=type(hf_model).__name__)
+    if model.config.n_experts:
+        model.experts_implementation = hf_experts_implementation(hf_model)
     return _process(model, processing)
+
+
+def hf_experts_implementation(hf_model: Any) -> str:
+    """The experts implementation an HF model runs (its text config's `_experts_implementation`; HF resolves
+    None to "grouped_mm" when the model is built)."""
+    from lens_det.components.moe import DEFAULT_EXPERTS_IMPLEMENTATION
+
+    config = getattr(hf_model.config, "text_config", None) or hf_model.config
+    return getattr(config, "_experts_implementation", None) or DEFAULT_EXPERTS_IMPLEMENTATION
 
 
 def from_pretrained(

@@ -50,6 +50,15 @@ SOURCES = {
     "hook_pre": "module: gate_proj / dense_h_to_4h output",
     "hook_pre_linear": "module: up_proj output",
     "hook_post": "module: the input of down_proj / dense_4h_to_h",
+    # Gemma 4's MoE block (HF runs the router and experts on [batch * pos, ...]; references are viewed as
+    # [batch, pos, ...])
+    "hook_dense_mlp_out": "module: post_feedforward_layernorm_1's output (the dense branch)",
+    "hook_moe_out": "module: post_feedforward_layernorm_2's output (the MoE branch)",
+    "moe.hook_router_logits": "module: router.proj's output",
+    "moe.hook_expert_weights": "module: the router's first output (router_probabilities, fp32 softmax)",
+    "moe.hook_expert_indices": "module: the router's third output (top_k_index)",
+    "moe.hook_top_k_weights": "module: the router's second output (top_k_weights, renormalised, per-expert scaled)",
+    "moe.hook_out": "module: the experts module's output (HF's chosen experts implementation)",
 }
 
 
@@ -83,10 +92,29 @@ class _Recorder:
                 self.values[name] = fn(_first(args, kwargs, "hidden_states")).detach()
             self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
 
-    def norm(self, module, prefix: str, cfg: LensConfig):
+    def norm(self, module, prefix: str, cfg: LensConfig, shape: Callable = lambda t: t):
+        """A norm's two hooks; `shape` views HF's tensor in lens_det's layout first (e.g. [b * t, d] -> [b, t, d])."""
         center = cfg.norm == "layernorm"
-        self.tap(module, prefix + "hook_normalized", "out")
-        self.tap(module, prefix + "hook_scale", "in", lambda x: ops.norm_scale(x, cfg.norm_eps, center))
+        self.tap(module, prefix + "hook_normalized", "out", shape)
+        self.tap(module, prefix + "hook_scale", "in", lambda x: ops.norm_scale(shape(x), cfg.norm_eps, center))
+
+    def experts(self, layer, prefix: str, cfg: LensConfig, per_token: Callable):
+        """Gemma 4's MoE block of one HF decoder layer (enable_moe_block)."""
+        self.norm(layer.post_feedforward_layernorm_1, prefix + "ln2_dense_post.", cfg)
+        self.tap(layer.post_feedforward_layernorm_1, prefix + "hook_dense_mlp_out", "out")
+        self.norm(layer.pre_feedforward_layernorm_2, prefix + "ln2_moe.", cfg, per_token)
+        self.norm(layer.router.norm, prefix + "moe.router_norm.", cfg, per_token)
+        self.tap(layer.router.proj, prefix + "moe.hook_router_logits", "out", per_token)
+
+        def router(mod, args, kwargs, out):
+            probs, weights, indices = out
+            self.values |= {prefix + "moe.hook_expert_weights": per_token(probs).detach(),
+                            prefix + "moe.hook_top_k_weights": per_token(weights).detach(),
+                            prefix + "moe.hook_expert_indices": per_token(indices).detach()}
+        self.handles.append(layer.router.register_forward_hook(router, with_kwargs=True))
+        self.tap(layer.experts, prefix + "moe.hook_out", "out", per_token)
+        self.norm(layer.post_feedforward_layernorm_2, prefix + "ln2_moe_post.", cfg)
+        self.tap(layer.post_feedforward_layernorm_2, prefix + "hook_moe_out", "out")
 
     def remove(self):
         for handle in self.handles:
@@ -213,6 +241,8 @@ def capture_reference(
             rec.tap(mlp.gate_proj, p + "mlp.hook_pre", "out")
             rec.tap(mlp.up_proj, p + "mlp.hook_pre_linear", "out")
             rec.tap(mlp.down_proj, p + "mlp.hook_post", "in")
+            if getattr(layer, "enable_moe_block", False):
+                rec.experts(layer, p, cfg, lambda x: x.view(b, t, *x.shape[1:]))
             if sandwich:
                 rec.norm(layer.post_attention_layernorm, p + "ln1_post.", cfg)
                 rec.norm(layer.post_feedforward_layernorm, p + "ln2_post.", cfg)
