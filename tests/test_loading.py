@@ -12,10 +12,9 @@ from tests.conftest import batch, random_hf_model
 
 REAL = ["bloom-560m", "bloom-1b1", "bloom-1b7", "bloom-3b", "bloom-7b1", "bloom", "bloomz-560m", "gemma-2b",
         "gemma-7b", "gemma-2-2b", "gemma-2-9b", "gemma-2-27b", "gemma-3-270m", "gemma-3-1b", "gemma-3-4b",
-        "gemma-3-12b", "gemma-3-27b", "gemma-4-31b", "gemma-4-12b", "vaultgemma-1b"]
+        "gemma-3-12b", "gemma-3-27b", "gemma-4-31b", "gemma-4-12b", "gemma-4-26b-a4b", "vaultgemma-1b"]
 # Named configs of checkpoints whose mechanisms are not implemented yet: refused, naming the mechanism.
-NOT_YET = {"gemma-4-e2b": "per-layer embeddings", "gemma-4-e4b": "per-layer embeddings",
-           "gemma-4-26b-a4b": "mixture-of-experts"}
+NOT_YET = {"gemma-4-e2b": "per-layer embeddings", "gemma-4-e4b": "per-layer embeddings"}
 
 
 def assert_same_model(a, b):
