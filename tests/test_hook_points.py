@@ -20,7 +20,8 @@ V_NORM = ["attn.v_norm.hook_scale", "attn.v_norm.hook_normalized"]
 MOE = ["hook_dense_mlp_out", "hook_moe_out", "ln2_dense_post.hook_scale", "ln2_dense_post.hook_normalized",
        "ln2_moe.hook_scale", "ln2_moe.hook_normalized", "ln2_moe_post.hook_scale", "ln2_moe_post.hook_normalized",
        "moe.router_norm.hook_scale", "moe.router_norm.hook_normalized", "moe.hook_router_logits",
-       "moe.hook_expert_weights", "moe.hook_expert_indices", "moe.hook_top_k_weights", "moe.hook_out"]
+       "moe.hook_expert_weights", "moe.hook_expert_indices", "moe.hook_top_k_weights", "moe.hook_out",
+       "moe.hook_pre", "moe.hook_pre_linear", "moe.hook_post"]
 GLOBAL = ["hook_embed", "ln_final.hook_scale", "ln_final.hook_normalized"]
 GOLDEN = {
     "tiny-bloom": (GLOBAL + ["embed.ln.hook_scale", "embed.ln.hook_normalized"], COMMON_BLOCK),

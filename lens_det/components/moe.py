@@ -52,14 +52,15 @@ class MixtureOfExperts(nn.Module):
         self.hook_expert_weights = HookPoint()  # [batch, pos, n_experts], fp32 softmax of the logits (TL's name)
         self.hook_expert_indices = HookPoint()  # [batch, pos, n_experts_per_token], int64, by falling probability
         self.hook_top_k_weights = HookPoint()  # [batch, pos, n_experts_per_token], fp32: what each output is scaled by
+        # Per (token, slot): the activations of the expert hook_expert_indices chose there, model dtype
+        self.hook_pre = HookPoint()  # [batch, pos, n_experts_per_token, d_mlp_expert]: gate projection
+        self.hook_pre_linear = HookPoint()  # [batch, pos, n_experts_per_token, d_mlp_expert]: up projection
+        self.hook_post = HookPoint()  # [batch, pos, n_experts_per_token, d_mlp_expert]: act(gate) * up
         self.hook_out = HookPoint()  # [batch, pos, d_model]: the experts' combined output (before the block's post-norm)
 
     def forward(self, resid: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         weights, indices = self.route(resid)
-        experts = self._experts_function()
-        flat = x.reshape(-1, x.shape[-1])
-        out = experts(flat, indices.reshape(-1, self.top_k), weights.reshape(-1, self.top_k))
-        return self.hook_out(out.view(x.shape))
+        return self.experts(x, weights, indices)
 
     def route(self, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(top-k weights fp32, top-k expert indices), each [batch, pos, k]: HF Gemma4TextRouter's ops in order."""
@@ -71,32 +72,64 @@ class MixtureOfExperts(nn.Module):
         top_w = top_w / top_w.sum(dim=-1, keepdim=True)  # renormalise over the chosen experts (fp32)
         return self.hook_top_k_weights(top_w * self.per_expert_scale[top_i]), top_i
 
-    def _experts_function(self):
+    def experts(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The experts' combined output [batch, pos, d_model] for input x, as HF flattens it to [batch * pos, d]."""
         if ops.is_deterministic():
-            return self.experts_deterministic
-        if self.implementation not in EXPERTS_IMPLEMENTATIONS:
+            fn = self.experts_deterministic
+        elif self.implementation == "grouped_mm":
+            fn = self.experts_grouped_mm
+        elif self.implementation == "eager":
+            fn = self.experts_eager
+        else:
             raise ValueError(f"experts_implementation={self.implementation!r} is not implemented "
                              f"(supported: {', '.join(EXPERTS_IMPLEMENTATIONS)})")
-        return self.experts_grouped_mm if self.implementation == "grouped_mm" else self.experts_eager
+        flat = x.reshape(-1, x.shape[-1])
+        out = fn(flat, indices.reshape(-1, self.top_k), weights.reshape(-1, self.top_k), x.shape[:-1])
+        return self.hook_out(out.view(x.shape))
 
-    def _gated(self, h: torch.Tensor) -> torch.Tensor:
-        gate, up = h.chunk(2, dim=-1)  # HF: gate rows first
-        return self.act(gate) * up
+    # --- per-(token, slot) activations: hook_pre / hook_pre_linear / hook_post ---
+    def _fire(self, hook: HookPoint, groups: list, values: list, lead: torch.Size) -> list:
+        """Fire `hook` on [batch, pos, k, width], assembled from `values[g]`, the rows of group g at
+        (token, slot) = groups[g]. The computation keeps using HF's own tensors (their layout fixes the bits of the
+        elementwise ops that follow) unless the hook changed a value; then each group reads the edited rows."""
+        if not hook._forward_hooks:
+            return values
+        full = values[0].new_zeros(lead.numel(), self.top_k, values[0].shape[-1])
+        for (token, slot), value in zip(groups, values):
+            full[token, slot] = value
+        original = full.clone()
+        edited = hook(full.view(*lead, self.top_k, -1)).reshape(full.shape)
+        if torch.equal(edited, original):
+            return values
+        return [edited[token, slot] for token, slot in groups]
 
-    def experts_eager(self, x: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
-        """HF's eager Gemma4TextExperts.forward: per expert hit (ascending), its tokens in (slot, token) order."""
-        out = torch.zeros_like(x)
+    def _gated(self, gate_up: list, groups: list, lead: torch.Size) -> list:
+        """act(gate) * up per group, from each group's gate_up rows (HF: gate rows first, chunk(2)), with hooks."""
+        halves = [h.chunk(2, dim=-1) for h in gate_up]
+        gates = self._fire(self.hook_pre, groups, [g for g, _ in halves], lead)
+        ups = self._fire(self.hook_pre_linear, groups, [u for _, u in halves], lead)
+        return self._fire(self.hook_post, groups, [self.act(g) * u for g, u in zip(gates, ups)], lead)
+
+    def _expert_groups(self, top_i: torch.Tensor, experts) -> list:
+        """[(expert, token, slot)] for each expert in `experts`: HF eager's (slot, token) order."""
         mask = F.one_hot(top_i, num_classes=self.n_experts + 1).permute(2, 1, 0)  # [expert, slot, token]
-        for e in torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist():
-            if e == self.n_experts:
-                continue
-            slot, token = torch.where(mask[e])
-            h = self._gated(F.linear(x[token], self.w_gate_up[e]))
-            h = F.linear(h, self.w_out[e]) * top_w[token, slot, None]
-            out.index_add_(0, token, h.to(out.dtype))
+        return [(e, *reversed(torch.where(mask[e]))) for e in experts]
+
+    def experts_eager(self, x, top_i, top_w, lead) -> torch.Tensor:
+        """HF's eager Gemma4TextExperts.forward: per expert hit (ascending), its tokens in (slot, token) order,
+        each weighted output cast to the dtype and index_add_-ed. The loop is split in phases so that the per-slot
+        hooks see every expert; each op runs on the same tensors as HF's."""
+        hit = torch.greater(F.one_hot(top_i, self.n_experts + 1).sum(dim=(0, 1)), 0).nonzero()[:, 0].tolist()
+        groups = self._expert_groups(top_i, [e for e in hit if e != self.n_experts])
+        where = [(token, slot) for _, token, slot in groups]
+        h = self._gated([F.linear(x[token], self.w_gate_up[e]) for e, token, _ in groups], where, lead)
+        out = torch.zeros_like(x)
+        for (e, token, slot), h_e in zip(groups, h):
+            y = F.linear(h_e, self.w_out[e]) * top_w[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
         return out
 
-    def experts_grouped_mm(self, x: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
+    def experts_grouped_mm(self, x, top_i, top_w, lead) -> torch.Tensor:
         """HF's grouped_mm_experts_forward (transformers.integrations.moe) op for op, without expert parallelism."""
         n_tokens, k = top_i.shape
         expert_ids, perm = torch.sort(top_i.reshape(-1))
@@ -106,21 +139,23 @@ class MixtureOfExperts(nn.Module):
         ids = expert_ids.float() if x.device.type in ("cpu", "mps") else expert_ids.int()
         per_expert = torch.histc(ids, bins=self.n_experts, min=0, max=self.n_experts - 1)
         offsets = torch.cumsum(per_expert, dim=0, dtype=torch.int32)
-        h = self._gated(_grouped_mm(rows, self.w_gate_up.transpose(-2, -1), offsets))
+        where = [(perm // k, perm % k)]  # one group: the sorted rows
+        (h,) = self._gated([_grouped_mm(rows, self.w_gate_up.transpose(-2, -1), offsets)], where, lead)
         h = _grouped_mm(h, self.w_out.transpose(-2, -1), offsets) * sample_w.unsqueeze(-1)
         inv_perm = torch.empty_like(perm)
         inv_perm[perm] = torch.arange(perm.size(0), device=x.device)
         return h[inv_perm].view(n_tokens, k, -1).sum(dim=1).to(x.dtype)
 
-    def experts_deterministic(self, x: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
-        """Batch-invariant experts: each expert's tokens through ops.linear, weighted in fp32, the k slots added in
+    def experts_deterministic(self, x, top_i, top_w, lead) -> torch.Tensor:
+        """Batch-invariant experts: each expert's rows through ops.linear, weighted in fp32, the k slots added in
         slot order, one cast (module docstring)."""
         n_tokens, k = top_i.shape
+        groups = self._expert_groups(top_i, torch.unique(top_i).tolist())
+        where = [(token, slot) for _, token, slot in groups]
+        h = self._gated([ops.linear(x[token], self.w_gate_up[e]) for e, token, _ in groups], where, lead)
         slots = x.new_zeros(n_tokens, k, x.shape[-1], dtype=torch.float32)
-        for e in torch.unique(top_i).tolist():
-            token, slot = torch.where(top_i == e)
-            h = self._gated(ops.linear(x[token], self.w_gate_up[e]))
-            slots[token, slot] = ops.linear(h, self.w_out[e]) * top_w[token, slot, None]
+        for (e, token, slot), h_e in zip(groups, h):
+            slots[token, slot] = ops.linear(h_e, self.w_out[e]) * top_w[token, slot, None]
         out = slots[:, 0]
         for j in range(1, k):
             out = out + slots[:, j]

@@ -105,7 +105,7 @@ EXACT_OPS = frozenset({
     "aten.ones", "aten.ones_like", "aten.full", "aten.empty", "aten.stack", "aten.detach", "aten.lift_fresh",
     "aten.clamp", "aten.sum", "aten.argmax", "aten.item",
     # MoE routing and dispatch (deterministic mode): selection and data movement
-    "aten.topk", "aten.nonzero", "aten.index_put_", "aten._unique2", "aten.unbind",
+    "aten.topk", "aten.nonzero", "aten.index_put_", "aten._unique2", "aten.unbind", "aten.aminmax", "aten.permute",
 })
 
 RAW_OPS = {

@@ -197,10 +197,7 @@ def router_reads_normed_input(model):
         def feed_forward(m, mlp_in):
             dense = block.hook_dense_mlp_out(block.ln2_dense_post(block.mlp(m)))
             weights, indices = block.moe.route(m)
-            x = block.ln2_moe(mlp_in)
-            flat = x.reshape(-1, x.shape[-1])
-            out = block.moe._experts_function()(flat, indices.reshape(-1, block.moe.top_k),
-                                                 weights.reshape(-1, block.moe.top_k))
-            return dense + block.hook_moe_out(block.ln2_moe_post(block.moe.hook_out(out.view(x.shape))))
+            experts = block.moe.experts(block.ln2_moe(mlp_in), weights, indices)
+            return dense + block.hook_moe_out(block.ln2_moe_post(experts))
         return feed_forward
     return _patched_all([(block, "_feed_forward", patched(block)) for block in _moe_blocks(model)])

@@ -59,6 +59,10 @@ SOURCES = {
     "moe.hook_expert_indices": "module: the router's third output (top_k_index)",
     "moe.hook_top_k_weights": "module: the router's second output (top_k_weights, renormalised, per-expert scaled)",
     "moe.hook_out": "module: the experts module's output (HF's chosen experts implementation)",
+    "moe.hook_pre": "call: the gate half of the first GEMM's output inside HF's experts (eager: F.linear per expert, "
+                    "grouped_mm: the first grouped GEMM), placed at each row's (token, slot) by HF's own indexing",
+    "moe.hook_pre_linear": "call: the up half of that GEMM's output, placed the same way",
+    "moe.hook_post": "call: the input of the second GEMM inside HF's experts (act(gate) * up), placed the same way",
 }
 
 
@@ -113,12 +117,67 @@ class _Recorder:
                             prefix + "moe.hook_expert_indices": per_token(indices).detach()}
         self.handles.append(layer.router.register_forward_hook(router, with_kwargs=True))
         self.tap(layer.experts, prefix + "moe.hook_out", "out", per_token)
+        self.expert_calls(layer.experts, prefix)
         self.norm(layer.post_feedforward_layernorm_2, prefix + "ln2_moe_post.", cfg)
         self.tap(layer.post_feedforward_layernorm_2, prefix + "hook_moe_out", "out")
+
+    def expert_calls(self, experts, prefix: str):
+        """Record the GEMMs HF's experts module runs (F.linear or torch._grouped_mm: input, weight, output) while it
+        runs, under prefix + "moe.calls" (turned into hook_pre / hook_pre_linear / hook_post by _expert_activations)."""
+        mode = _GemmCalls()
+
+        def pre(mod, args, kwargs):
+            mode.calls = []
+            mode.__enter__()
+
+        def post(mod, args, kwargs, out):
+            mode.__exit__(None, None, None)
+            self.values[prefix + "moe.calls"] = mode.calls
+        self.handles.append(experts.register_forward_pre_hook(pre, with_kwargs=True))
+        self.handles.append(experts.register_forward_hook(post, with_kwargs=True))
 
     def remove(self):
         for handle in self.handles:
             handle.remove()
+
+
+class _GemmCalls(torch.overrides.TorchFunctionMode):
+    """Records (input, output) of every F.linear / torch._grouped_mm call made while active."""
+
+    GEMMS = (torch.nn.functional.linear, torch._grouped_mm)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.GEMMS:
+            self.calls.append((func, args[0].detach(), out.detach()))
+        return out
+
+
+def _expert_activations(values: dict, prefix: str, n_experts: int, shape: tuple) -> None:
+    """hook_pre / hook_pre_linear / hook_post of one MoE layer from HF's recorded expert GEMMs, each row placed at
+    its (token, slot) with the indexing HF's implementation used (eager: torch.where on the [expert, slot, token]
+    one-hot per expert hit, ascending; grouped_mm: torch.sort of the flat expert ids)."""
+    calls = values.pop(prefix + "moe.calls")
+    top_i = values[prefix + "moe.hook_expert_indices"].reshape(-1, shape[-1])
+    n_tokens, k = top_i.shape
+    if calls[0][0] is torch._grouped_mm:
+        perm = torch.sort(top_i.reshape(-1))[1]
+        rows = [(perm // k, perm % k, calls[0][2], calls[1][1])]
+    else:
+        mask = torch.nn.functional.one_hot(top_i, num_classes=n_experts + 1).permute(2, 1, 0)
+        hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist()
+        hit = [e for e in hit if e != n_experts]
+        rows = []
+        for j, e in enumerate(hit):
+            slot, token = torch.where(mask[e])
+            rows.append((token, slot, calls[2 * j][2], calls[2 * j + 1][1]))
+    for name, pick in (("pre", lambda gu, h: gu.chunk(2, -1)[0]), ("pre_linear", lambda gu, h: gu.chunk(2, -1)[1]),
+                       ("post", lambda gu, h: h)):
+        width = pick(rows[0][2], rows[0][3]).shape[-1]
+        full = rows[0][2].new_zeros(n_tokens, k, width)
+        for token, slot, gate_up, post in rows:
+            full[token, slot] = pick(gate_up, post)
+        values[f"{prefix}moe.hook_{name}"] = full.view(*shape[:-1], k, width)
 
 
 @contextlib.contextmanager
@@ -268,6 +327,9 @@ def capture_reference(
         rec.remove()
     values = rec.values
     with torch.no_grad():
+        for i in range(len(layers)):
+            if f"blocks.{i}.moe.calls" in values:
+                _expert_activations(values, f"blocks.{i}.", cfg.n_experts, (b, t, cfg.n_experts_per_token))
         if bloom:
             _bloom_attention(values, out.attentions, cfg, bloom_inputs, past_key_values)
         if with_result:

@@ -145,6 +145,43 @@ def test_routing_interventions(pairs, implementation):
     torch.testing.assert_close(cache["blocks.0.moe.hook_out"], expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_per_slot_activation_hooks(pairs, implementation, deterministic):
+    """hook_pre / hook_pre_linear / hook_post are [batch, pos, k, d_mlp_expert], the chosen expert's gate, up and
+    act(gate) * up at each (token, slot) (checked against that expert's weights), and an edit is what the expert
+    then uses: zeroing hook_post silences the MoE output, an edit of one slot changes only that token."""
+    _, model = pairs(implementation, torch.float32)
+    tokens, mask = batch("none", model.cfg.d_vocab)
+    b, t = tokens.shape
+    moe = model.blocks[2].moe
+    model.deterministic = deterministic
+    try:
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens, attention_mask=mask)
+            pre, up, post = (cache[f"blocks.2.moe.hook_{n}"] for n in ("pre", "pre_linear", "post"))
+            assert pre.shape == up.shape == post.shape == (b, t, 2, 32)
+            x, idx = cache["blocks.2.ln2_moe.hook_normalized"], cache["blocks.2.moe.hook_expert_indices"]
+            gate_up = torch.einsum("btd,btkod->btko", x, moe.w_gate_up[idx])
+            torch.testing.assert_close(torch.cat([pre, up], -1), gate_up, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(post, moe.act(pre) * up)
+
+            def zero(value, hook):
+                return torch.zeros_like(value)
+            with model.hooks(fwd_hooks=[("blocks.2.moe.hook_post", zero)]):
+                _, edited = model.run_with_cache(tokens, attention_mask=mask)
+            assert not edited["blocks.2.moe.hook_out"].any()
+
+            def one_slot(value, hook):
+                value[1, 4, 0] += 1.0  # in place, TransformerLens's patching idiom
+            with model.hooks(fwd_hooks=[("blocks.2.moe.hook_pre", one_slot)]):
+                _, edited = model.run_with_cache(tokens, attention_mask=mask)
+            changed = (edited["blocks.2.moe.hook_out"] != cache["blocks.2.moe.hook_out"]).any(-1)
+            assert changed.nonzero().tolist() == [[1, 4]]
+    finally:
+        model.deterministic = False
+
+
 # --- pitfalls (docs/numerics.md §9) ---
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
