@@ -59,7 +59,7 @@ def test_run_with_cache_is_an_activation_cache(model_pair, name):
     assert torch.equal(final_logits(model, cache["ln_final.hook_normalized"]), logits)
     _, one = model.run_with_cache(tokens[:1], remove_batch_dim=True)
     assert not one.has_batch_dim
-    if model.cfg.n_experts:  # grouped_mm groups every token of the batch by expert: bits depend on the batch (as HF)
+    if model.cfg.n_experts:  # each expert's GEMM has as many rows as it got from the batch: bits depend on it (as HF)
         torch.testing.assert_close(one["resid_post", 1], cache["resid_post", 1][0], rtol=1e-5, atol=1e-5)
     else:
         assert torch.equal(one["resid_post", 1], cache["resid_post", 1][0])

@@ -12,8 +12,8 @@ conversion; HF's default is "grouped_mm"):
   * "eager": a loop over the experts that were hit, one `F.linear` pair per expert on its tokens, each weighted
     output cast to the model dtype and `index_add_`-ed into a zero tensor in the dtype, in ascending expert order.
 In deterministic mode neither runs: each expert's tokens go through `ops.linear` (batch-invariant), outputs are
-weighted in fp32 and the k slots are added in slot order, then cast once (grouped_mm's kernel picks its blocking
-from how many rows each expert got, so no row's bits could be independent of the batch).
+weighted in fp32 and the k slots are added in slot order, then cast once (both HF implementations run GEMMs whose
+shape is how many rows each expert got from the whole batch, so a row's bits depend on the other rows).
 """
 
 from __future__ import annotations
