@@ -25,7 +25,8 @@ def assert_same_model(a, b):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("name", ["tiny-bloom", "tiny-gemma2", "tiny-gemma3", "tiny-vaultgemma", "tiny-gemma4"])
+@pytest.mark.parametrize("name", ["tiny-bloom", "tiny-gemma2", "tiny-gemma3", "tiny-vaultgemma", "tiny-gemma4",
+                                  "tiny-gemma4-moe"])
 def test_save_pretrained_round_trip(tmp_path, name, dtype):
     hf = random_hf_model(name)
     hf.save_pretrained(tmp_path)
@@ -86,6 +87,8 @@ def test_real_checkpoint_configs(name):
         assert {cfg.layer_n_key_value_heads(i) for i in full} == {hf["num_global_key_value_heads"]}
     if name.startswith("gemma-2-"):
         assert cfg.layer_types[0] == "sliding_attention" and cfg.attn_scale == hf["query_pre_attn_scalar"] ** -0.5
+    if name == "gemma-4-26b-a4b":  # 128 experts, top-8, beside the dense MLP
+        assert (cfg.n_experts, cfg.n_experts_per_token, cfg.d_mlp_expert, cfg.d_mlp) == (128, 8, 704, 2112)
     if name.startswith("gemma-3-"):
         assert [t == "full_attention" for t in cfg.layer_types] == [(i + 1) % 6 == 0 for i in range(cfg.n_layers)]
 

@@ -56,6 +56,24 @@ def test_hf_default_is_grouped_mm_and_is_copied():
     assert lens_det.from_hf_model(hf).experts_implementation == "grouped_mm"
     assert lens_det.from_config(NAME).experts_implementation == "grouped_mm"
     assert lens_det.from_config("tiny-gemma4").experts_implementation is None
+    assert lens_det.from_config(NAME, experts_implementation="eager").experts_implementation == "eager"
+
+
+def test_from_pretrained_takes_experts_implementation(tmp_path):
+    """A checkpoint directory carries no experts implementation: lens_det then runs HF's default, or the one asked
+    for, matching HF loaded the same way."""
+    from transformers import AutoModelForCausalLM
+
+    random_hf_model(NAME, torch.bfloat16).save_pretrained(tmp_path)
+    tokens, mask = batch("left", 128)
+    for implementation in (None, "eager"):
+        model = lens_det.from_pretrained(tmp_path, dtype=torch.bfloat16, experts_implementation=implementation)
+        assert model.experts_implementation == (implementation or "grouped_mm")
+        extra = {} if implementation is None else {"experts_implementation": implementation}
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, attn_implementation="eager", **extra)
+        with torch.no_grad():
+            ref = hf(tokens, attention_mask=mask, use_cache=False).logits
+            assert torch.equal(model(tokens, attention_mask=mask), ref)
 
 
 def test_the_implementations_round_differently_and_compare_refuses_a_mismatch(pairs):
