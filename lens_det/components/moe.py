@@ -14,6 +14,10 @@ conversion; HF's default is "grouped_mm"):
 In deterministic mode neither runs: each expert's tokens go through `ops.linear` (batch-invariant), outputs are
 weighted in fp32 and the k slots are added in slot order, then cast once (both HF implementations run GEMMs whose
 shape is how many rows each expert got from the whole batch, so a row's bits depend on the other rows).
+
+Hooks: the router's (logits, fp32 probabilities, chosen experts, their weights), per (token, slot) the chosen
+expert's gate / up / act(gate) * up as `[batch, pos, k, d_mlp_expert]` (`hook_pre`, `hook_pre_linear`, `hook_post`;
+fired on copies, so HF's tensors keep the layout that fixes their bits unless a hook edits them), and `hook_out`.
 """
 
 from __future__ import annotations
@@ -122,10 +126,10 @@ class MixtureOfExperts(nn.Module):
         hit = torch.greater(F.one_hot(top_i, self.n_experts + 1).sum(dim=(0, 1)), 0).nonzero()[:, 0].tolist()
         groups = self._expert_groups(top_i, [e for e in hit if e != self.n_experts])
         where = [(token, slot) for _, token, slot in groups]
-        h = self._gated([F.linear(x[token], self.w_gate_up[e]) for e, token, _ in groups], where, lead)
+        h = self._gated([ops.linear(x[token], self.w_gate_up[e]) for e, token, _ in groups], where, lead)
         out = torch.zeros_like(x)
         for (e, token, slot), h_e in zip(groups, h):
-            y = F.linear(h_e, self.w_out[e]) * top_w[token, slot, None]
+            y = ops.linear(h_e, self.w_out[e]) * top_w[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
         return out
 
