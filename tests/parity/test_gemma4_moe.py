@@ -223,3 +223,17 @@ def test_moe_pitfalls_fail(pairs, fault, dtype):
     else:
         assert broken > 1e-3
     assert gap() == 0.0  # undone on exit
+
+
+def test_cli_parity_with_each_experts_implementation(tmp_path, capsys):
+    import json
+
+    from lens_det.cli import main
+
+    for implementation in IMPLEMENTATIONS:
+        out = tmp_path / f"{implementation}.json"
+        assert main(["parity", "--model", NAME, "--dtype", "bfloat16", "--experts-implementation", implementation,
+                     "--json", str(out)]) == 0
+        assert "PASS" in capsys.readouterr().out and out.exists()
+    with pytest.raises(SystemExit):
+        main(["parity", "--model", NAME, "--experts-implementation", "batched_mm"])
