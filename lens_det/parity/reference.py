@@ -4,7 +4,8 @@
 part of Gemma3/Gemma4ForConditionalGeneration) once and returns, for every lens_det hook point, the value HF computed there:
 read from an HF module's input or output, recorded inside HF's eager attention (registered as a transformers
 attention implementation that calls HF's own `eager_attention_forward`), or derived from HF tensors with HF's
-own operations where HF has no single tensor (the norm divisor, Bloom's pre-softmax scores, per-head results).
+own operations where HF has no single tensor (the norm divisor, Bloom's pre-softmax scores, per-head results), or
+recorded from the GEMM calls inside HF's MoE experts (a torch function mode while the experts module runs).
 `SOURCES` says which, per hook kind.
 """
 
@@ -23,7 +24,8 @@ from lens_det.config import LensConfig
 RECORDER = "lens_det_record"
 
 # How each hook kind's reference is obtained ("module": an HF module's input/output; "attention": recorded in
-# HF's eager attention call; "derived": computed from HF tensors with HF's operations).
+# HF's eager attention call; "derived": computed from HF tensors with HF's operations; "call": the input or output of
+# a GEMM call (F.linear, torch._grouped_mm) recorded inside an HF module, for MoE experts, which have no submodules).
 SOURCES = {
     "hook_embed": "module: the embedding LayerNorm's output (Bloom) / the scaled embedding's output (Gemma)",
     "hook_scale": "derived: sqrt(var + eps) of the HF norm module's input",
@@ -84,6 +86,7 @@ class _Recorder:
     def __init__(self):
         self.values: dict[str, torch.Tensor] = {}
         self.handles: list = []
+        self.active_modes: list = []
 
     def tap(self, module, name: str, where: str, fn: Callable = lambda t: t):
         """Record fn(module input or output) under `name`."""
@@ -129,8 +132,10 @@ class _Recorder:
         def pre(mod, args, kwargs):
             mode.calls = []
             mode.__enter__()
+            self.active_modes.append(mode)
 
         def post(mod, args, kwargs, out):
+            self.active_modes.remove(mode)
             mode.__exit__(None, None, None)
             self.values[prefix + "moe.calls"] = mode.calls
         self.handles.append(experts.register_forward_pre_hook(pre, with_kwargs=True))
@@ -139,6 +144,8 @@ class _Recorder:
     def remove(self):
         for handle in self.handles:
             handle.remove()
+        while self.active_modes:  # an HF forward that raised inside the experts left its recorder on
+            self.active_modes.pop().__exit__(None, None, None)
 
 
 class _GemmCalls(torch.overrides.TorchFunctionMode):
