@@ -228,3 +228,17 @@ def test_cli_parity_with_each_experts_implementation(tmp_path, capsys):
         assert "PASS" in capsys.readouterr().out and out.exists()
     with pytest.raises(SystemExit):
         main(["parity", "--model", NAME, "--experts-implementation", "batched_mm"])
+
+
+def test_grouped_mm_fallback_cases_are_refused(pairs, monkeypatch):
+    """Where transformers would run its own per-group loop instead of torch's grouped GEMM (here: torch <= 2.8 on
+    CPU), lens_det refuses rather than compute something else."""
+    from lens_det.components import moe
+
+    _, model = pairs("grouped_mm", torch.float32)
+    tokens, mask = batch("none", model.cfg.d_vocab)
+    monkeypatch.setattr(moe, "_torch_version", lambda: (2, 8))
+    with pytest.raises(NotImplementedError, match="per-group loop"):
+        model(tokens, attention_mask=mask)
+    with lens_det.deterministic():  # the deterministic path does not use grouped_mm
+        model(tokens, attention_mask=mask)
