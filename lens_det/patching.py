@@ -161,7 +161,8 @@ def patch_sweep(model: Any, clean_tokens: torch.Tensor, corrupted_tokens: torch.
                 position_ids: Any = "mask") -> PatchingResult:
     """Patch the clean value of `blocks.{layer}.{hook}` (TransformerLens short names: resid_pre, resid_mid,
     resid_post, attn_out, mlp_out, or attn.hook_z / attn.hook_v ... for heads) into the corrupted run, one
-    layer x position (by="pos") or layer x head (by="head", all positions) at a time."""
+    layer x position (by="pos") or layer x head (by="head", all positions) at a time. Where layers have different
+    head counts (Gemma 4's full-attention layers), the heads a layer lacks are NaN."""
     full = hook if "." in hook or hook.startswith("hook_") else f"hook_{hook}"
     if clean_tokens.shape != corrupted_tokens.shape:
         raise ValueError(f"clean and corrupted tokens must have the same shape, got {tuple(clean_tokens.shape)} "
@@ -181,11 +182,16 @@ def patch_sweep(model: Any, clean_tokens: torch.Tensor, corrupted_tokens: torch.
     if by == "head" and first.ndim < 4:
         raise ValueError(f"{full} has no head dimension; use by='pos'")
     keyed = full.endswith(QUERY_KEY_HOOKS)
-    size = clean_tokens.shape[1] if by == "pos" else first.shape[1 if keyed else 2]  # kv heads for hook_k/v
-    raw = torch.zeros(n_layers, size)
+
+    def size(layer: int) -> int:  # positions, or the layer's heads (kv heads for hook_k/v; per layer on Gemma 4)
+        value = clean_cache[f"blocks.{layer}.{full}"]
+        return clean_tokens.shape[1] if by == "pos" else value.shape[1 if keyed else 2]
+
+    sizes = [size(layer) for layer in range(n_layers)]
+    raw = torch.full((n_layers, max(sizes)), float("nan"))  # NaN: a head this layer does not have
     for layer in range(n_layers):
         name = f"blocks.{layer}.{full}"
-        for i in range(size):
+        for i in range(sizes[layer]):
             fn = patch_hook(model, clean_cache[name], hook_name=name, position=i if by == "pos" else None,
                             head=i if by == "head" else None)
             raw[layer, i] = metric(run_patched(model, corrupted_tokens, [(name, fn)], **kwargs)).item()

@@ -43,7 +43,7 @@ def why_not(config, step: str) -> str | None:
             return "with RoPE the QK circuit depends on the query and key positions, so W_Q W_K^T has no position-free SVD"
         if c.qk_norm:
             return "q_norm / k_norm act on q and k themselves, which a refactor changes"
-        if c.n_rep > 1:
+        if any(c.layer_n_rep(i) > 1 for i in range(c.n_layers)):
             return "grouped-query attention shares each key/value head among query heads; a per-head refactor would split them"
     return None
 

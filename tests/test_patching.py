@@ -9,9 +9,9 @@ from lens_det.patching import generate_with_patches, logit_diff, patch_hook, pat
 from tests.conftest import batch
 
 
-@pytest.fixture
-def pair(model_pair):
-    _, model = model_pair("tiny-gemma2")
+@pytest.fixture(params=["tiny-gemma2", "tiny-gemma4"])
+def pair(model_pair, request):
+    _, model = model_pair(request.param)
     clean, _ = batch("none", model.cfg.d_vocab, batch_size=2, length=7, seed=3)
     corrupted = clean.clone()
     corrupted[:, 2] = (clean[:, 2] + 11) % model.cfg.d_vocab
@@ -131,6 +131,9 @@ def test_negative_positions_and_kv_head_sweeps(pair):
                                         fwd_hooks=[(name, patch_hook(model, cache[name], position=6))])
     assert torch.equal(last, explicit)
     result = patch_sweep(model, clean, corrupted, logit_diff(5, 9), hook="attn.hook_v", by="head")
-    assert result.raw.shape == (model.cfg.n_layers, model.cfg.n_key_value_heads)
+    kv_heads = [model.cfg.layer_n_key_value_heads(i) for i in range(model.cfg.n_layers)]
+    assert result.raw.shape == (model.cfg.n_layers, max(kv_heads))
+    for layer, n in enumerate(kv_heads):  # Gemma 4's full layers have fewer kv heads: the rest is NaN
+        assert not result.raw[layer, :n].isnan().any() and result.raw[layer, n:].isnan().all()
     with pytest.raises(ValueError, match="no head dimension"):
         patch_sweep(model, clean, corrupted, logit_diff(5, 9), hook="resid_pre", by="head")

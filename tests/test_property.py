@@ -1,7 +1,8 @@
 """The contract "equal to HF", property-based (hypothesis).
 
 Drawn: random VALID HF configs of every supported family (BloomConfig, GemmaConfig, Gemma2Config,
-Gemma3TextConfig): 1-3 layers, small hidden sizes (odd ones and non-multiples of 8 included), MQA/GQA/MHA,
+Gemma3TextConfig, VaultGemmaConfig, Gemma4TextConfig without per-layer embeddings / KV sharing / MoE: per-layer
+head dims and kv heads, K = V, proportional RoPE, layer scalars): 1-3 layers, small hidden sizes (odd ones and non-multiples of 8 included), MQA/GQA/MHA,
 head_dim independent of hidden/heads (Gemma), odd intermediate sizes, vocab and pad id, attention biases, sliding
 windows (1 to longer than the sequence) and random layer_types, soft-caps, query_pre_attn_scalar, RoPE theta and
 linear scaling (per layer type for Gemma 3), Bloom's apply_residual_connection_post_layernorm and pretraining_tp,
@@ -37,7 +38,7 @@ from lens_det.config import LensConfig
 from lens_det.parity import compare
 from lens_det.parity.report import Schedule
 
-FAMILIES = ["bloom", "gemma", "gemma2", "gemma3_text"]
+FAMILIES = ["bloom", "gemma", "gemma2", "gemma3_text", "vaultgemma", "gemma4_text"]
 ACTIVATIONS = ["gelu_pytorch_tanh", "gelu"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 POSITION_MODES = ["arange", "mask", "raw_cumsum", "offset", "broadcast"]
@@ -53,6 +54,26 @@ def _rope(draw) -> dict:
     if factor is None:
         return {"rope_type": "default", "rope_theta": theta}
     return {"rope_type": "linear", "factor": factor, "rope_theta": theta}
+
+
+def _gemma4(draw, n_layers: int, n_heads: int) -> dict:
+    """Gemma 4 text, dense: per-layer-type head dims and kv heads, K = V, proportional (partial) RoPE on full
+    layers, weightless v_norm, layer scalars (drawn with the weights), final soft-cap. HF forces the last layer to
+    full attention, so it is drawn that way."""
+    layer_types = draw(st.lists(st.sampled_from(["sliding_attention", "full_attention"]), min_size=n_layers - 1,
+                                max_size=n_layers - 1)) + ["full_attention"]
+    divisors = [d for d in range(1, n_heads + 1) if n_heads % d == 0]
+    full = {"rope_type": "proportional", "rope_theta": draw(st.sampled_from([1e4, 1e6])),
+            "partial_rotary_factor": draw(st.sampled_from([0.25, 0.5, 1.0]))}
+    if draw(st.booleans()):
+        full["factor"] = draw(st.sampled_from([1.0, 2.0, 8.0]))
+    return dict(hidden_activation=draw(st.sampled_from(ACTIVATIONS)), layer_types=layer_types,
+                sliding_window=draw(st.integers(1, 12)), global_head_dim=draw(st.sampled_from([2, 4, 8, 12])),
+                attention_k_eq_v=draw(st.booleans()),
+                num_global_key_value_heads=draw(st.one_of(st.none(), st.sampled_from(divisors))),
+                final_logit_softcapping=draw(st.sampled_from([None, 0.5, 5.0, 30.0])),
+                rope_parameters={"full_attention": full, "sliding_attention": _rope(draw)},
+                hidden_size_per_layer_input=0, num_kv_shared_layers=0, enable_moe_block=False)
 
 
 @st.composite
@@ -88,6 +109,8 @@ def config_kwargs(draw, families=tuple(FAMILIES)):
                attention_bias=draw(st.booleans()))
     if family == "gemma":
         return family, kw | dict(hidden_act=draw(st.sampled_from(ACTIVATIONS)), rope_parameters=_rope(draw))
+    if family == "gemma4_text":
+        return family, kw | _gemma4(draw, n_layers, n_heads)
     kw |= dict(hidden_activation=draw(st.sampled_from(ACTIVATIONS)),
                sliding_window=draw(st.integers(1, 12)),
                query_pre_attn_scalar=draw(st.sampled_from([1, 4, 8, 20, 256])),
@@ -96,7 +119,7 @@ def config_kwargs(draw, families=tuple(FAMILIES)):
                attn_logit_softcapping=draw(st.sampled_from([None, 1.0, 50.0])),
                layer_types=draw(st.lists(st.sampled_from(["sliding_attention", "full_attention"]),
                                          min_size=n_layers, max_size=n_layers)))
-    if family == "gemma2":
+    if family in ("gemma2", "vaultgemma"):
         return family, kw | dict(rope_parameters=_rope(draw))
     return family, kw | dict(rope_parameters={"full_attention": _rope(draw), "sliding_attention": _rope(draw)})
 
@@ -191,6 +214,10 @@ def build_hf(family: str, kwargs: dict, dtype: torch.dtype, seed: int, std: floa
     with torch.no_grad():
         for p in hf.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * std)
+        persistent = hf.state_dict().keys()  # e.g. Gemma 4's layer_scalar: a checkpoint value, not a constant
+        for name, buffer in hf.named_buffers():
+            if name in persistent and buffer.is_floating_point():
+                buffer.copy_(torch.randn(buffer.shape, generator=gen) * std)
     return hf
 
 
@@ -244,7 +271,10 @@ def check_parity(data, family, kwargs, dtype, seed, std, max_len: int = 10) -> N
         lambda a, b: {"position_ids": positions[:, a:b]})
     with torch.no_grad():
         ours = model(tokens, attention_mask=mask, **pos_kw(0, n))
-        ref = hf(input_ids=tokens, attention_mask=mask, **pos_kw(0, n)).logits
+        # use_cache=False: HF's default forward builds a cache, and its attention then reads K/V made contiguous
+        # by the cache's torch.cat, not the transposed views; probs @ V can round differently in the last bit
+        # (found on Gemma 4, head_dim 12). That path is HF's cached prefill, compared below.
+        ref = hf(input_ids=tokens, attention_mask=mask, use_cache=False, **pos_kw(0, n)).logits
         _equal(ours, ref, "uncached logits vs plain HF")
         cache, hf_cache = model.new_cache(), DynamicCache(config=hf.config)
         for a, b in Ragged.of(ends).bounds():

@@ -71,7 +71,7 @@ def wrong_attention_scale(model, layer: int, scale: float | None = None):
     """One layer scales scores by head_dim ** -0.5 (or `scale`) instead of the configured factor, the classic
     Gemma 2/3 query_pre_attn_scalar mistake."""
     attn = model.blocks[layer].attn
-    scale = attn.cfg.d_head**-0.5 if scale is None else scale
+    scale = attn.d_head**-0.5 if scale is None else scale
     return _patched(attn, "cfg", dataclasses.replace(attn.cfg, attn_scale=scale))
 
 

@@ -112,7 +112,7 @@ def test_cli_reports_what_it_ran_under(capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", ["mid-bloom", "mid-gemma2", "mid-gemma3"])
+@pytest.mark.parametrize("name", ["mid-bloom", "mid-gemma2", "mid-gemma3", "mid-gemma4"])
 def test_deterministic_mode_at_benchmark_sizes(name, dtype):
     """Real-model widths (d_model 1024, d_mlp 4096, vocab 8192): elementwise ops cross ATen's parallel grain."""
     model = lens_det.from_config(name, seed=0).to(dtype)

@@ -15,9 +15,15 @@ def test_all_four_notebooks_exist():
     assert [p.stem[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04"]
 
 
+@pytest.mark.parametrize("tiny", [None, "tiny-gemma4"], ids=["default", "gemma4"])
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_executes_and_renders_figures(path, monkeypatch):
+def test_notebook_executes_and_renders_figures(path, tiny, monkeypatch):
+    """Each notebook on its own tiny default model, and on a tiny Gemma 4 (per-layer head dims, K = V)."""
     monkeypatch.delenv("LENS_DET_MODEL", raising=False)
+    if tiny is None:
+        monkeypatch.delenv("LENS_DET_TINY", raising=False)
+    else:
+        monkeypatch.setenv("LENS_DET_TINY", tiny)
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend renders the figures
     # the kernel runs in notebooks/: make it import this checkout's lens_det, not whichever one is installed
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
