@@ -9,7 +9,7 @@ import time
 import torch
 
 TINY = ["tiny-bloom", "tiny-bloom-resid", "tiny-gemma", "tiny-gemma2", "tiny-vaultgemma", "tiny-gemma3", "tiny-gemma4",
-        "tiny-gemma4-ple"]
+        "tiny-gemma4-ple", "tiny-gemma4-moe"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -50,8 +50,9 @@ def _check_source(name: str) -> None:
                            "`lens-det models` lists the named configs, tiny-* ones need no download") from None
 
 
-def _models(name: str, dtype: torch.dtype, seed: int):
-    """(hf_model, lens_model): a named config gets seeded random weights, anything else is loaded."""
+def _models(name: str, dtype: torch.dtype, seed: int, experts_implementation: str | None = None):
+    """(hf_model, lens_model): a named config gets seeded random weights, anything else is loaded. MoE models: HF
+    is built with `experts_implementation` (None: HF's default) and lens_det copies it."""
     import lens_det
     from lens_det.config import named_configs
 
@@ -59,12 +60,13 @@ def _models(name: str, dtype: torch.dtype, seed: int):
     if record is not None and record.get("hf_name") is None:  # an embedded test config: random weights
         from lens_det.parity.models import random_hf_model
 
-        hf = random_hf_model(name, dtype, seed)
+        hf = random_hf_model(name, dtype, seed, experts_implementation=experts_implementation)
     else:
         from transformers import AutoModelForCausalLM
 
         source = record["hf_name"] if record else name
-        hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager").eval()
+        extra = {} if experts_implementation is None else {"experts_implementation": experts_implementation}
+        hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager", **extra).eval()
     model = lens_det.from_hf_model(hf)
     if record is None or record.get("hf_name"):  # a checkpoint: its tokenizer, for --prompt
         from lens_det.loading import _load_tokenizer, _local_dir
@@ -145,7 +147,7 @@ def cmd_parity(args) -> int:
     for name in names:
         for dtype_name in args.dtype:
             start = time.perf_counter()
-            hf, model = _models(name, DTYPES[dtype_name], args.seed)
+            hf, model = _models(name, DTYPES[dtype_name], args.seed, args.experts_implementation)
             model.set_use_attn_result(True)
             model.set_use_hook_mlp_in(True)
             model.set_use_split_qkv_input(True)  # hook_attn_in is its alternative, checked by the test suite
@@ -286,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", help="write a heatmap PNG (one per model and dtype)")
     p.add_argument("--verbose", action="store_true", help="print the full report of every model")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights and random tokens (default: 0)")
+    p.add_argument("--experts-implementation", choices=["grouped_mm", "eager"], default=None,
+                   help="MoE models: HF's experts implementation, also run by lens_det (default: HF's, grouped_mm)")
     p.set_defaults(func=cmd_parity)
     d = sub.add_parser("determinism", help="batch / chunk / cache / run / device invariance, default vs "
                                            "deterministic mode")

@@ -82,6 +82,14 @@ class LensConfig:
     # per layer (None: d_mlp everywhere): the MLP width of each layer (Gemma 4's use_double_wide_mlp doubles it on
     # KV-sharing consumer layers)
     d_mlp_per_layer: tuple[int, ...] | None = None
+    # Mixture of experts beside the dense MLP (Gemma 4's enable_moe_block; 0: none). Every block then runs the dense
+    # MLP and a routed MoE on the same residual (each branch with its own post-norm), adds the two branches and
+    # applies the usual post-MLP norm. The router reads the un-normed residual: a weightless RMSNorm, times a learned
+    # scale and d_model**-0.5, a linear layer, softmax in fp32, top `n_experts_per_token`, renormalised, times a
+    # learned per-expert scale (docs/numerics.md §6.11).
+    n_experts: int = 0
+    n_experts_per_token: int = 0  # TransformerLens's name for top-k
+    d_mlp_expert: int = 0  # each expert's gated-MLP width (HF moe_intermediate_size)
     tie_word_embeddings: bool = True
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -135,6 +143,11 @@ class LensConfig:
         unknown = set(self.layer_types) - {"full_attention", "sliding_attention"}
         if unknown:
             raise NotImplementedError(f"layer_types {sorted(unknown)} are not implemented")
+        if self.n_experts and not 0 < self.n_experts_per_token <= self.n_experts:
+            raise ValueError(f"n_experts_per_token must be in 1..n_experts={self.n_experts}, got "
+                             f"{self.n_experts_per_token}")
+        if self.n_experts and (self.d_mlp_expert <= 0 or not self.gated_mlp or self.norm != "rmsnorm"):
+            raise ValueError("a mixture of experts needs d_mlp_expert > 0, gated_mlp and rmsnorm (Gemma 4's block)")
         if "sliding_attention" in self.layer_types and not self.sliding_window:
             raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
 

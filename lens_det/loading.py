@@ -54,7 +54,18 @@ def from_hf_model(hf_model: Any, dtype: torch.dtype | str | None = None, device=
     dtype = _as_dtype(dtype) or next(hf_model.parameters()).dtype
     copy = not share_weights or any(processing.values())  # processing writes in place: never into the HF model
     model = _build(hf_model.config, hf_model.state_dict(), dtype, device, copy=copy, source=type(hf_model).__name__)
+    if model.config.n_experts:
+        model.experts_implementation = hf_experts_implementation(hf_model)
     return _process(model, processing)
+
+
+def hf_experts_implementation(hf_model: Any) -> str:
+    """The experts implementation an HF model runs (its text config's `_experts_implementation`; HF resolves
+    None to "grouped_mm" when the model is built)."""
+    from lens_det.components.moe import DEFAULT_EXPERTS_IMPLEMENTATION
+
+    config = getattr(hf_model.config, "text_config", None) or hf_model.config
+    return getattr(config, "_experts_implementation", None) or DEFAULT_EXPERTS_IMPLEMENTATION
 
 
 def from_pretrained(
@@ -62,6 +73,7 @@ def from_pretrained(
     dtype: torch.dtype = torch.float32,
     device=None,
     tokenizer: bool = True,
+    experts_implementation: str | None = None,
     **processing: bool,
 ) -> HookedDecoder:
     """Load a checkpoint: an HF hub name (needs network or the local HF cache), a local `save_pretrained`
@@ -72,11 +84,14 @@ def from_pretrained(
         dtype: the model dtype (weights are cast to it, as HF `from_pretrained(dtype=...)` does).
         device: where to put the model.
         tokenizer: attach the checkpoint's tokenizer when it has one.
+        experts_implementation: MoE models: "grouped_mm" (HF's default, also when None) or "eager", to match an HF
+            model loaded with the same `experts_implementation` (an HF model object brings its own).
         processing: TransformerLens weight processing by keyword (fold_ln=True, ...), off by default; see
             from_hf_model.
     """
     if not isinstance(name_or_path, (str, Path)):
-        return from_hf_model(name_or_path, dtype=dtype, device=device, **processing)
+        model = from_hf_model(name_or_path, dtype=dtype, device=device, **processing)
+        return _set_experts(model, experts_implementation)
     directory = _local_dir(str(name_or_path))
     from transformers import AutoConfig
 
@@ -86,13 +101,21 @@ def from_pretrained(
     model.name = str(name_or_path)
     if tokenizer:
         model.tokenizer = _load_tokenizer(directory)
-    return _process(model, processing)
+    return _process(_set_experts(model, experts_implementation), processing)
 
 
-def from_config(name: str, seed: int = 0, dtype=torch.float32, device=None, **processing: bool) -> HookedDecoder:
+def _set_experts(model: HookedDecoder, experts_implementation: str | None) -> HookedDecoder:
+    if experts_implementation is not None:
+        model.experts_implementation = experts_implementation  # validated there; refused without experts
+    return model
+
+
+def from_config(name: str, seed: int = 0, dtype=torch.float32, device=None, experts_implementation: str | None = None,
+                **processing: bool) -> HookedDecoder:
     """A model with random weights for a named config (model_configs): an HF model of that config is
     initialised with `seed` and converted, so the result matches HF for the same seed. It carries an offline
-    character tokenizer (lens_det.tokenizer), so string inputs work without a model hub. `processing`: TransformerLens
+    character tokenizer (lens_det.tokenizer), so string inputs work without a model hub. `experts_implementation`: see
+    from_pretrained. `processing`: TransformerLens
     weight processing by keyword (fold_ln=True, ...), off by default; see from_hf_model."""
     from transformers import AutoModelForCausalLM
 
@@ -106,7 +129,7 @@ def from_config(name: str, seed: int = 0, dtype=torch.float32, device=None, **pr
                           **processing)
     model.tokenizer = char_tokenizer(model.cfg)
     model.name = name
-    return model
+    return _set_experts(model, experts_implementation)
 
 
 def _as_dtype(dtype) -> torch.dtype | None:

@@ -176,6 +176,26 @@ class HookedDecoder(HookedRootModule):
     def cfg(self) -> RuntimeConfig:
         return RuntimeConfig(self)
 
+    @property
+    def experts_implementation(self) -> str | None:
+        """How the MoE experts compute (a runtime choice, as HF's `config._experts_implementation`): "grouped_mm"
+        (HF's default) or "eager" (HF's loop over experts); the two round differently, so a model matches an HF
+        model bit for bit only with the same choice. `from_hf_model` copies the HF model's. None without experts.
+        Deterministic mode ignores it (lens_det.components.moe)."""
+        return next((b.moe.implementation for b in self.blocks if hasattr(b, "moe")), None)
+
+    @experts_implementation.setter
+    def experts_implementation(self, value: str) -> None:
+        from lens_det.components.moe import EXPERTS_IMPLEMENTATIONS
+
+        if not self.config.n_experts:
+            raise ValueError("this model has no mixture of experts (n_experts=0), so it has no experts_implementation")
+        if value not in EXPERTS_IMPLEMENTATIONS:
+            raise ValueError(f"experts_implementation must be one of {EXPERTS_IMPLEMENTATIONS}, got {value!r} "
+                             "(other transformers implementations are not implemented)")
+        for block in self.blocks:
+            block.moe.implementation = value
+
     # --- TransformerLens-style weight views ---
     @property
     def W_E(self) -> Float[torch.Tensor, "d_vocab d_model"]:

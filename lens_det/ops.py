@@ -179,6 +179,16 @@ def softmax(scores: torch.Tensor, key_pos: torch.Tensor | None = None) -> torch.
     return torch.where(total > 0, e / total, 0.0).to(scores.dtype)
 
 
+def softmax_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim computed and returned in fp32 (`F.softmax(x, -1, dtype=torch.float32)`, Gemma 4's
+    MoE router; docs/numerics.md §6.11). Deterministic mode: exp on the SIMD layout, each row summed alone."""
+    if not _DETERMINISTIC.get():
+        return F.softmax(logits, dim=-1, dtype=torch.float32)
+    s = logits.float()
+    e = pointwise(torch.exp, s - s.amax(dim=-1, keepdim=True))
+    return e / e.sum(dim=-1, keepdim=True)
+
+
 def attend(probs: torch.Tensor, v: torch.Tensor, key_pos: torch.Tensor | None = None) -> torch.Tensor:
     """probs [B, H, q, K] @ v [B, H, K, d] -> [B, H, q, d]."""
     if not _DETERMINISTIC.get():

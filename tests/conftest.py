@@ -8,7 +8,8 @@ import lens_det
 from lens_det.parity.models import random_hf_model
 
 BLOOM = ["tiny-bloom", "tiny-bloom-resid"]
-GEMMA = ["tiny-gemma", "tiny-gemma2", "tiny-vaultgemma", "tiny-gemma3", "tiny-gemma4", "tiny-gemma4-ple"]
+GEMMA = ["tiny-gemma", "tiny-gemma2", "tiny-vaultgemma", "tiny-gemma3", "tiny-gemma4", "tiny-gemma4-ple",
+         "tiny-gemma4-moe"]
 ALL = BLOOM + GEMMA
 DTYPES = [torch.float32, torch.bfloat16]
 

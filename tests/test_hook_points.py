@@ -17,6 +17,11 @@ SANDWICH = ["ln1_post.hook_scale", "ln1_post.hook_normalized", "ln2_post.hook_sc
 QK_NORM = ["attn.q_norm.hook_scale", "attn.q_norm.hook_normalized",
            "attn.k_norm.hook_scale", "attn.k_norm.hook_normalized"]
 V_NORM = ["attn.v_norm.hook_scale", "attn.v_norm.hook_normalized"]
+MOE = ["hook_dense_mlp_out", "hook_moe_out", "ln2_dense_post.hook_scale", "ln2_dense_post.hook_normalized",
+       "ln2_moe.hook_scale", "ln2_moe.hook_normalized", "ln2_moe_post.hook_scale", "ln2_moe_post.hook_normalized",
+       "moe.router_norm.hook_scale", "moe.router_norm.hook_normalized", "moe.hook_router_logits",
+       "moe.hook_expert_weights", "moe.hook_expert_indices", "moe.hook_top_k_weights", "moe.hook_out",
+       "moe.hook_pre", "moe.hook_pre_linear", "moe.hook_post"]
 GLOBAL = ["hook_embed", "ln_final.hook_scale", "ln_final.hook_normalized"]
 PLE_GLOBAL = ["hook_per_layer_inputs", "ple.hook_tokens", "ple.hook_proj", "ple.ln.hook_scale", "ple.ln.hook_normalized"]
 PLE_BLOCK = ["hook_per_layer_input", "ple.hook_pre", "ple.hook_post", "ple.ln.hook_scale", "ple.ln.hook_normalized",
@@ -33,6 +38,7 @@ GOLDEN = {
     "tiny-gemma3": (GLOBAL, COMMON_BLOCK + ROPE + SANDWICH + QK_NORM),
     "tiny-gemma4": (GLOBAL, COMMON_BLOCK + ROPE + SANDWICH + QK_NORM + V_NORM),
     "tiny-gemma4-ple": (GLOBAL + PLE_GLOBAL, COMMON_BLOCK + ROPE + SANDWICH + QK_NORM + V_NORM + PLE_BLOCK),
+    "tiny-gemma4-moe": (GLOBAL, COMMON_BLOCK + ROPE + SANDWICH + QK_NORM + V_NORM + MOE),
 }
 
 

@@ -12,9 +12,8 @@ from tests.conftest import batch, random_hf_model
 
 REAL = ["bloom-560m", "bloom-1b1", "bloom-1b7", "bloom-3b", "bloom-7b1", "bloom", "bloomz-560m", "gemma-2b",
         "gemma-7b", "gemma-2-2b", "gemma-2-9b", "gemma-2-27b", "gemma-3-270m", "gemma-3-1b", "gemma-3-4b",
-        "gemma-3-12b", "gemma-3-27b", "gemma-4-31b", "gemma-4-12b", "vaultgemma-1b", "gemma-4-e2b", "gemma-4-e4b"]
-# Named configs of checkpoints whose mechanisms are not implemented yet: refused, naming the mechanism.
-NOT_YET = {"gemma-4-26b-a4b": "mixture-of-experts"}
+        "gemma-3-12b", "gemma-3-27b", "gemma-4-31b", "gemma-4-12b", "gemma-4-26b-a4b", "vaultgemma-1b",
+        "gemma-4-e2b", "gemma-4-e4b"]
 
 
 def assert_same_model(a, b):
@@ -26,7 +25,7 @@ def assert_same_model(a, b):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", ["tiny-bloom", "tiny-gemma2", "tiny-gemma3", "tiny-vaultgemma", "tiny-gemma4",
-                                  "tiny-gemma4-ple"])
+                                  "tiny-gemma4-ple", "tiny-gemma4-moe"])
 def test_save_pretrained_round_trip(tmp_path, name, dtype):
     hf = random_hf_model(name)
     hf.save_pretrained(tmp_path)
@@ -98,14 +97,10 @@ def test_real_checkpoint_configs(name):
             [hf["intermediate_size"] * (wide if i >= first else 1) for i in range(cfg.n_layers)]
     if name.startswith("gemma-2-"):
         assert cfg.layer_types[0] == "sliding_attention" and cfg.attn_scale == hf["query_pre_attn_scalar"] ** -0.5
+    if name == "gemma-4-26b-a4b":  # 128 experts, top-8, beside the dense MLP
+        assert (cfg.n_experts, cfg.n_experts_per_token, cfg.d_mlp_expert, cfg.d_mlp) == (128, 8, 704, 2112)
     if name.startswith("gemma-3-"):
         assert [t == "full_attention" for t in cfg.layer_types] == [(i + 1) % 6 == 0 for i in range(cfg.n_layers)]
-
-
-@pytest.mark.parametrize("name", NOT_YET)
-def test_named_configs_not_implemented_yet_are_refused(name):
-    with pytest.raises(NotImplementedError, match=NOT_YET[name]):
-        LensConfig.from_name(name)
 
 
 def test_named_configs_ship_in_the_installed_package(tmp_path):

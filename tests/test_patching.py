@@ -9,7 +9,7 @@ from lens_det.patching import generate_with_patches, logit_diff, patch_hook, pat
 from tests.conftest import batch
 
 
-@pytest.fixture(params=["tiny-gemma2", "tiny-gemma4", "tiny-gemma4-ple"])
+@pytest.fixture(params=["tiny-gemma2", "tiny-gemma4", "tiny-gemma4-ple", "tiny-gemma4-moe"])
 def pair(model_pair, request):
     _, model = model_pair(request.param)
     clean, _ = batch("none", model.cfg.d_vocab, batch_size=2, length=7, seed=3)

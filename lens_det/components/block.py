@@ -9,6 +9,7 @@ from lens_det.components.hooks import HookPoint
 from lens_det.components.attention import Attention
 from lens_det.components.context import ForwardContext
 from lens_det.components.mlp import make_mlp
+from lens_det.components.moe import MixtureOfExperts
 from lens_det.components.norms import make_norm, make_optional_norm
 from lens_det.components.per_layer import PerLayerInputBlock
 from lens_det.config import LensConfig
@@ -23,6 +24,10 @@ class Block(nn.Module):
     what is added to the residual stream. With `layer_scalar` (Gemma 4) the sum is then multiplied by the block's
     learned scalar, and hook_resid_post is that product (what the next block reads and HF's layer returns; HF
     multiplies in place, here a new tensor is made, so no hook's tensor is changed afterwards).
+
+    With `n_experts` (Gemma 4's MoE block) the MLP slot holds two branches on the same residual x:
+    dense = ln2_dense_post(mlp(ln2(x))) (hook_dense_mlp_out) and moe = ln2_moe_post(moe(x, ln2_moe(x)))
+    (hook_moe_out), and hook_mlp_out = ln2_post(dense + moe) (docs/numerics.md §6.11).
     """
 
     hook_out_is_single_residual_stream = True  # hook_resid_post is the one stream ln_final reads (TL's logit lens)
@@ -36,6 +41,14 @@ class Block(nn.Module):
         self.ln2 = make_norm(cfg)
         self.mlp = make_mlp(cfg, layer)
         self.ln2_post = make_optional_norm(cfg, cfg.post_mlp_norm)
+        if cfg.n_experts:
+            self.ln2_dense_post = make_norm(cfg)  # HF post_feedforward_layernorm_1
+            self.ln2_moe = make_norm(cfg)  # HF pre_feedforward_layernorm_2
+            self.moe = MixtureOfExperts(cfg)
+            self.ln2_moe_post = make_norm(cfg)  # HF post_feedforward_layernorm_2
+            self.hook_dense_mlp_out = HookPoint()  # [batch, pos, d_model]: the dense branch, after its post-norm
+            self.hook_moe_out = HookPoint()  # [batch, pos, d_model]: the MoE branch, after its post-norm
+        self._feed_forward = self._dense_and_experts if cfg.n_experts else self._dense
         # A buffer in the model dtype, as HF's (it follows model.to(dtype)); [1]
         self.register_buffer("layer_scalar", torch.ones(1) if cfg.layer_scalar else None)
         self._finish = self._scale_output if cfg.layer_scalar else self._no_scale
@@ -71,8 +84,9 @@ class Block(nn.Module):
         attn_out = self.hook_attn_out(self.ln1_post(self.attn(a, ctx, cache_entry, per_head)))
         x = self.hook_resid_mid((a if self.residual_from_norm else x) + attn_out)
         # TL's hook_mlp_in: a copy of resid_mid that only the MLP branch reads, so an edit leaves the residual alone
-        m = self.ln2(self.hook_mlp_in(x.clone()) if self.use_hook_mlp_in else x)
-        mlp_out = self.hook_mlp_out(self.ln2_post(self.mlp(m)))
+        mlp_in = self.hook_mlp_in(x.clone()) if self.use_hook_mlp_in else x
+        m = self.ln2(mlp_in)
+        mlp_out = self.hook_mlp_out(self.ln2_post(self._feed_forward(m, mlp_in)))
         x = (m if self.residual_from_norm else x) + mlp_out
         return self.hook_resid_post(self._finish(self._per_layer(x, per_layer_input)))
 
@@ -83,6 +97,15 @@ class Block(nn.Module):
         # HF: residual + post_per_layer_input_norm(per_layer_projection(act(per_layer_input_gate(h)) * ple_i))
         per_layer_input = self.hook_per_layer_input(per_layer_input.to(x.device))
         return x + self.hook_ple_out(self.ple(x, per_layer_input))
+
+    def _dense(self, m: torch.Tensor, mlp_in: torch.Tensor) -> torch.Tensor:
+        return self.mlp(m)
+
+    def _dense_and_experts(self, m: torch.Tensor, mlp_in: torch.Tensor) -> torch.Tensor:
+        """HF Gemma4TextDecoderLayer with enable_moe_block: the router reads the un-normed residual."""
+        dense = self.hook_dense_mlp_out(self.ln2_dense_post(self.mlp(m)))
+        experts = self.hook_moe_out(self.ln2_moe_post(self.moe(mlp_in, self.ln2_moe(mlp_in))))
+        return dense + experts
 
     def _no_scale(self, x: torch.Tensor) -> torch.Tensor:
         return x

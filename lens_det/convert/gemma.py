@@ -16,10 +16,6 @@ ACTIVATION_FIELD = {"gemma": "hidden_act"}
 # Which Gemma generation's mechanisms each HF model_type uses (VaultGemma is Gemma 2 without the two post-norms).
 # Gemma 4 "unified" (12B) is Gemma 4 text without per-layer embeddings or MoE, under its own model_type.
 GENERATION = {"gemma": 1, "gemma2": 2, "vaultgemma": 2, "gemma3_text": 3, "gemma4_text": 4, "gemma4_unified_text": 4}
-# Gemma 4 mechanisms not implemented yet: field -> what it is. A config where one is on is refused.
-GEMMA4_UNSUPPORTED = {
-    "enable_moe_block": "the mixture-of-experts block",
-}
 # Fields of Gemma 4 that change the computation; a Gemma 1-3 config carrying them is refused (not silently ignored).
 GEMMA4_ONLY_FIELDS = ("hidden_size_per_layer_input", "num_kv_shared_layers", "global_head_dim", "attention_k_eq_v",
                       "enable_moe_block")
@@ -96,10 +92,6 @@ def _mlp_widths(hf: Any, kv_source: tuple[int | None, ...] | None) -> tuple[int,
 
 def _refuse_unsupported(hf: Any, generation: int) -> None:
     if generation == 4:
-        for field, what in GEMMA4_UNSUPPORTED.items():
-            if getattr(hf, field, None):
-                raise NotImplementedError(f"{field}={getattr(hf, field)!r}: Gemma 4 {what} is not implemented yet "
-                                          f"(set it to 0 / False / None for a dense Gemma 4 text model)")
         if getattr(hf, "num_kv_shared_layers", 0) and not getattr(hf, "hidden_size_per_layer_input", 0):
             # transformers 5.23's _maybe_slice_kv_shared_inputs slices per_layer_inputs even when it is None, so HF
             # eager raises on every multi-token forward: there is no reference to be bit-identical to
@@ -197,7 +189,16 @@ def config_from_hf(hf: Any) -> LensConfig:
         eos_token_id=tuple(hf.eos_token_id) if isinstance(hf.eos_token_id, list) else hf.eos_token_id,
         hf_architecture=architecture,
         n_ctx=getattr(hf, "max_position_embeddings", None),
+        **_experts(hf),
     )
+
+
+def _experts(hf: Any) -> dict:
+    """Gemma 4's mixture-of-experts fields (enable_moe_block), or none."""
+    if not getattr(hf, "enable_moe_block", False):
+        return {}
+    return {"n_experts": hf.num_experts, "n_experts_per_token": hf.top_k_experts,
+            "d_mlp_expert": hf.moe_intermediate_size}
 
 
 # HF module names -> lens_det names, per decoder layer. Gemma 1's post_attention_layernorm is the pre-MLP norm.
@@ -213,6 +214,17 @@ _NORMS = {
 _NORMS["vaultgemma"] = {"input_layernorm": "ln1", "pre_feedforward_layernorm": "ln2"}
 _NORMS["gemma3_text"] = _NORMS["gemma2"] | {"self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm"}
 _NORMS["gemma4_text"] = _NORMS["gemma4_unified_text"] = _NORMS["gemma3_text"]  # v_norm has no weight
+# Gemma 4's MoE block (enable_moe_block): its three extra norms, router and 3-D expert weights, per decoder layer.
+_EXPERTS = {
+    "post_feedforward_layernorm_1.weight": "ln2_dense_post.w",
+    "pre_feedforward_layernorm_2.weight": "ln2_moe.w",
+    "post_feedforward_layernorm_2.weight": "ln2_moe_post.w",
+    "router.scale": "moe.w_router_scale",
+    "router.proj.weight": "moe.w_router",
+    "router.per_expert_scale": "moe.per_expert_scale",
+    "experts.gate_up_proj": "moe.w_gate_up",
+    "experts.down_proj": "moe.w_out",
+}
 _PROJECTIONS = {
     "self_attn.q_proj": "attn.{}_q",
     "self_attn.k_proj": "attn.{}_k",
@@ -245,7 +257,8 @@ def strip_prefix(state_dict: dict, prefixes: tuple[str, ...]) -> dict:
 
 def state_dict_from_hf(sd: dict, cfg: LensConfig) -> dict:
     """HF Gemma/Gemma2/VaultGemma/Gemma3/Gemma4 (CausalLM or ConditionalGeneration text part) state dict ->
-    lens_det. K = V layers have no v_proj; Gemma 4's per-layer `layer_scalar` buffer becomes blocks.{i}.layer_scalar."""
+    lens_det. K = V layers have no v_proj; Gemma 4's per-layer `layer_scalar` buffer becomes blocks.{i}.layer_scalar,
+    its MoE weights blocks.{i}.moe.* and the MoE block's norms blocks.{i}.ln2_dense_post / ln2_moe / ln2_moe_post."""
     # transformers 5 nests the text model at model.language_model.*; hub checkpoints of the multimodal
     # Gemma 3 store it as language_model.model.* (and language_model.lm_head.*).
     sd = strip_prefix(sd, ("model.language_model.", "language_model.model.", "language_model.", "model."))
@@ -262,6 +275,8 @@ def state_dict_from_hf(sd: dict, cfg: LensConfig) -> dict:
             out[b + "layer_scalar"] = sd[h + "layer_scalar"]
         if cfg.d_per_layer_input:
             out |= {b + new: sd[h + old] for old, new in _PLE_BLOCK.items()}
+        if cfg.n_experts:
+            out |= {b + name: sd[h + hf_name] for hf_name, name in _EXPERTS.items()}
         for hf_name, name in _PROJECTIONS.items():
             if hf_name == "self_attn.v_proj" and cfg.layer_k_eq_v(i) or consumer and hf_name in _KV_MODULES:
                 continue

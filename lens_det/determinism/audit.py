@@ -92,6 +92,7 @@ AUDITED_OPS = {
     "norm_scale": lambda x: ops.norm_scale(x, 1e-5, center=True),
     "attention_scores": _attention(_scores),
     "softmax": _attention(_softmax),
+    "softmax_fp32 (MoE router)": ops.softmax_fp32,
     "attend": _attention(_attend),
 }
 
@@ -103,6 +104,8 @@ EXACT_OPS = frozenset({
     "aten.min", "aten.neg", "aten.new_empty", "aten.select", "aten.zeros", "aten.zeros_like", "aten.index",
     "aten.ones", "aten.ones_like", "aten.full", "aten.empty", "aten.stack", "aten.detach", "aten.lift_fresh",
     "aten.clamp", "aten.sum", "aten.argmax", "aten.item",
+    # MoE routing and dispatch (deterministic mode): selection and data movement
+    "aten.topk", "aten.nonzero", "aten.index_put_", "aten._unique2", "aten.unbind", "aten.aminmax", "aten.permute",
 })
 
 RAW_OPS = {

@@ -78,6 +78,7 @@ def compare(
     if hf_cfg != model.config:
         diff = {k: (v, getattr(hf_cfg, k)) for k, v in model.config.to_dict().items() if getattr(hf_cfg, k) != v}
         raise ValueError(f"the HF model has a different architecture or vocabulary than the lens_det model: {diff}")
+    _check_experts_implementation(model, hf_model)
     processing = tuple(getattr(model, "processing", ()))
     if processing and atol == 0 == rtol:
         raise ValueError(f"the model's weights were processed ({', '.join(processing)}), so it equals HF up to float "
@@ -116,6 +117,19 @@ def compare(
     for i, (a, b) in enumerate(schedule.bounds()):
         run(f"cached:{i}", a, b, cache, hf_cache)
     return report
+
+
+def _check_experts_implementation(model: Any, hf_model: Any) -> None:
+    """MoE models: HF's experts implementations round differently, so both sides must run the same one."""
+    from lens_det.loading import hf_experts_implementation
+
+    if not model.config.n_experts:
+        return
+    theirs, ours = hf_experts_implementation(hf_model), model.experts_implementation
+    if theirs != ours:
+        raise ValueError(f"the HF model runs experts_implementation={theirs!r} and the lens_det model {ours!r}; "
+                         f"they round differently: set model.experts_implementation = {theirs!r} (or build the HF "
+                         f"model with experts_implementation={ours!r})")
 
 
 def self_parity(

@@ -175,3 +175,65 @@ def per_layer_inputs_unscaled(model):
     if getattr(model, "ple", None) is None:
         raise ValueError("this model has no per-layer embeddings")
     return _patched(model.ple, "combine_scale", 1.0)
+
+
+def _moe_blocks(model):
+    blocks = [block for block in model.blocks if hasattr(block, "moe")]
+    if not blocks:
+        raise ValueError("this model has no mixture of experts")
+    return blocks
+
+
+def _faulty_router(model, softmax=None, renormalise: bool = True, per_expert_scale: bool = True,
+                   root_size: bool = True):
+    """Every MoE router with one step changed (the hooks still fire)."""
+    from lens_det import ops
+
+    def patched(moe):
+        def route(resid):
+            h = moe.router_norm(resid) * moe.w_router_scale
+            h = h * moe.root_size if root_size else h
+            logits = moe.hook_router_logits(ops.linear(h, moe.w_router))
+            probs = moe.hook_expert_weights((softmax or ops.softmax_fp32)(logits))
+            top_w, top_i = torch.topk(probs, k=moe.top_k, dim=-1)
+            top_i = moe.hook_expert_indices(top_i)
+            if renormalise:
+                top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+            if per_expert_scale:
+                top_w = top_w * moe.per_expert_scale[top_i]
+            return moe.hook_top_k_weights(top_w.float()), top_i
+        return route
+    return _patched_all([(block.moe, "route", patched(block.moe)) for block in _moe_blocks(model)])
+
+
+def router_softmax_in_model_dtype(model):
+    """The router's softmax runs in the logits' dtype (bf16) and is upcast afterwards; HF asks for fp32
+    (`softmax(..., dtype=torch.float32)`). Invisible in an fp32 model."""
+    return _faulty_router(model, softmax=lambda logits: torch.softmax(logits, dim=-1).float())
+
+
+def router_without_renormalisation(model):
+    """The top-k probabilities are used as they are, not renormalised to sum to 1 over the chosen experts."""
+    return _faulty_router(model, renormalise=False)
+
+
+def router_without_per_expert_scale(model):
+    """The learned per-expert scale of the routing weights is dropped."""
+    return _faulty_router(model, per_expert_scale=False)
+
+
+def router_without_root_size(model):
+    """The router input is not multiplied by d_model ** -0.5 (it changes the logits, so the routing)."""
+    return _faulty_router(model, root_size=False)
+
+
+def router_reads_normed_input(model):
+    """The router reads the pre-MLP norm's output (as the dense MLP does) instead of the un-normed residual."""
+    def patched(block):
+        def feed_forward(m, mlp_in):
+            dense = block.hook_dense_mlp_out(block.ln2_dense_post(block.mlp(m)))
+            weights, indices = block.moe.route(m)
+            experts = block.moe.experts(block.ln2_moe(mlp_in), weights, indices)
+            return dense + block.hook_moe_out(block.ln2_moe_post(experts))
+        return feed_forward
+    return _patched_all([(block, "_feed_forward", patched(block)) for block in _moe_blocks(model)])

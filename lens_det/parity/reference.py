@@ -4,7 +4,8 @@
 part of Gemma3/Gemma4ForConditionalGeneration) once and returns, for every lens_det hook point, the value HF computed there:
 read from an HF module's input or output, recorded inside HF's eager attention (registered as a transformers
 attention implementation that calls HF's own `eager_attention_forward`), or derived from HF tensors with HF's
-own operations where HF has no single tensor (the norm divisor, Bloom's pre-softmax scores, per-head results).
+own operations where HF has no single tensor (the norm divisor, Bloom's pre-softmax scores, per-head results), or
+recorded from the GEMM calls inside HF's MoE experts (a torch function mode while the experts module runs).
 `SOURCES` says which, per hook kind.
 """
 
@@ -23,7 +24,8 @@ from lens_det.config import LensConfig
 RECORDER = "lens_det_record"
 
 # How each hook kind's reference is obtained ("module": an HF module's input/output; "attention": recorded in
-# HF's eager attention call; "derived": computed from HF tensors with HF's operations).
+# HF's eager attention call; "derived": computed from HF tensors with HF's operations; "call": the input or output of
+# a GEMM call (F.linear, torch._grouped_mm) recorded inside an HF module, for MoE experts, which have no submodules).
 SOURCES = {
     "hook_embed": "module: the embedding LayerNorm's output (Bloom) / the scaled embedding's output (Gemma)",
     "hook_scale": "derived: sqrt(var + eps) of the HF norm module's input",
@@ -58,6 +60,19 @@ SOURCES = {
     "ple.hook_pre": "module: per_layer_input_gate's output",
     "ple.hook_post": "module: the input of per_layer_projection",
     "hook_ple_out": "module: post_per_layer_input_norm's output",
+    # Gemma 4's MoE block (HF runs the router and experts on [batch * pos, ...]; references are viewed as
+    # [batch, pos, ...])
+    "hook_dense_mlp_out": "module: post_feedforward_layernorm_1's output (the dense branch)",
+    "hook_moe_out": "module: post_feedforward_layernorm_2's output (the MoE branch)",
+    "moe.hook_router_logits": "module: router.proj's output",
+    "moe.hook_expert_weights": "module: the router's first output (router_probabilities, fp32 softmax)",
+    "moe.hook_expert_indices": "module: the router's third output (top_k_index)",
+    "moe.hook_top_k_weights": "module: the router's second output (top_k_weights, renormalised, per-expert scaled)",
+    "moe.hook_out": "module: the experts module's output (HF's chosen experts implementation)",
+    "moe.hook_pre": "call: the gate half of the first GEMM's output inside HF's experts (eager: F.linear per expert, "
+                    "grouped_mm: the first grouped GEMM), placed at each row's (token, slot) by HF's own indexing",
+    "moe.hook_pre_linear": "call: the up half of that GEMM's output, placed the same way",
+    "moe.hook_post": "call: the input of the second GEMM inside HF's experts (act(gate) * up), placed the same way",
 }
 
 
@@ -86,6 +101,7 @@ class _Recorder:
         self.handles: list = []
         self.skip: set[str] = set()  # recorded names that are no lens_det hook point of this model
         self.restore: list[Callable] = []
+        self.active_modes: list = []
 
     def tap(self, module, name: str, where: str, fn: Callable = lambda t: t):
         """Record fn(module input or output) under `name`."""
@@ -98,16 +114,94 @@ class _Recorder:
                 self.values[name] = fn(_first(args, kwargs, "hidden_states")).detach()
             self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
 
-    def norm(self, module, prefix: str, cfg: LensConfig):
+    def norm(self, module, prefix: str, cfg: LensConfig, shape: Callable = lambda t: t):
+        """A norm's two hooks; `shape` views HF's tensor in lens_det's layout first (e.g. [b * t, d] -> [b, t, d])."""
         center = cfg.norm == "layernorm"
-        self.tap(module, prefix + "hook_normalized", "out")
-        self.tap(module, prefix + "hook_scale", "in", lambda x: ops.norm_scale(x, cfg.norm_eps, center))
+        self.tap(module, prefix + "hook_normalized", "out", shape)
+        self.tap(module, prefix + "hook_scale", "in", lambda x: ops.norm_scale(shape(x), cfg.norm_eps, center))
+
+    def experts(self, layer, prefix: str, cfg: LensConfig, per_token: Callable):
+        """Gemma 4's MoE block of one HF decoder layer (enable_moe_block)."""
+        self.norm(layer.post_feedforward_layernorm_1, prefix + "ln2_dense_post.", cfg)
+        self.tap(layer.post_feedforward_layernorm_1, prefix + "hook_dense_mlp_out", "out")
+        self.norm(layer.pre_feedforward_layernorm_2, prefix + "ln2_moe.", cfg, per_token)
+        self.norm(layer.router.norm, prefix + "moe.router_norm.", cfg, per_token)
+        self.tap(layer.router.proj, prefix + "moe.hook_router_logits", "out", per_token)
+
+        def router(mod, args, kwargs, out):
+            probs, weights, indices = out
+            self.values |= {prefix + "moe.hook_expert_weights": per_token(probs).detach(),
+                            prefix + "moe.hook_top_k_weights": per_token(weights).detach(),
+                            prefix + "moe.hook_expert_indices": per_token(indices).detach()}
+        self.handles.append(layer.router.register_forward_hook(router, with_kwargs=True))
+        self.tap(layer.experts, prefix + "moe.hook_out", "out", per_token)
+        self.expert_calls(layer.experts, prefix)
+        self.norm(layer.post_feedforward_layernorm_2, prefix + "ln2_moe_post.", cfg)
+        self.tap(layer.post_feedforward_layernorm_2, prefix + "hook_moe_out", "out")
+
+    def expert_calls(self, experts, prefix: str):
+        """Record the GEMMs HF's experts module runs (F.linear or torch._grouped_mm: input, weight, output) while it
+        runs, under prefix + "moe.calls" (turned into hook_pre / hook_pre_linear / hook_post by _expert_activations)."""
+        mode = _GemmCalls()
+
+        def pre(mod, args, kwargs):
+            mode.calls = []
+            mode.__enter__()
+            self.active_modes.append(mode)
+
+        def post(mod, args, kwargs, out):
+            self.active_modes.remove(mode)
+            mode.__exit__(None, None, None)
+            self.values[prefix + "moe.calls"] = mode.calls
+        self.handles.append(experts.register_forward_pre_hook(pre, with_kwargs=True))
+        self.handles.append(experts.register_forward_hook(post, with_kwargs=True))
 
     def remove(self):
         for handle in self.handles:
             handle.remove()
         for undo in self.restore:
             undo()
+        while self.active_modes:  # an HF forward that raised inside the experts left its recorder on
+            self.active_modes.pop().__exit__(None, None, None)
+
+
+class _GemmCalls(torch.overrides.TorchFunctionMode):
+    """Records (input, output) of every F.linear / torch._grouped_mm call made while active."""
+
+    GEMMS = (torch.nn.functional.linear, torch._grouped_mm)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.GEMMS:
+            self.calls.append((func, args[0].detach(), out.detach()))
+        return out
+
+
+def _expert_activations(values: dict, prefix: str, n_experts: int, shape: tuple) -> None:
+    """hook_pre / hook_pre_linear / hook_post of one MoE layer from HF's recorded expert GEMMs, each row placed at
+    its (token, slot) with the indexing HF's implementation used (eager: torch.where on the [expert, slot, token]
+    one-hot per expert hit, ascending; grouped_mm: torch.sort of the flat expert ids)."""
+    calls = values.pop(prefix + "moe.calls")
+    top_i = values[prefix + "moe.hook_expert_indices"].reshape(-1, shape[-1])
+    n_tokens, k = top_i.shape
+    if calls[0][0] is torch._grouped_mm:
+        perm = torch.sort(top_i.reshape(-1))[1]
+        rows = [(perm // k, perm % k, calls[0][2], calls[1][1])]
+    else:
+        mask = torch.nn.functional.one_hot(top_i, num_classes=n_experts + 1).permute(2, 1, 0)
+        hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist()
+        hit = [e for e in hit if e != n_experts]
+        rows = []
+        for j, e in enumerate(hit):
+            slot, token = torch.where(mask[e])
+            rows.append((token, slot, calls[2 * j][2], calls[2 * j + 1][1]))
+    for name, pick in (("pre", lambda gu, h: gu.chunk(2, -1)[0]), ("pre_linear", lambda gu, h: gu.chunk(2, -1)[1]),
+                       ("post", lambda gu, h: h)):
+        width = pick(rows[0][2], rows[0][3]).shape[-1]
+        full = rows[0][2].new_zeros(n_tokens, k, width)
+        for token, slot, gate_up, post in rows:
+            full[token, slot] = pick(gate_up, post)
+        values[f"{prefix}moe.hook_{name}"] = full.view(*shape[:-1], k, width)
 
 
 @contextlib.contextmanager
@@ -236,6 +330,8 @@ def capture_reference(
             rec.tap(mlp.down_proj, p + "mlp.hook_post", "in")
             if cfg.d_per_layer_input:
                 _per_layer_block(layer, rec, cfg, p)
+            if getattr(layer, "enable_moe_block", False):
+                rec.experts(layer, p, cfg, lambda x: x.view(b, t, *x.shape[1:]))
             if sandwich:
                 rec.norm(layer.post_attention_layernorm, p + "ln1_post.", cfg)
                 rec.norm(layer.post_feedforward_layernorm, p + "ln2_post.", cfg)
@@ -263,6 +359,9 @@ def capture_reference(
         rec.remove()
     values = {k: v for k, v in rec.values.items() if k not in rec.skip}
     with torch.no_grad():
+        for i in range(len(layers)):
+            if f"blocks.{i}.moe.calls" in values:
+                _expert_activations(values, f"blocks.{i}.", cfg.n_experts, (b, t, cfg.n_experts_per_token))
         if bloom:
             _bloom_attention(values, out.attentions, cfg, bloom_inputs, past_key_values)
         if with_result:

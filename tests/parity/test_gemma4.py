@@ -103,14 +103,11 @@ def test_proportional_rope_table():
 
 
 @pytest.mark.parametrize("field, value, match", [
-    ("enable_moe_block", True, "mixture-of-experts"),
     ("num_kv_shared_layers", 2, "without per-layer embeddings"),  # HF 5.23 itself fails on it
     ("use_bidirectional_attention", "all", "bidirectional"),
 ])
 def test_phase_two_mechanisms_are_refused(field, value, match):
     changes = {field: value}
-    if field == "enable_moe_block":
-        changes |= {"num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 16}
     with pytest.raises(NotImplementedError, match=match):
         LensConfig.from_hf_config(text_config(**changes))
 

@@ -198,3 +198,24 @@ def test_vaultgemma_has_no_post_norms(model_pair):
             block.ln1_post.w.zero_()
             block.ln2_post.w.zero_()
     assert logit_gap(sandwich, hf, tokens, mask) > 1e-3
+
+
+# --- Gemma 4 mixture of experts (docs/numerics.md §6.11, §9.16) ---
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fault", ["router_softmax_in_model_dtype", "router_without_renormalisation",
+                                   "router_without_per_expert_scale", "router_without_root_size",
+                                   "router_reads_normed_input"])
+def test_gemma4_moe_pitfalls_fail(model_pair, fault, dtype):
+    """The router's softmax is fp32 (HF asks for it; in an fp32 model there is nothing to see), its top-k weights
+    are renormalised and scaled per expert, its input is scaled by d_model ** -0.5 and is the un-normed residual."""
+    hf, model = model_pair("tiny-gemma4-moe", dtype)
+    tokens, mask = batch("left", model.cfg.d_vocab)
+    assert logit_gap(model, hf, tokens, mask) == 0.0
+    with getattr(faults, fault)(model):
+        gap = logit_gap(model, hf, tokens, mask)
+    if fault == "router_softmax_in_model_dtype" and dtype == torch.float32:
+        assert gap == 0.0
+    else:
+        assert gap > 1e-3
+    assert logit_gap(model, hf, tokens, mask) == 0.0  # the fault is undone on exit
