@@ -217,8 +217,6 @@ def test_per_slot_activation_hooks(pairs, implementation, deterministic):
 
 
 def test_cli_parity_with_each_experts_implementation(tmp_path, capsys):
-    import json
-
     from lens_det.cli import main
 
     for implementation in IMPLEMENTATIONS:
