@@ -12,20 +12,11 @@ from lens_det.config import resolve_name
 from lens_det.parity import compare
 from lens_det.parity.models import random_hf_model, random_hf_model_from_config
 from tests.conftest import DTYPES, batch
+from tests.parity.test_gemma4 import assert_parity
 
 NAME = "tiny-gemma4-moe"
 IMPLEMENTATIONS = ["grouped_mm", "eager"]
 
-
-def assert_parity(hf, model, chunk=None):
-    tokens, mask = batch("left", model.cfg.d_vocab)
-    positions = lens_det.positions_from_mask(mask)
-    if chunk is None:
-        report = compare(model, hf, tokens, mask, positions, prefill=tokens.shape[1], decode_steps=0)
-    else:
-        report = compare(model, hf, tokens, mask, positions, prefill=5, chunk=chunk)
-    assert report.coverage == 1.0, report.missing
-    assert report.passed and report.max_abs() == 0.0, report.to_text()
 
 
 @pytest.fixture(scope="module")
