@@ -106,7 +106,7 @@ def test_proportional_rope_table():
     ("num_kv_shared_layers", 2, "without per-layer embeddings"),  # HF 5.23 itself fails on it
     ("use_bidirectional_attention", "all", "bidirectional"),
 ])
-def test_phase_two_mechanisms_are_refused(field, value, match):
+def test_configs_without_an_hf_reference_or_not_implemented_are_refused(field, value, match):
     changes = {field: value}
     with pytest.raises(NotImplementedError, match=match):
         LensConfig.from_hf_config(text_config(**changes))
