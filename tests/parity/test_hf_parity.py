@@ -92,10 +92,13 @@ def test_pad_rows_are_finite_and_equal_hf(model_pair, name):
 def test_left_padded_row_equals_prompt_alone(model_pair, name, dtype):
     """Positions come from the mask: Bloom always (ALiBi), Gemma with position_ids="mask".
 
-    bf16: 0.0. fp32: CPU matmul rounds a row differently when the matrix has another number of rows
-    (docs/determinism.md: 1e-6 scale), so the padded call (16 rows) and the call alone (11 rows) can differ in the
-    last bits; HF has exactly the same difference, so both sides must equal HF's bit for bit, and the gap must
-    stay at rounding level (< 1e-4). The deterministic mode removes it (tests/determinism).
+    CPU matmul and elementwise kernels round a row differently when the tensor has another number of rows
+    (docs/determinism.md), so the padded call (16 rows) and the call alone (11 rows) can differ in the last bits;
+    HF has exactly the same difference, so both sides must equal HF's bit for bit, and the gap must stay at
+    rounding level: fp32 < 1e-4; bf16 within 16 bf16 epsilons (2**-8) of the logit scale (measured: 0 on the
+    AVX2 / AVX-512 paths, 5.3 epsilons for tiny-gemma4-ple on ATEN_CPU_CAPABILITY=default, whose elementwise
+    kernels are not position-invariant). A wrong position or mask is O(scale) off. The deterministic mode removes
+    the gap (tests/determinism).
     """
     hf, model = model_pair(name, dtype)
     tokens, mask = batch("left", model.cfg.d_vocab)
@@ -109,7 +112,7 @@ def test_left_padded_row_equals_prompt_alone(model_pair, name, dtype):
     assert torch.equal(padded, hf_padded) and torch.equal(alone, hf_alone)
     gap = (padded[0, 5:].double() - alone[0].double()).abs().max().item()
     if dtype == torch.bfloat16:
-        assert gap == 0.0
+        assert gap <= 16 * 2**-8 * alone.abs().max().item()
     else:
         assert gap < 1e-4
 

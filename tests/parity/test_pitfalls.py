@@ -100,9 +100,11 @@ def test_gemma1_norm_roles(model_pair):
 
 # --- Gemma 4 (docs/numerics.md §6) ---
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("fault", ["rmsnorm_unit_offset", "full_rope_instead_of_partial", "missing_v_norm",
-                                   "rmsnorm_reciprocal_sqrt"])
+@pytest.mark.parametrize("fault, dtype", [
+    *[(f, d) for f in ("rmsnorm_unit_offset", "full_rope_instead_of_partial", "missing_v_norm")
+      for d in (torch.float32, torch.bfloat16)],
+    ("rmsnorm_reciprocal_sqrt", torch.float32),
+], ids=str)
 def test_gemma4_pitfalls_fail(model_pair, fault, dtype):
     """Gemma 4's RMSNorm gain is w (not 1 + w) and its 1/sqrt is pow(., -0.5) (x / sqrt(.) rounds differently);
     full layers rotate only a fraction of the frequency pairs; values pass a weightless RMSNorm."""
@@ -111,8 +113,9 @@ def test_gemma4_pitfalls_fail(model_pair, fault, dtype):
     assert logit_gap(model, hf, tokens, mask) == 0.0
     with getattr(faults, fault)(model):
         gap = logit_gap(model, hf, tokens, mask)
-    assert gap > 0.0
-    if fault != "rmsnorm_reciprocal_sqrt":  # a rounding-level fault; the others change the function
+    if fault == "rmsnorm_reciprocal_sqrt":  # a rounding-level fault: an fp32 ulp (checked in fp32 only: the bf16
+        assert gap > 0.0  # cast absorbed it on ATEN_CPU_CAPABILITY=default)
+    else:  # the others change the function
         assert gap > 1e-3
     assert logit_gap(model, hf, tokens, mask) == 0.0  # the fault is undone on exit
 
