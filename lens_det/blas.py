@@ -32,32 +32,29 @@ COLUMNS_PER_THREAD = 64  # 4x the measured threshold (module docstring)
 _MODE_CHANGE_FAILURE = -8
 
 
-@functools.cache
-def _mkl():
-    """MKL's CNR entry points inside libtorch_cpu, or None (another BLAS, or symbols not exported)."""
+def _mkl_function(name: str):
+    """An MKL entry point exported by libtorch_cpu (int -> int), or None (another BLAS, or not exported)."""
     if not torch.backends.mkl.is_available():
         return None
     try:
-        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
-        get, set_ = lib.mkl_serv_cbwr_get, lib.mkl_serv_cbwr_set
-    except (OSError, AttributeError):
-        return None
-    get.restype = set_.restype = ctypes.c_int
-    get.argtypes = set_.argtypes = [ctypes.c_int]
-    return get, set_
-
-
-@functools.cache
-def _mkl_local_threads():
-    """MKL's thread-local thread count setter inside libtorch_cpu, or None."""
-    if not torch.backends.mkl.is_available():
-        return None
-    try:
-        fn = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")).MKL_Set_Num_Threads_Local
+        fn = getattr(ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")), name)
     except (OSError, AttributeError):
         return None
     fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_int]
     return fn
+
+
+@functools.cache
+def _mkl():
+    """MKL's CNR entry points (get, set), or None."""
+    get, set_ = _mkl_function("mkl_serv_cbwr_get"), _mkl_function("mkl_serv_cbwr_set")
+    return None if get is None or set_ is None else (get, set_)
+
+
+@functools.cache
+def _mkl_local_threads():
+    """MKL's thread-local thread count setter, or None."""
+    return _mkl_function("MKL_Set_Num_Threads_Local")
 
 
 @contextlib.contextmanager

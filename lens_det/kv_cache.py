@@ -3,8 +3,8 @@
 Per layer it holds keys (post-RoPE, post q/k-norm) and values [batch, kv_heads, pos, d_head] on that layer's
 device, the way HF's DynamicCache does (docs/numerics.md §1.5): full-attention layers keep everything, sliding-window
 layers keep the last W - 1 positions; KV-sharing consumer layers store nothing (their source layer's keys and values
-are handed over within each forward call, as HF's KVSharingDict). Positions are not stored: ALiBi and mask-derived RoPE positions are
-recomputed from the mask history, default RoPE positions continue from the number of tokens seen.
+are handed over within each forward call, as HF's KVSharingDict). Positions are not stored: ALiBi and mask-derived
+RoPE positions are recomputed from the mask history, default RoPE positions continue from the number of tokens seen.
 
 A forward call stages its updates and commits them only when the whole call succeeded, so an error (bad input,
 a hook that raises) leaves the cache unchanged. A frozen cache is read but never grown.

@@ -32,7 +32,8 @@ def why_not(config, step: str) -> str | None:
             return ("RMSNorm does not subtract the mean, so centring what is written to the residual stream changes "
                     "every norm's output (TransformerLens skips this step for RMSNorm models)")
         if c.post_attn_norm or c.post_mlp_norm:
-            return "the attention / MLP outputs pass through a norm before the residual add, so W_O / W_out do not write it"
+            return ("the attention / MLP outputs pass through a norm before the residual add, so W_O / W_out do not "
+                    "write the residual stream")
     if step == "fold_value_biases" and c.kv_source_layer and c.attn_bias:
         return ("KV-sharing layers attend to an earlier layer's values, so its b_V would have to fold into their b_O "
                 "as well (not implemented)")
@@ -43,11 +44,13 @@ def why_not(config, step: str) -> str | None:
                 "shift of the logits, so centring W_U would change the log-probs")
     if step == "refactor_factored_attn_matrices":
         if c.positional == "rope":
-            return "with RoPE the QK circuit depends on the query and key positions, so W_Q W_K^T has no position-free SVD"
+            return ("with RoPE the QK circuit depends on the query and key positions, so W_Q W_K^T has no "
+                    "position-free SVD")
         if c.qk_norm:
             return "q_norm / k_norm act on q and k themselves, which a refactor changes"
         if any(c.layer_n_rep(i) > 1 for i in range(c.n_layers)):
-            return "grouped-query attention shares each key/value head among query heads; a per-head refactor would split them"
+            return ("grouped-query attention shares each key/value head among query heads; a per-head refactor "
+                    "would split them")
     return None
 
 
