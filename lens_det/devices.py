@@ -45,7 +45,6 @@ def resolve_device_map(device_map: dict[str, Any], n_layers: int, tied: bool = F
             placed.setdefault("embed", _device(value))
         elif last in _PER_LAYER_EMBED:  # follows the embedding unless an embedding key placed it already
             placed.setdefault("embed", _device(value))
-            placed.setdefault("embed", _device(value))
         elif last in _FINAL:
             placed["ln_final"] = _device(value)
         elif last in _UNEMBED:

@@ -115,8 +115,8 @@ def from_config(name: str, seed: int = 0, dtype=torch.float32, device=None, expe
     """A model with random weights for a named config (model_configs): an HF model of that config is
     initialised with `seed` and converted, so the result matches HF for the same seed. It carries an offline
     character tokenizer (lens_det.tokenizer), so string inputs work without a model hub. `experts_implementation`: see
-    from_pretrained. `processing`: TransformerLens
-    weight processing by keyword (fold_ln=True, ...), off by default; see from_hf_model."""
+    from_pretrained. `processing`: TransformerLens weight processing by keyword (fold_ln=True, ...), off by default;
+    see from_hf_model."""
     from transformers import AutoModelForCausalLM
 
     if not isinstance(name, str):

@@ -468,8 +468,8 @@ class HookedDecoder(HookedRootModule):
     def input_to_embed(self, input, attention_mask=None, past_kv_cache=None):
         """As TransformerLens 2.x: (residual stream entering block 0 [batch, pos, d_model], tokens, None (no
         shortformer positional embedding), attention_mask); hook_embed fires. Feed the residual back with
-        model(residual, start_at_layer=0, attention_mask=mask). A string input is tokenized left-padded, and its
-        mask returned."""
+        model(residual, start_at_layer=0, attention_mask=mask) (plus input_ids=tokens on a model with per-layer
+        embeddings). A string input is tokenized left-padded, and its mask returned."""
         if past_kv_cache is not None:
             raise ValueError("input_to_embed does not read a KV cache here (the embedding does not depend on it); "
                              "drop past_kv_cache and pass the cache to forward")

@@ -10,8 +10,8 @@ cause (torch 2.13.0 CPU build; docs/determinism.md has the figures):
   * GEMMs: a BLAS picks its kernel, blocking and thread split from the call's shape, so a row's bits depend on
     the other rows. MKL's strict reproducibility mode (lens_det.blas, set at import) removes this; rows are
     also padded to a multiple of ROW_TILE so no call takes the matrix-vector path, and a GEMM with few output
-    columns runs on fewer threads (lens_det.blas.gemm_threads: MKL splits those by thread count even so). bfloat16/float16 GEMMs run in
-    float32 (their oneDNN kernels are outside MKL's mode) and round once.
+    columns runs on fewer threads (lens_det.blas.gemm_threads: MKL splits those by thread count even so).
+    bfloat16/float16 GEMMs run in float32 (their oneDNN kernels are outside MKL's mode) and round once.
   * Sums over keys (softmax denominator, probs @ V) run over fixed KEY_BLOCK blocks aligned on each key's
     real-token index, in float32, added block after block; masked keys are exact zeros. Attention scores are
     computed one KEY_BLOCK of keys at a time. A prompt alone, padded, chunked or decoded reduces the same

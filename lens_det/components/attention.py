@@ -83,9 +83,9 @@ class Attention(nn.Module):
             self.hook_v = HookPoint()  # [batch, pos, kv_head_index, d_head] (K = V layers: the k projection again)
         if cfg.positional == "rope":
             fraction = cfg.layer_rope_rotary_fraction(layer)
-            self.rope_key = (cfg.rope_theta[layer], cfg.rope_linear_factor[layer], d, fraction)
+            self.rope_key = (d, cfg.rope_theta[layer], cfg.rope_linear_factor[layer], fraction)  # rope_inv_freq's args
             # Plain float32 attributes, not buffers: model.to(bfloat16) must not round them (docs/numerics.md §3.4).
-            self.inv_freq = rope_inv_freq(d, cfg.rope_theta[layer], cfg.rope_linear_factor[layer], fraction)
+            self.inv_freq = rope_inv_freq(*self.rope_key)
             self.hook_rot_q = HookPoint()  # [batch, pos, head_index, d_head]
             if own_kv:
                 self.hook_rot_k = HookPoint()  # [batch, pos, kv_head_index, d_head]

@@ -111,8 +111,8 @@ class Block(nn.Module):
         return x
 
     def _scale_output(self, x: torch.Tensor) -> torch.Tensor:
-        # HF: `hidden_states *= self.layer_scalar` (docs/numerics.md §6.5), in place: computed in the promoted dtype, stored in x's dtype.
-        # The same arithmetic out of place (differentiable, and no hook's tensor changes afterwards).
+        # HF: `hidden_states *= self.layer_scalar` (docs/numerics.md §6.5), in place: computed in the promoted dtype,
+        # stored in x's dtype. The same arithmetic out of place (differentiable, and no hook's tensor changes after).
         s = self.layer_scalar.to(x.device)
         return x * s if s.dtype == x.dtype else (x * s).to(x.dtype)
 

@@ -48,12 +48,10 @@ def rope_inv_freq(d_head: int, theta: float, linear_factor: float, rotary_fracti
     int(rotary_fraction * d_head // 2) frequencies, their exponents still over the full d_head, then zeros, so the
     remaining pairs get cos 1, sin 0 and pass unrotated (HF's `_compute_proportional_rope_parameters`,
     docs/numerics.md §6.4)."""
-    if rotary_fraction == 1.0:
-        inv_freq = 1.0 / (theta ** (torch.arange(0, d_head, 2, dtype=torch.int64, device="cpu").float() / d_head))
-    else:
-        n_rotated = int(rotary_fraction * d_head // 2)
-        exponents = torch.arange(0, 2 * n_rotated, 2, dtype=torch.int64, device="cpu").float() / d_head
-        inv_freq = torch.cat([1.0 / (theta**exponents), torch.zeros(d_head // 2 - n_rotated, dtype=torch.float32, device="cpu")])
+    n_rotated = int(rotary_fraction * d_head // 2)  # all d_head // 2 pairs at fraction 1
+    exponents = torch.arange(0, 2 * n_rotated, 2, dtype=torch.int64, device="cpu").float() / d_head
+    unrotated = torch.zeros(d_head // 2 - n_rotated, dtype=torch.float32, device="cpu")
+    inv_freq = torch.cat([1.0 / (theta**exponents), unrotated])
     if linear_factor != 1.0:
         inv_freq /= linear_factor
     return inv_freq

@@ -123,8 +123,8 @@ def full_rope_instead_of_partial(model):
         attn = block.attn
         if getattr(attn, "rope_key", None) is None or attn.rope_key[3] == 1.0:
             continue
-        theta, factor, d, _ = attn.rope_key
-        pairs += [(attn, "inv_freq", rope_inv_freq(d, theta, factor)), (attn, "rope_key", (theta, factor, d, 1.0))]
+        d, theta, factor, _ = attn.rope_key
+        pairs += [(attn, "inv_freq", rope_inv_freq(d, theta, factor)), (attn, "rope_key", (d, theta, factor, 1.0))]
     if not pairs:
         raise ValueError("no layer of this model has partial RoPE")
     return _patched_all(pairs)
