@@ -1,15 +1,24 @@
-"""Loading: from_pretrained (hub name, local directory or HF model object) and from_config (random weights)."""
+"""Loading: from_pretrained (hub name, local directory or HF model object) and from_config (random weights).
+
+from_pretrained builds the model on the meta device (shapes only, no memory), reads the checkpoint's tensors one
+at a time (safetensors headers first, each tensor when it is placed) and assigns each straight onto its device; a
+`device_map` may also offload parts to the CPU or disk through accelerate (lens_det.devices). docs/architecture.md,
+"Loading", describes the whole path.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from lens_det.config import hf_config_from_name
-from lens_det.convert import family_for
+from lens_det.convert import family_for, resolve_attn_implementation
 from lens_det.model import HookedDecoder
 from lens_det.tokenizer import char_tokenizer
 
@@ -20,22 +29,121 @@ WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 
 LM_HEADS = ("ForCausalLM", "ForConditionalGeneration")  # HF classes whose head is the (tied) unembedding
 
+AUTO_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's / HF's computed maps
+
+_HUB = ("download the checkpoint with huggingface_hub.snapshot_download(repo_id, revision=..., cache_dir=..., "
+        "token=...) and pass the directory it returns")
+_QUANTIZED = ("quantized loading is not supported (lens_det matches HF's unquantized model bit for bit): load in "
+              "bfloat16 (dtype=torch.bfloat16 or dtype='auto') and, if it does not fit, offload with device_map='auto'")
+_TENSOR_PARALLEL = ("tensor parallelism is not supported; spread the layers over GPUs with device_map='auto' (or a "
+                    "dict such as {'blocks.0': 'cuda:0', ..., '': 'cuda:1'})")
+_DROP = "transformers ignores it too; drop it"
+
+# Keywords of transformers' from_pretrained that lens_det does not take, each with what to do instead.
+HF_KEYWORDS = {
+    "revision": _HUB, "cache_dir": _HUB, "token": _HUB, "use_auth_token": _HUB, "force_download": _HUB,
+    "proxies": _HUB,
+    "local_files_only": "pass a local directory: lens_det goes to the hub only when name_or_path is not a directory",
+    "subfolder": "pass the subfolder's own path (os.path.join(directory, subfolder))",
+    "variant": "pass a directory holding that variant's weight files only",
+    "use_safetensors": ("lens_det reads *.safetensors when the directory has them, else pytorch_model*.bin; pass a "
+                        "directory with the format you want"),
+    "weights_only": "lens_det always reads pytorch_model*.bin with torch.load(weights_only=True); drop it",
+    "trust_remote_code": ("lens_det never runs a checkpoint's code: it has its own implementation of the supported "
+                          "families (Bloom, Gemma 1-4, VaultGemma); drop it"),
+    "quantization_config": _QUANTIZED, "load_in_8bit": _QUANTIZED, "load_in_4bit": _QUANTIZED,
+    "gguf_file": "GGUF is not supported: convert it to safetensors (HF from_pretrained + save_pretrained) and pass that",
+    "tp_plan": _TENSOR_PARALLEL, "tp_size": _TENSOR_PARALLEL, "device_mesh": _TENSOR_PARALLEL,
+    "distributed_config": _TENSOR_PARALLEL,
+    "offload_buffers": "lens_det keeps buffers in memory (at most one scalar per layer); drop it",
+    "offload_state_dict": _DROP, "_fast_init": _DROP, "mirror": _DROP, "from_tf": _DROP, "from_flax": _DROP,
+    "output_attentions": ("attention patterns are hook points: logits, cache = model.run_with_cache(tokens), then "
+                          "cache['pattern', layer] (blocks.{i}.attn.hook_pattern)"),
+    "output_hidden_states": ("the residual stream is a hook point: logits, cache = model.run_with_cache(tokens), then "
+                             "cache['resid_post', layer]"),
+    "use_cache": "pass kv_cache=model.new_cache() to the forward (or use model.generate)",
+    "return_dict": "the forward returns logits (return_type='logits', 'loss' or 'both')",
+    "config": ("lens_det reads config.json from the directory: edit it there, or convert an HF model built with your "
+               "config: lens_det.from_hf_model(AutoModelForCausalLM.from_pretrained(directory, config=config))"),
+    "state_dict": ("load weights into the model with model.load_state_dict(state_dict), or convert an HF model: "
+                   "lens_det.from_hf_model(hf_model)"),
+    "key_mapping": ("checkpoints with renamed weights are not read directly: load with HF "
+                    "(AutoModelForCausalLM.from_pretrained(directory, key_mapping=...)) and use lens_det.from_hf_model"),
+    "ignore_mismatched_sizes": "not supported: every tensor must have the shape its config gives",
+    "output_loading_info": "not supported: loading raises when a tensor is missing or unexpected",
+    "adapter_name": "merge the adapter first (peft: model.merge_and_unload(), then save_pretrained) and pass that",
+    "adapter_kwargs": "merge the adapter first (peft: model.merge_and_unload(), then save_pretrained) and pass that",
+    "generation_config": "pass generation options to model.generate(...)",
+    "use_kernels": "hub kernels are not supported (they change the numerics); drop it",
+    "kernel_config": "hub kernels are not supported (they change the numerics); drop it",
+}
+# from_config / from_hf_model: loading keywords that only from_pretrained takes
+_IN_MEMORY = ("builds the model in memory; spread it over devices with model.place(device_map) (offloading to 'disk' "
+              "needs a checkpoint: save_pretrained it and load with lens_det.from_pretrained(directory, "
+              "device_map=..., offload_folder=...))")
+_LOADING_ONLY = {"device_map": _IN_MEMORY, "max_memory": _IN_MEMORY, "offload_folder": _IN_MEMORY,
+                 "low_cpu_mem_usage": "builds the model in memory; drop it"}
+
+
+def _check_kwargs(kwargs: dict, function: str, takes: tuple[str, ...]) -> dict[str, bool]:
+    """The weight-processing keywords of `kwargs`; anything else is a TypeError that says what to do instead."""
+    from lens_det.weight_processing import STEPS
+
+    refused = []
+    for key in kwargs:
+        if key in HF_KEYWORDS:
+            refused.append(f"{key!r} (a transformers from_pretrained keyword): {HF_KEYWORDS[key]}")
+        elif key in _LOADING_ONLY and function != "from_pretrained":
+            refused.append(f"{key!r} (a from_pretrained keyword): {function} {_LOADING_ONLY[key]}")
+    if refused:
+        raise TypeError(f"{function}() does not take " + "; ".join(refused))
+    unknown = sorted(set(kwargs) - set(STEPS))
+    if unknown:
+        close = sorted({m for k in unknown for m in difflib.get_close_matches(k, [*takes, *STEPS], n=1)})
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        overrides = (" Config overrides (transformers' from_pretrained(dir, sliding_window=...)) are not taken: edit "
+                     "config.json, or convert an HF model loaded with them: "
+                     "lens_det.from_hf_model(AutoModelForCausalLM.from_pretrained(directory, ...))."
+                     if function == "from_pretrained" else "")
+        raise TypeError(f"{function}() got unexpected keyword argument(s) {unknown}{hint}. It takes "
+                        f"{', '.join(takes)}, and the weight-processing options are {', '.join(STEPS)} "
+                        f"(TransformerLens's, off by default).{overrides}")
+    return kwargs
+
 
 def _process(model: HookedDecoder, steps: dict[str, bool]) -> HookedDecoder:
     """Apply TransformerLens weight processing chosen by keyword at load time (all off by default: HF-exact)."""
     from lens_det.weight_processing import STEPS
 
-    unknown = sorted(set(steps) - set(STEPS))
-    if unknown:
-        raise TypeError(f"unexpected keyword argument(s) {unknown}; weight-processing options are {', '.join(STEPS)}")
     if any(steps.values()):
         model.process_weights_(**{step: bool(steps.get(step, False)) for step in STEPS})
     return model
 
 
+def _dtype_or_alias(dtype, torch_dtype):
+    """`torch_dtype` is transformers' old name of `dtype` (still accepted there)."""
+    if torch_dtype is not None:
+        if dtype is not None:
+            raise ValueError("pass dtype or torch_dtype (its old transformers name), not both")
+        return torch_dtype
+    return dtype
+
+
+def _refuse_meta_context(function: str) -> None:
+    if torch.get_default_device().type == "meta":
+        raise ValueError(f"{function} is called under torch.device('meta') (or torch.set_default_device('meta')), "
+                         "which would drop the weights it loads. For an empty (meta) model use "
+                         "lens_det.from_config(name) there, or HookedDecoder(config) under torch.device('meta'); "
+                         f"otherwise call {function} outside that context (loading already builds on meta, then "
+                         "assigns each weight)")
+
+
 def from_hf_model(hf_model: Any, dtype: torch.dtype | str | None = None, device=None,
-                  share_weights: bool = False, **processing: bool) -> HookedDecoder:
-    """Convert an in-memory HF causal LM (e.g. BloomForCausalLM). dtype defaults to the HF model's.
+                  share_weights: bool = False, *, torch_dtype: torch.dtype | str | None = None,
+                  attn_implementation: str | None = None, **processing: bool) -> HookedDecoder:
+    """Convert an in-memory HF causal LM (e.g. BloomForCausalLM). dtype defaults to the HF model's (so does "auto");
+    `torch_dtype` is its old transformers name. `attn_implementation` ("eager" or "sdpa") defaults to the HF
+    model's own (`config._attn_implementation`), so the two models compute the same thing.
 
     The lens_det model gets its own copy of the weights, so editing one model never changes the other (a parity
     report against the HF model then sees the edit). `share_weights=True` shares storage where dtype and layout
@@ -47,16 +155,35 @@ def from_hf_model(hf_model: Any, dtype: torch.dtype | str | None = None, device=
     """
     from transformers import PreTrainedModel
 
+    processing = _check_kwargs(processing, "from_hf_model", ("dtype", "torch_dtype", "device", "share_weights",
+                                                             "attn_implementation"))
     if not isinstance(hf_model, PreTrainedModel):
         raise TypeError(f"from_hf_model takes a transformers PreTrainedModel (e.g. GemmaForCausalLM), got "
                         f"{type(hf_model).__name__}; for a checkpoint name or directory use from_pretrained")
     _check_head(type(hf_model).__name__)
-    dtype = _as_dtype(dtype) or next(hf_model.parameters()).dtype
+    _refuse_meta_context("from_hf_model")
+    dtype = _dtype_or_alias(dtype, torch_dtype)
+    dtype = (None if dtype == "auto" else _as_dtype(dtype)) or next(hf_model.parameters()).dtype
     copy = not share_weights or any(processing.values())  # processing writes in place: never into the HF model
     model = _build(hf_model.config, hf_model.state_dict(), dtype, device, copy=copy, source=type(hf_model).__name__)
     if model.config.n_experts:
         model.experts_implementation = hf_experts_implementation(hf_model)
+    model.attn_implementation = attn_implementation or hf_attn_implementation(hf_model)
     return _process(model, processing)
+
+
+def hf_attn_implementation(hf_model: Any) -> str:
+    """The attention implementation an HF model runs (its text config's `_attn_implementation`), refused with what
+    to do when lens_det has no such implementation (flash_attention_2, flex_attention, ...)."""
+    from lens_det.convert import ATTN_IMPLEMENTATIONS
+
+    config = getattr(hf_model.config, "text_config", None) or hf_model.config
+    value = getattr(config, "_attn_implementation", None) or "eager"
+    if value not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"the HF model runs attn_implementation={value!r}, which lens_det does not implement (it has "
+                         f"{', '.join(ATTN_IMPLEMENTATIONS)}): rebuild it with attn_implementation='sdpa' or 'eager', "
+                         "or call hf_model.set_attn_implementation('sdpa') first")
+    return value
 
 
 def hf_experts_implementation(hf_model: Any) -> str:
@@ -70,34 +197,88 @@ def hf_experts_implementation(hf_model: Any) -> str:
 
 def from_pretrained(
     name_or_path: str | Path | Any,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str | None = None,
     device=None,
     tokenizer: bool = True,
     experts_implementation: str | None = None,
-    **processing: bool,
+    *,
+    device_map: str | dict | int | torch.device | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | Path | None = None,
+    low_cpu_mem_usage: bool = True,
+    torch_dtype: torch.dtype | str | None = None,
+    attn_implementation: str | None = None,
+    **kwargs: bool,
 ) -> HookedDecoder:
     """Load a checkpoint: an HF hub name (needs network or the local HF cache), a local `save_pretrained`
     directory, or an HF model object. Only the decoder (text) weights are read, straight from the weight files.
 
     Args:
         name_or_path: e.g. "bigscience/bloom-560m", "/path/to/dir", or a `PreTrainedModel`.
-        dtype: the model dtype (weights are cast to it, as HF `from_pretrained(dtype=...)` does).
-        device: where to put the model.
+        dtype: the model dtype; weights are cast to it, as HF `from_pretrained(dtype=...)` does. The default is
+            torch.float32 (TransformerLens's default); pass dtype="auto" to match HF 5's from_pretrained default,
+            the checkpoint's dtype (config.json's dtype / torch_dtype, else the dtype of the first floating-point
+            tensor stored). `torch_dtype` is its old transformers name (pass one of the two).
+        device: put the whole model on this device ("cpu", "cuda:0", ...). Default: cpu.
         tokenizer: attach the checkpoint's tokenizer when it has one.
         experts_implementation: MoE models: "grouped_mm" (HF's default, also when None) or "eager", to match an HF
             model loaded with the same `experts_implementation` (an HF model object brings its own).
-        processing: TransformerLens weight processing by keyword (fold_ln=True, ...), off by default; see
-            from_hf_model.
+        device_map: where each part goes, as HF/accelerate's `device_map` (instead of `device`): "auto",
+            "balanced", "balanced_low_0" or "sequential" (computed by accelerate from the free memory, or
+            `max_memory`; on a machine without a GPU, "auto" puts everything on the CPU), a device ("cpu",
+            "cuda:1", 0), or a dict in HF module names ({"model.embed_tokens": 0, "model.layers.0": 0, ...,
+            "lm_head": "cpu"}) or lens_det names ("embed", "blocks.3", "ln_final", "unembed", "" for the rest).
+            Values are devices, GPU indices or "disk". As with accelerate, parts on "disk" (and on "cpu" when a GPU
+            is in the map) are offloaded: their weights stay on the meta device and load onto the main device (the
+            first GPU, else the CPU) at each forward. lens_det keeps the embedding in memory (on "cpu" it runs
+            there), and the norms its forward routes activations by (ln_final, each block's ln1) on the execution
+            device. With safetensors, disk-offloaded weights are read from the checkpoint itself.
+        max_memory: with a computed device_map, the memory per device ({0: "20GiB", "cpu": "60GiB"}), as HF.
+        offload_folder: where disk-offloaded weights are written when they cannot be read from the checkpoint
+            itself (pytorch_model*.bin checkpoints), as HF.
+        low_cpu_mem_usage: accepted for HF compatibility; loading always builds on the meta device and reads one
+            tensor at a time (True and False behave the same).
+        attn_implementation: "eager" or "sdpa" (settable later as model.attn_implementation). The default is what
+            HF's from_pretrained picks for the family: "sdpa" for Gemma 1, 3 and 4, "eager" for Bloom, Gemma 2 and
+            VaultGemma (which HF runs eager-only, and which refuse "sdpa"). An HF model object brings its own.
+        kwargs: TransformerLens weight processing by keyword (fold_ln=True, ...), off by default; see
+            from_hf_model. Other transformers keywords (revision, trust_remote_code, quantization_config, ...) raise
+            a TypeError that says what to do instead.
     """
+    processing = _check_kwargs(kwargs, "from_pretrained", (
+        "dtype", "torch_dtype", "device", "device_map", "max_memory", "offload_folder", "low_cpu_mem_usage",
+        "tokenizer", "experts_implementation", "attn_implementation"))
+    if not isinstance(low_cpu_mem_usage, bool):
+        raise TypeError(f"low_cpu_mem_usage must be True or False, got {low_cpu_mem_usage!r}")
+    dtype = _dtype_or_alias(dtype, torch_dtype)
     if not isinstance(name_or_path, (str, Path)):
-        model = from_hf_model(name_or_path, dtype=dtype, device=device, **processing)
+        if device_map is not None or max_memory is not None or offload_folder is not None:
+            raise ValueError("device_map / max_memory / offload_folder apply to checkpoints; an in-memory HF model "
+                             "converts with lens_det.from_hf_model(hf_model), then model.place(device_map) moves its "
+                             "parts (or pass the checkpoint directory here)")
+        model = from_hf_model(name_or_path, dtype=torch.float32 if dtype is None else dtype, device=device,
+                              attn_implementation=attn_implementation, **processing)
         return _set_experts(model, experts_implementation)
+    _refuse_meta_context("from_pretrained")
     directory = _local_dir(str(name_or_path))
     from transformers import AutoConfig
 
     hf_cfg = AutoConfig.from_pretrained(directory)
     _check_head(*(getattr(hf_cfg, "architectures", None) or [None])[:1])
-    model = _build(hf_cfg, _read_weights(directory), _as_dtype(dtype), device, copy=False, source=str(directory))
+    checkpoint = _Checkpoint(directory)
+    dtype = checkpoint_dtype(hf_cfg, checkpoint) if dtype == "auto" else (_as_dtype(dtype) or torch.float32)
+    family = family_for(hf_cfg)
+    cfg = family.config_from_hf(hf_cfg)
+    implementation = resolve_attn_implementation(cfg, attn_implementation)  # refused before any weight is read
+    sources = _lazy_conversion(family, checkpoint, cfg, str(directory))
+    with torch.device("meta"):
+        model = HookedDecoder(cfg, dtype=dtype)
+    plan = _placement(model, device, device_map, max_memory)
+    offloaded = _load(model, checkpoint, sources, plan, offload_folder)
+    if offloaded and any(processing.values()):
+        raise ValueError(f"weight processing rewrites every weight in place, but {offloaded} are offloaded (their "
+                         "weights load at each forward and are never held); process a model loaded without offload")
+    model.attn_implementation = implementation
     model.name = str(name_or_path)
     if tokenizer:
         model.tokenizer = _load_tokenizer(directory)
@@ -110,23 +291,47 @@ def _set_experts(model: HookedDecoder, experts_implementation: str | None) -> Ho
     return model
 
 
-def from_config(name: str, seed: int = 0, dtype=torch.float32, device=None, experts_implementation: str | None = None,
-                **processing: bool) -> HookedDecoder:
+def from_config(name: str, seed: int = 0, dtype: torch.dtype | str | None = None, device=None,
+                experts_implementation: str | None = None, *, torch_dtype: torch.dtype | str | None = None,
+                attn_implementation: str | None = None, **processing: bool) -> HookedDecoder:
     """A model with random weights for a named config (model_configs): an HF model of that config is
     initialised with `seed` and converted, so the result matches HF for the same seed. It carries an offline
-    character tokenizer (lens_det.tokenizer), so string inputs work without a model hub. `experts_implementation`: see
-    from_pretrained. `processing`: TransformerLens weight processing by keyword (fold_ln=True, ...), off by default;
-    see from_hf_model."""
+    character tokenizer (lens_det.tokenizer), so string inputs work without a model hub. dtype: torch.float32 by
+    default ("auto": the config's dtype, else float32; `torch_dtype` is its old transformers name).
+    `experts_implementation`, `attn_implementation`: see from_pretrained (the same defaults as HF's
+    `from_config`: sdpa where the family supports it). `processing`: TransformerLens weight processing by keyword
+    (fold_ln=True, ...), off by default; see from_hf_model.
+
+    On the meta device (`device="meta"`, or called under `with torch.device("meta")`) it returns an empty model:
+    every weight on meta with its shape and dtype, no HF model built and no memory used. Give it storage with
+    `model.to_empty(device="cpu")` and load weights with `model.load_state_dict(...)`."""
     from transformers import AutoModelForCausalLM
 
+    processing = _check_kwargs(processing, "from_config", ("seed", "dtype", "torch_dtype", "device",
+                                                           "experts_implementation", "attn_implementation"))
     if not isinstance(name, str):
         raise TypeError(f"from_config takes the name of a config in model_configs, got {type(name).__name__}")
     hf_cfg = hf_config_from_name(name)
-    dtype = _as_dtype(dtype)
+    dtype = _dtype_or_alias(dtype, torch_dtype)
+    dtype = (_as_dtype(getattr(hf_cfg, "dtype", None)) if dtype == "auto" else _as_dtype(dtype)) or torch.float32
+    target = torch.get_default_device() if device is None else _target_device(device)
+    if target.type == "meta":
+        if any(processing.values()):
+            raise ValueError("weight processing rewrites the weights, and a meta model has none: process after "
+                             "loading weights (model.process_weights_(...))")
+        with torch.device("meta"):
+            model = HookedDecoder(family_for(hf_cfg).config_from_hf(hf_cfg), dtype=dtype)
+        model.attn_implementation = resolve_attn_implementation(model.config, attn_implementation)
+        model.tokenizer = char_tokenizer(model.config)
+        model.name = name
+        return _set_experts(model, experts_implementation)
     torch.manual_seed(seed)
-    hf_model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation="eager")
-    model = from_hf_model(hf_model, dtype=dtype, device=device, share_weights=True,  # nobody else holds hf_model
-                          **processing)
+    # an explicit device under a meta context: build for real (the context would make the HF model empty)
+    with torch.device("cpu") if torch.get_default_device().type == "meta" else contextlib.nullcontext():
+        implementation = resolve_attn_implementation(family_for(hf_cfg).config_from_hf(hf_cfg), attn_implementation)
+        hf_model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation=implementation)
+        model = from_hf_model(hf_model, dtype=dtype, device=device, share_weights=True,  # nobody else holds it
+                              **processing)
     model.tokenizer = char_tokenizer(model.cfg)
     model.name = name
     return _set_experts(model, experts_implementation)
@@ -138,8 +343,30 @@ def _as_dtype(dtype) -> torch.dtype | None:
         return dtype
     value = getattr(torch, str(dtype).removeprefix("torch."), None)
     if not isinstance(value, torch.dtype):
-        raise ValueError(f"dtype={dtype!r} is not a torch dtype; use e.g. torch.bfloat16 or 'bfloat16'")
+        raise ValueError(f"dtype={dtype!r} is not a torch dtype; use e.g. torch.bfloat16, 'bfloat16' or 'auto' (the "
+                         "checkpoint's dtype)")
     return value
+
+
+def checkpoint_dtype(hf_cfg: Any, checkpoint: _Checkpoint) -> torch.dtype:
+    """What HF 5's from_pretrained(dtype="auto") loads: config.dtype (config.json's "dtype", or the legacy
+    "torch_dtype"), else a sharded index's metadata dtype, else the first floating-point tensor of the first
+    weight file (else its first tensor's dtype; float32 for an empty file). HF's _get_dtype."""
+    value = getattr(hf_cfg, "dtype", None)
+    if value is not None:
+        return _as_dtype(value)
+    if checkpoint.index_dtype is not None:
+        return _as_dtype(checkpoint.index_dtype)
+    first = [t for k, t in checkpoint.meta.items() if checkpoint.where[k] == checkpoint.files[0]]
+    floats = [t.dtype for t in first if t.is_floating_point() and "float8_" not in str(t.dtype)
+              and "float4_" not in str(t.dtype)]
+    return floats[0] if floats else (first[0].dtype if first else torch.float32)
+
+
+def _target_device(device) -> torch.device:
+    from lens_det.devices import check_device
+
+    return check_device(device)
 
 
 def _check_head(class_name: str | None) -> None:
@@ -151,22 +378,269 @@ def _check_head(class_name: str | None) -> None:
         )
 
 
-def _build(hf_cfg: Any, hf_state_dict: dict, dtype: torch.dtype, device, copy: bool, source: str) -> HookedDecoder:
-    family = family_for(hf_cfg)
-    cfg = family.config_from_hf(hf_cfg)
+def _convert_state(family, hf_state_dict: dict, cfg, source: str) -> dict:
     try:
-        state = family.state_dict_from_hf(hf_state_dict, cfg)
+        return family.state_dict_from_hf(hf_state_dict, cfg)
     except KeyError as err:
         raise ValueError(f"the weights of {source} have no tensor {err.args[0]!r} (with or without the usual "
                          f"prefixes), which a {cfg.architecture} config with {cfg.n_layers} layers needs; the "
                          "checkpoint is incomplete or belongs to another config") from None
+
+
+def _build(hf_cfg: Any, hf_state_dict: dict, dtype: torch.dtype, device, copy: bool, source: str) -> HookedDecoder:
+    target = _target_device(device or "cpu")
+    family = family_for(hf_cfg)
+    cfg = family.config_from_hf(hf_cfg)
+    state = _convert_state(family, hf_state_dict, cfg, source)
+    empty = sorted(k for k, v in state.items() if v.is_meta)
+    if empty:
+        raise ValueError(f"the weights of {source} are on the meta device (no data: offloaded by accelerate, or built "
+                         f"under init_empty_weights / torch.device('meta')), e.g. {empty[0]}; load lens_det from the "
+                         "checkpoint instead: lens_det.from_pretrained(directory, device_map=...) offloads the same way")
+    if target.type == "meta":
+        raise ValueError("device='meta' would drop the weights this call converts; for an empty model use "
+                         "lens_det.from_config(name, device='meta'), or HookedDecoder(config) under torch.device('meta')")
     with torch.device("meta"):
         model = HookedDecoder(cfg)
     state = {k: v.to(dtype, copy=copy) for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f"weight conversion mismatch: missing {missing}, unexpected {unexpected}")
-    return model.to(device=device or "cpu").eval()
+    return model.to(device=target).eval()
+
+
+# --- reading a checkpoint lazily, and placing each tensor ---
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                       "F8_E5M2": torch.float8_e5m2}
+
+
+class _Checkpoint:
+    """A directory's weight files, read lazily: `meta` holds every tensor as a meta tensor (shape and dtype from the
+    safetensors headers), `load(key, device, dtype)` reads one tensor straight onto `device`. pytorch_model*.bin
+    files are memory-mapped (torch.load(mmap=True)), so only what is loaded is read."""
+
+    def __init__(self, directory: Path):
+        import json
+
+        self.files = sorted(directory.glob("*.safetensors"))
+        self.safetensors = bool(self.files)
+        self.where: dict[str, Path] = {}
+        self.meta: dict[str, torch.Tensor] = {}
+        self._handles: dict = {}
+        self._tensors: dict[str, torch.Tensor] = {}
+        index = directory / "model.safetensors.index.json"
+        self.index_dtype = json.loads(index.read_text()).get("metadata", {}).get("dtype") if index.exists() else None
+        if self.safetensors:
+            from safetensors import safe_open
+
+            for file in self.files:
+                with safe_open(file, framework="pt") as handle:
+                    for key in handle.keys():
+                        piece = handle.get_slice(key)
+                        self.where[key] = file
+                        self.meta[key] = torch.empty(piece.get_shape(), device="meta",
+                                                     dtype=_SAFETENSORS_DTYPES.get(piece.get_dtype(), torch.uint8))
+            return
+        self.files = sorted(directory.glob("pytorch_model*.bin"))
+        if not self.files:
+            raise ValueError(f"no *.safetensors or pytorch_model*.bin weights in {directory}")
+        for file in self.files:
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+                state = torch.load(file, map_location="cpu", weights_only=True)
+            for key, tensor in state.items():
+                self.where[key], self._tensors[key] = file, tensor
+                self.meta[key] = torch.empty_like(tensor, device="meta")
+
+    def load(self, key: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        if not self.safetensors:  # a copy: the model must not hold the read-only file mapping
+            return self._tensors[key].to(device=device, dtype=dtype, copy=True)
+        from safetensors import safe_open
+
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        where = str(device)
+        handle, owned = self._handles.get((self.where[key], where), (None, True))
+        if handle is None:
+            # CPU tensors are read into memory the tensor owns (pread): a tensor served from the file mapping of a
+            # still-open handle made every matmul on it ~100x slower here
+            try:
+                handle = safe_open(self.where[key], framework="pt", device=where,
+                                   **({"backend": "pread"} if where == "cpu" else {}))
+            except TypeError:  # safetensors before the backend option: copy out of the mapping
+                handle, owned = safe_open(self.where[key], framework="pt", device=where), where != "cpu"
+            self._handles[(self.where[key], where)] = (handle, owned)
+        tensor = handle.get_tensor(key)
+        return tensor.to(dtype) if tensor.dtype != dtype or owned else tensor.clone()
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._tensors.clear()
+
+
+def _lazy_conversion(family, checkpoint: _Checkpoint, cfg, source: str) -> dict[str, str | torch.Tensor]:
+    """lens_det key -> the checkpoint key it is read from. The converters rename tensors, so running one on the meta
+    tensors and matching its outputs back by identity says which; should a converter ever compute a tensor, that
+    conversion runs on the real tensors instead (and its values are returned)."""
+    state = _convert_state(family, checkpoint.meta, cfg, source)
+    by_id = {id(t): k for k, t in checkpoint.meta.items()}
+    sources = {key: by_id.get(id(value)) for key, value in state.items()}
+    if all(sources.values()):
+        return sources
+    real = {k: checkpoint.load(k, torch.device("cpu"), t.dtype) for k, t in checkpoint.meta.items()}
+    return dict(family.state_dict_from_hf(real, cfg))
+
+
+class _Part(nn.ModuleList):
+    """One lens_det part for accelerate's infer_auto_device_map (never split across devices)."""
+
+
+def _parts_module(model: HookedDecoder) -> nn.Module:
+    """The model's parts as direct children of one module, in forward order, so accelerate allocates them as
+    lens_det places them (the per-layer embeddings with the embedding)."""
+    parts = nn.Module()
+    parts.embed = _Part([model.embed] + ([model.ple] if getattr(model, "ple", None) is not None else []))
+    parts.blocks = model.blocks
+    parts.ln_final = _Part([model.ln_final])
+    if model.unembed.weight is not None:
+        parts.unembed = _Part([model.unembed])
+    return parts
+
+
+def _auto_device_map(model: HookedDecoder, how: str, max_memory: dict | None) -> dict:
+    """accelerate's map for `how` ("auto", "balanced", "balanced_low_0", "sequential"), the way HF computes it
+    (transformers.integrations.accelerate._get_device_map), over lens_det's parts. Blocks are never split."""
+    from accelerate.utils import get_balanced_memory, get_max_memory, infer_auto_device_map
+
+    parts = _parts_module(model)
+    no_split = ["Block", "_Part"]
+    if how == "sequential":
+        memory = get_max_memory(max_memory)
+    else:
+        memory = get_balanced_memory(parts, max_memory=max_memory, no_split_module_classes=no_split,
+                                     low_zero=how == "balanced_low_0")
+    if max_memory is None and "cpu" in memory:  # HF leaves 10% of the CPU memory free when the user sets none
+        memory["cpu"] = int(memory["cpu"] * 0.9)
+    return infer_auto_device_map(parts, max_memory=memory, no_split_module_classes=no_split)
+
+
+def _placement(model: HookedDecoder, device, device_map, max_memory) -> dict[str, torch.device | str]:
+    """part -> torch.device or "disk", from `device` or `device_map`, every device checked to exist here."""
+    from lens_det.devices import DISK, check_device, check_map_devices, parts, resolve_device_map
+
+    every = parts(model.cfg.n_layers, model.unembed.weight is None)
+    if device_map is None:
+        if max_memory is not None:
+            raise ValueError(f"max_memory is read only with a computed device_map ({', '.join(AUTO_DEVICE_MAPS)}); "
+                             "pass device_map='auto' too")
+        target = check_device(device or "cpu")
+        if target.type == "meta":
+            raise ValueError("device='meta' would drop the weights this call loads; for an empty model use "
+                             "lens_det.from_config(name, device='meta'), or HookedDecoder(config) under "
+                             "torch.device('meta')")
+        return dict.fromkeys(every, target)
+    if device is not None:
+        raise ValueError("pass device or device_map, not both (device='cuda:0' is device_map={'': 'cuda:0'})")
+    computed = isinstance(device_map, str) and device_map in AUTO_DEVICE_MAPS
+    if max_memory is not None and not computed:
+        raise ValueError(f"max_memory is read only with a computed device_map ({', '.join(AUTO_DEVICE_MAPS)}), not "
+                         f"with device_map={device_map!r}")
+    if computed:
+        device_map = _auto_device_map(model, device_map, max_memory)
+    elif isinstance(device_map, (str, int, torch.device)):
+        if isinstance(device_map, str) and device_map != "disk":
+            try:
+                torch.device(device_map)
+            except RuntimeError:
+                raise ValueError(f"device_map={device_map!r} is neither a device ('cpu', 'cuda:0', ...) nor one of "
+                                 f"{', '.join(AUTO_DEVICE_MAPS)}") from None
+        device_map = {"": device_map}
+    check_map_devices(device_map)
+    plan = resolve_device_map(device_map, model.cfg.n_layers, model.unembed.weight is None)
+    for part, value in plan.items():
+        if value == DISK:
+            continue
+        check_device(value, f"device_map[{part!r}]")
+        if value.type == "meta":
+            raise ValueError(f"device_map puts {part!r} on the meta device, which would drop its weights; use a "
+                             "device or 'disk' (offload)")
+    if plan["embed"] == DISK:
+        size = sum(t.numel() * t.element_size() for m in _parts_module(model).embed for t in m.parameters())
+        where = ("the computed device_map sends the embedding to 'disk': give the CPU (or a GPU) at least "
+                 f"{size} bytes more in max_memory" if computed else
+                 "map 'embed' (HF: model.embed_tokens / transformer.word_embeddings) to 'cpu' or a GPU")
+        raise ValueError(f"lens_det keeps the embedding in memory (its device routes the tokens, and a tied "
+                         f"unembedding reads it), so it cannot be offloaded to disk: {where}")
+    return plan
+
+
+def _load(model: HookedDecoder, checkpoint: _Checkpoint, sources: dict, plan: dict,
+          offload_folder) -> list[str]:
+    """Read each tensor onto its part's device (or into the offload store) and assign it; attach accelerate's
+    offload hooks. Returns the offloaded parts."""
+    from lens_det.devices import DISK, attach_offload, offloaded_keys, part_of
+
+    gpus = sorted({d for d in plan.values() if d != DISK and d.type != "cpu"}, key=lambda d: (d.type, d.index or 0))
+    main = gpus[0] if gpus else torch.device("cpu")  # accelerate's main device: offloaded parts execute there
+    offload, execution = {}, {}
+    for part, where in plan.items():
+        kind = DISK if where == DISK else "cpu" if where.type == "cpu" and main.type != "cpu" else None
+        if part == "embed" and kind:  # CPU-offloaded embedding: kept on the CPU, where it runs (and a tied unembed)
+            kind = None
+        if part == "ln_final" and kind:  # d_model weights that route the last activations: on the main device
+            kind, where = None, main
+        if kind:
+            offload[part] = kind
+        execution[part] = main if kind else where
+    offloaded = {key: part for part in offload for key in offloaded_keys(model, part)}
+    meta_state = model.state_dict()
+    unexpected = sorted(set(sources) - set(meta_state))
+    missing = sorted(set(meta_state) - set(sources))
+    if missing or unexpected:
+        raise ValueError(f"weight conversion mismatch: missing {missing}, unexpected {unexpected}")
+    resident, in_cpu, index = {}, {}, {}
+    folder = None if offload_folder is None else Path(offload_folder)
+    for key, source in sources.items():
+        dtype = meta_state[key].dtype
+        part = offloaded.get(key)
+
+        def read(device):
+            if isinstance(source, str):
+                return checkpoint.load(source, device, dtype)
+            return source.to(device=device, dtype=dtype)
+
+        if part is None:
+            resident[key] = read(execution[part_of(key)])
+        elif offload[part] == "cpu":
+            in_cpu[key] = read(torch.device("cpu"))
+        elif checkpoint.safetensors and isinstance(source, str):  # read from the checkpoint itself at each forward
+            index[key] = {"safetensors_file": str(checkpoint.where[source]), "weight_name": source,
+                          "dtype": str(dtype).removeprefix("torch.")}
+        else:
+            if folder is None:
+                raise ValueError(f"device_map offloads {sorted({offloaded[k] for k in offloaded})} to 'disk', and "
+                                 f"these weights cannot be read from the checkpoint itself (it is not safetensors): "
+                                 "pass offload_folder=<a directory> to write them there, as HF")
+            from accelerate.utils import offload_weight
+
+            folder.mkdir(parents=True, exist_ok=True)
+            offload_weight(read(torch.device("cpu")), key, str(folder), index=index)
+    model.load_state_dict(resident, strict=False, assign=True)
+    checkpoint.close()
+    if offload:
+        from accelerate.utils import OffloadedWeightsLoader
+
+        store = OffloadedWeightsLoader(state_dict=in_cpu, save_folder=None if folder is None else str(folder),
+                                       index=index, device=main if main.type != "cpu" else None)
+        for part in offload:
+            attach_offload(model, part, main, store)
+        log.info("offloaded %s (to %s); they load onto %s at each forward", sorted(offload),
+                 sorted(set(offload.values())), main)
+    return sorted(offload)
 
 
 def _local_dir(name: str) -> Path:
@@ -186,24 +660,6 @@ def _local_dir(name: str) -> Path:
             f"could not find {name!r} as a local directory or download it from the HF hub ({err}); "
             "pass a directory written by save_pretrained, or an HF model object"
         ) from err
-
-
-def _read_weights(directory: Path) -> dict:
-    files = sorted(directory.glob("*.safetensors"))
-    if files:
-        from safetensors.torch import load_file
-
-        state: dict = {}
-        for f in files:
-            state |= load_file(f)
-        return state
-    files = sorted(directory.glob("pytorch_model*.bin"))
-    if not files:
-        raise ValueError(f"no *.safetensors or pytorch_model*.bin weights in {directory}")
-    state = {}
-    for f in files:
-        state |= torch.load(f, map_location="cpu", weights_only=True)
-    return state
 
 
 def _load_tokenizer(directory: Path):

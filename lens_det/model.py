@@ -177,6 +177,27 @@ class HookedDecoder(HookedRootModule):
         return RuntimeConfig(self)
 
     @property
+    def attn_implementation(self) -> str:
+        """How attention computes, named as HF's `attn_implementation` (a runtime choice): "eager" (HF's
+        eager_attention_forward: scores, mask, softmax, @ V) or "sdpa" (HF's call of
+        torch.nn.functional.scaled_dot_product_attention, HF 5's default for Gemma 1, 3 and 4). The two round
+        differently, and differ on fully padded query rows, so a model matches an HF model bit for bit only with
+        the same choice; `from_hf_model` copies the HF model's. Under sdpa there is no hook_attn_scores /
+        hook_pattern to compute: a layer whose pattern hooks are hooked runs eager for that call (with a warning).
+        Deterministic mode runs its own eager ops either way (docs/numerics.md §10)."""
+        return self.blocks[0].attn.implementation
+
+    @attn_implementation.setter
+    def attn_implementation(self, value: str) -> None:
+        from lens_det.convert import resolve_attn_implementation
+
+        if value is None:
+            raise ValueError("attn_implementation must be 'eager' or 'sdpa', got None")
+        value = resolve_attn_implementation(self.config, value)
+        for block in self.blocks:
+            block.attn.implementation = value
+
+    @property
     def experts_implementation(self) -> str | None:
         """How the MoE experts compute (a runtime choice, as HF's `config._experts_implementation`): "grouped_mm"
         (HF's default) or "eager" (HF's loop over experts); the two round differently, so a model matches an HF
@@ -286,7 +307,10 @@ class HookedDecoder(HookedRootModule):
 
     def place(self, device_map: dict | None = None, n_devices: int | None = None) -> HookedDecoder:
         """Spread the model over devices: an explicit map ({"embed": ..., "blocks.3": "cuda:1", "ln_final": ...,
-        "unembed": ...}, or accelerate's map of the HF model), or `n_devices` CUDA devices split evenly."""
+        "unembed": ...}, or accelerate's map of the HF model), or `n_devices` CUDA devices split evenly. Each part
+        runs where it is placed. A map that would lose or never load weights raises ValueError before anything
+        moves: "meta", "disk" (offload is chosen at load time: from_pretrained(dir, device_map=...)), parts whose
+        weights are on meta (offloaded or never loaded), or a CUDA device this machine lacks."""
         from lens_det.devices import balanced_device_map, place
 
         if (device_map is None) == (n_devices is None):
@@ -447,7 +471,8 @@ class HookedDecoder(HookedRootModule):
         x = self.hook_embed(self.embed(tokens)) if resid is None else resid
         per_layer = self._per_layer_inputs(tokens, x if resid is None else self.embed(tokens))
         for i in range(start, stop):
-            if i == self.kv_consumer_tail and stop == self.cfg.n_layers and 0 < logits_to_keep < x.shape[1]:
+            if i == self.kv_consumer_tail and stop == self.cfg.n_layers and 0 < logits_to_keep < x.shape[1] \
+                    and self._can_cut_kv_tail(ctx, logits_to_keep):
                 ctx, x = ctx.keep_last(logits_to_keep), x[:, -logits_to_keep:]  # HF's _maybe_slice_kv_shared_inputs
                 self.query_start = ctx.query_start  # later hooks see the kept positions only (patch_hook reads it)
                 per_layer = None if per_layer is None else per_layer[:, -logits_to_keep:]
@@ -458,6 +483,28 @@ class HookedDecoder(HookedRootModule):
             return x
         x = self.ln_final(x.to(self.ln_final.w.device))
         return None if return_type is None else self.unembed(x[:, -logits_to_keep:] if logits_to_keep else x)
+
+    def _can_cut_kv_tail(self, ctx, logits_to_keep: int) -> bool:
+        """HF's _maybe_slice_kv_shared_inputs does not cut under sdpa when more than one position is kept and a layer
+        type's mask is None (sdpa's is_causal then could not see the dropped queries). HF builds both layer types'
+        masks, each sized against the first layer of its type (the first layer when the model has none)."""
+        if self.attn_implementation != "sdpa" or logits_to_keep <= 1 or ops.is_deterministic():
+            return True
+        masks = []
+        for window in (None, self.config.sliding_window):
+            kind = "full_attention" if window is None else "sliding_attention"
+            layer = next((i for i, t in enumerate(self.config.layer_types) if t == kind), 0)
+            start, n_key = self._mask_sizes(ctx, layer)
+            masks.append(ctx.sdpa_mask(start, n_key, window, ctx.mask.device))
+        return all(m is not None for m in masks)
+
+    def _mask_sizes(self, ctx, layer: int) -> tuple[int, int]:
+        """(key_start, n_key) layer `layer` attends over in this call (HF's cache get_mask_sizes)."""
+        total = ctx.query_start + ctx.n_query
+        window = self.blocks[layer].attn.window
+        if window is None or ctx.query_start < window:
+            return 0, total
+        return ctx.query_start - window + 1, window - 1 + ctx.n_query
 
     def _per_layer_inputs(self, tokens, embedding):
         """Gemma 4's per-layer embeddings [batch, pos, n_layers, d_per_layer_input] (None without them)."""

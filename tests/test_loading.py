@@ -34,7 +34,8 @@ def test_save_pretrained_round_trip(tmp_path, name, dtype):
     assert_same_model(from_dir, from_memory)
     assert from_dir.cfg.dtype == dtype
     tokens, mask = batch("left", from_dir.cfg.d_vocab)
-    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype, attn_implementation="eager")
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype)  # HF's defaults: sdpa where supported
+    assert from_dir.attn_implementation == reference.config._attn_implementation  # the defaults agree
     with torch.no_grad():
         assert torch.equal(from_dir(tokens, attention_mask=mask),
                            reference(tokens, attention_mask=mask, use_cache=False).logits)
@@ -55,11 +56,40 @@ def test_gemma3_conditional_generation_text_part(tmp_path):
     model = lens_det.from_pretrained(tmp_path)
     assert model.cfg.final_softcap is None and model.cfg.hf_architecture == "Gemma3ForConditionalGeneration"
     tokens, mask = batch("left", model.cfg.d_vocab)
-    reference = Gemma3ForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    reference = Gemma3ForConditionalGeneration.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         ref = reference(input_ids=tokens, attention_mask=mask, use_cache=False).logits
         assert torch.equal(model(tokens, attention_mask=mask), ref)
     assert_same_model(model, lens_det.from_hf_model(hf))
+
+
+def test_attn_implementation_at_load_time(tmp_path):
+    """from_pretrained / from_config take attn_implementation (default: HF's pick for the family), refuse sdpa for
+    the eager-only families before reading any weight, and the runtime switch changes the logits to HF's."""
+    random_hf_model("tiny-gemma3").save_pretrained(tmp_path / "g3")
+    random_hf_model("tiny-gemma2").save_pretrained(tmp_path / "g2")
+    tokens, mask = batch("left", 128)
+    for implementation in ("eager", "sdpa"):
+        model = lens_det.from_pretrained(tmp_path / "g3", attn_implementation=implementation)
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / "g3", dtype=torch.float32,
+                                                  attn_implementation=implementation)
+        with torch.no_grad():
+            assert torch.equal(model(tokens, attention_mask=mask), hf(tokens, attention_mask=mask,
+                                                                      use_cache=False).logits)
+        assert lens_det.from_config("tiny-gemma3", attn_implementation=implementation).attn_implementation == \
+            implementation
+    assert lens_det.from_pretrained(tmp_path / "g2").attn_implementation == "eager"
+    assert lens_det.from_config("tiny-gemma3").attn_implementation == "sdpa"
+    for call in (lambda: lens_det.from_pretrained(tmp_path / "g2", attn_implementation="sdpa"),
+                 lambda: lens_det.from_config("tiny-bloom", attn_implementation="sdpa")):
+        with pytest.raises(ValueError, match="'sdpa' is not available for this model.*eager-only|eager attention only"):
+            call()
+    with pytest.raises(ValueError, match="must be one of.*flash_attention_2"):
+        lens_det.from_pretrained(tmp_path / "g3", attn_implementation="flash_attention_2")
+    hf = random_hf_model("tiny-gemma3")
+    hf.set_attn_implementation("flex_attention")
+    with pytest.raises(ValueError, match="flex_attention.*does not implement"):
+        lens_det.from_hf_model(hf)
 
 
 @pytest.mark.parametrize("name", REAL)

@@ -6,6 +6,10 @@ outputs bit-identical; hooks see TransformerLens shapes ([batch, pos, head_index
 
 from __future__ import annotations
 
+import functools
+import warnings
+from types import SimpleNamespace
+
 import torch
 from torch import nn
 from lens_det.components.hooks import HookPoint
@@ -15,6 +19,35 @@ from lens_det.components.context import ForwardContext
 from lens_det.components.norms import make_optional_norm
 from lens_det.components.positions import alibi_slopes, apply_rope, rope_inv_freq
 from lens_det.config import LensConfig
+
+
+EAGER_QUERY_CHUNK = 256  # query rows per eager chunk: memory grows with T x 256, not T x T
+MIN_CHUNK_ROWS = 16  # no chunk is shorter (query_chunks)
+SDPA_PATTERN_FALLBACK = (
+    "a hook (or a run_with_cache request) on hook_attn_scores / hook_pattern of an sdpa model: sdpa computes no "
+    "pattern, so those layers ran eager attention for this call (their pattern is the one that produced their "
+    "output, and their outputs equal HF eager's, not HF sdpa's, up to rounding). Leave the pattern hooks out "
+    "(names_filter) to stay sdpa-exact, or set model.attn_implementation = 'eager'")
+
+
+def query_chunks(n_query: int, chunk: int) -> list[slice]:
+    """Row ranges of `chunk` queries; a remainder under MIN_CHUNK_ROWS joins the last range. GEMMs of 1-3 rows take
+    another kernel (matrix-vector) and round differently from the same rows inside a larger call (measured; the op
+    audit's "eager query chunks" row checks both)."""
+    starts = list(range(0, n_query, chunk))
+    if len(starts) > 1 and n_query - starts[-1] < MIN_CHUNK_ROWS:
+        starts.pop()
+    return [slice(a, b) for a, b in zip(starts, starts[1:] + [n_query])]
+
+
+@functools.lru_cache(maxsize=1)
+def _blas_rows_independent() -> bool:
+    """Whether a GEMM's output rows do not depend on how many rows the call has (MKL in strict CNR mode; fixed for
+    the process once its first GEMM ran)."""
+    from lens_det.blas import blas_mode
+
+    mode = blas_mode()
+    return mode.backend == "mkl" and mode.strict
 
 
 class SoftCap(nn.Module):
@@ -73,6 +106,9 @@ class Attention(nn.Module):
         self.score_cap = SoftCap(cfg.attn_softcap) if cfg.attn_softcap else nn.Identity()
         self.window = cfg.sliding_window if cfg.layer_types[layer] == "sliding_attention" else None
         self.use_attn_result = False
+        self.implementation = "eager"  # or "sdpa" (HookedDecoder.attn_implementation)
+        # what HF's sdpa_attention_forward reads of its module (not a submodule: no parameters, no hooks)
+        self._hf_view = SimpleNamespace(num_key_value_groups=self.n_rep, is_causal=True, layer_idx=layer)
 
         # Shapes use this layer's d_head and kv heads (cfg.layer_d_head(i), cfg.layer_n_key_value_heads(i)).
         # KV-sharing consumers have no hook_k / hook_v / hook_rot_k: their keys and values are kv_source's (patch
@@ -175,14 +211,11 @@ class Attention(nn.Module):
             k, v, key_start = ctx.shared_kv[self.kv_source]
             k, v = k.to(x.device), v.to(x.device)  # kv_source may sit on another device
         n_key = k.shape[-2]
-        bias = self._score_bias(ctx, key_start, x.device)
-        k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
-        scores = self.score_cap(ops.attention_scores(q, k, self.cfg.attn_scale, bias))
-        scores = scores + ctx.additive_mask(key_start, n_key, self.window, x.device)
-        scores = self.hook_attn_scores(scores)
-        key_pos = ctx.key_positions(key_start, n_key, x.device) if ops.is_deterministic() else None
-        probs = self.hook_pattern(ops.softmax(scores, key_pos))
-        z = self.hook_z(ops.attend(probs, v, key_pos).transpose(1, 2))
+        if self._runs_sdpa():
+            z = self._sdpa(q, k, v, ctx, key_start, n_key, x.device)
+        else:
+            z = self._eager(q, k, v, ctx, key_start, n_key, x.device)
+        z = self.hook_z(z)
         if self.use_attn_result:
             w_o = self.w_o.view(self.cfg.d_model, self.cfg.n_heads, self.d_head)
             result = torch.einsum("bqhd,mhd->bqhm", z, w_o)
@@ -190,6 +223,61 @@ class Attention(nn.Module):
             if hooked is not result:  # an edited per-head result is what the layer outputs
                 return hooked.sum(2) + (0 if self.b_o is None else self.b_o)
         return ops.linear(z.reshape(b, t, -1), self.w_o, self.b_o)
+
+    # --- the attention core: eager (HF's eager_attention_forward, optionally over query chunks) or HF's sdpa call ---
+    def _pattern_hooked(self) -> bool:
+        """Whether anything hooks this layer's scores or pattern (forward, backward or caching hooks), which need the
+        whole [query, key] tensors of the eager computation."""
+        return bool(self.hook_attn_scores._forward_hooks or self.hook_pattern._forward_hooks)
+
+    def _runs_sdpa(self) -> bool:
+        if self.implementation != "sdpa" or ops.is_deterministic():  # deterministic mode has its own eager ops
+            return False
+        if self._pattern_hooked():
+            warnings.warn(SDPA_PATTERN_FALLBACK, stacklevel=4)
+            return False
+        return True
+
+    def _sdpa(self, q, k, v, ctx: ForwardContext, key_start: int, n_key: int, device) -> torch.Tensor:
+        """HF's sdpa_attention_forward on HF's tensors: q [batch, head, q, d], the un-repeated k / v [batch, kv_head,
+        K, d], HF's mask (None or boolean), HF's scale; it picks GQA handling and is_causal as HF does. Returns z
+        [batch, q, head, d]."""
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        mask = ctx.sdpa_mask(key_start, n_key, self.window, device)
+        z, _ = sdpa_attention_forward(self._hf_view, q, k, v, mask, dropout=0.0, scaling=self.cfg.attn_scale)
+        return z
+
+    def _query_chunk(self, n_query: int) -> int | None:
+        """Query rows per chunk of the eager core, or None to run all rows at once. Chunks give the same bits as one
+        call only where every op is row-wise: the GEMMs rest on MKL's strict reproducibility mode (lens_det.blas;
+        the op audit checks it), and an attention soft-cap's tanh is not row-wise (ATen's vectorised body and its
+        remainder round differently), except in deterministic mode, whose ops are layout-invariant by design."""
+        if n_query <= EAGER_QUERY_CHUNK or self._pattern_hooked():
+            return None
+        if ops.is_deterministic():
+            return EAGER_QUERY_CHUNK
+        return EAGER_QUERY_CHUNK if _blas_rows_independent() and not self.cfg.attn_softcap else None
+
+    def _eager(self, q, k, v, ctx: ForwardContext, key_start: int, n_key: int, device) -> torch.Tensor:
+        """HF eager attention; returns z [batch, q, head, d]."""
+        bias = self._score_bias(ctx, key_start, device)
+        k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
+        key_pos = ctx.key_positions(key_start, n_key, device) if ops.is_deterministic() else None
+        chunk = self._query_chunk(q.shape[2])
+        if chunk is None:
+            return self._eager_rows(q, k, v, bias, ctx.additive_mask(key_start, n_key, self.window, device), key_pos)
+        return torch.cat([
+            self._eager_rows(q[:, :, rows], k, v, bias,
+                             ctx.additive_mask_rows(key_start, n_key, self.window, device, rows), key_pos)
+            for rows in query_chunks(q.shape[2], chunk)
+        ], dim=1)
+
+    def _eager_rows(self, q, k, v, bias, mask, key_pos) -> torch.Tensor:
+        scores = self.score_cap(ops.attention_scores(q, k, self.cfg.attn_scale, bias))
+        scores = self.hook_attn_scores(scores + mask)
+        probs = self.hook_pattern(ops.softmax(scores, key_pos))
+        return ops.attend(probs, v, key_pos).transpose(1, 2)
 
     # --- TransformerLens-shaped weight views ---
     def _qkv_weights(self):

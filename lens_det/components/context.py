@@ -21,6 +21,9 @@ class ForwardContext:
     # KV sharing: layer -> (keys, values, key_start) it attended to (after its cache update), for the layers that
     # read them (LensConfig.kv_source_layer). Made fresh for every forward call, so cache on and off agree.
     shared_kv: dict = field(default_factory=dict)
+    # keep_last contexts: the full-length context whose sdpa masks this one slices (HF slices the masks it built for
+    # all positions, so the None-or-tensor choice stays that of the full length)
+    rows_of: ForwardContext | None = None
     _memo: dict = field(default_factory=dict)
 
     def keep_last(self, k: int) -> ForwardContext:
@@ -28,7 +31,7 @@ class ForwardContext:
         `_maybe_slice_kv_shared_inputs`, which runs the KV-sharing layers on the last logits_to_keep positions."""
         positions = None if self.position_ids is None else self.position_ids[:, -k:]
         return ForwardContext(self.mask, self.query_start + self.n_query - k, k, self.dtype, positions,
-                              self.shared_kv)
+                              self.shared_kv, rows_of=self.rows_of or self)
 
     def _get(self, key, build):
         if key not in self._memo:
@@ -42,6 +45,32 @@ class ForwardContext:
                 self.mask.to(device), self.query_start, self.n_query, key_start, n_key, window, self.dtype
             ),
         )
+
+    def additive_mask_rows(self, key_start: int, n_key: int, window: int | None, device, rows: slice) -> torch.Tensor:
+        """The additive mask of query rows `rows` only (not memoised: the query-chunked eager path builds one chunk at
+        a time, so the whole [q, K] mask never exists); equal to additive_mask(...)[:, :, rows]."""
+        n = len(range(self.n_query)[rows])
+        return additive_mask(self.mask.to(device), self.query_start + rows.start, n, key_start, n_key, window,
+                             self.dtype)
+
+    def sdpa_mask(self, key_start: int, n_key: int, window: int | None, device) -> torch.Tensor | None:
+        """The mask HF's sdpa path passes for these keys: None where HF relies on sdpa's `is_causal` (no padding in
+        view and either one query or as many queries as keys, and for a sliding layer fewer keys than the window),
+        else a boolean [batch, 1, q, K] mask, True = attend. Built with transformers' own `sdpa_mask`, with the same
+        offsets, lengths, window and padding mask as HF's create_causal_mask / create_sliding_window_causal_mask."""
+        if self.rows_of is not None:
+            full = self.rows_of.sdpa_mask(key_start, n_key, window, device)
+            return None if full is None else full[:, :, self.query_start - self.rows_of.query_start :][:, :, :self.n_query]
+
+        def build():
+            from transformers.masking_utils import causal_mask_function, sdpa_mask, sliding_window_causal_mask_function
+
+            function = causal_mask_function if window is None else sliding_window_causal_mask_function(window)
+            return sdpa_mask(batch_size=self.mask.shape[0], q_length=self.n_query, kv_length=n_key,
+                             q_offset=self.query_start, kv_offset=key_start, mask_function=function,
+                             attention_mask=self.mask.to(device=device, dtype=torch.bool), local_size=window,
+                             allow_is_causal_skip=True, device=device)
+        return self._get(("sdpa_mask", key_start, n_key, window, device), build)
 
     def key_positions(self, key_start: int, n_key: int, device) -> torch.Tensor:
         """Each key's index among the real tokens of its row ([batch, n_key]; -1 for pads)."""

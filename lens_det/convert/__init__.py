@@ -33,3 +33,41 @@ def family_for(hf_config: Any) -> ModuleType:
         )
     return FAMILIES[model_type]
 
+
+
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+def sdpa_refusal(cfg) -> str | None:
+    """Why a model of this LensConfig cannot run "sdpa" (None: it can). lens_det runs sdpa exactly where HF does:
+    HF's model class must support it (`_supports_sdpa`: not Bloom, Gemma 2 or VaultGemma), and HF's sdpa path takes
+    no ALiBi bias and no attention soft-cap (it raises on a soft-cap)."""
+    import transformers
+
+    hf_class = getattr(transformers, cfg.hf_architecture or "", None)
+    if hf_class is not None and not getattr(hf_class, "_supports_sdpa", False):
+        return (f"HF runs {cfg.hf_architecture} with eager attention only (its _supports_sdpa is False), so there is "
+                "no sdpa reference to match")
+    if cfg.positional == "alibi":
+        return "HF's sdpa path has no ALiBi bias (Bloom is eager-only in HF)"
+    if cfg.attn_softcap:
+        return "HF's sdpa path refuses an attention soft-cap (attn_logit_softcapping), so the family is eager-only"
+    return None
+
+
+def default_attn_implementation(cfg) -> str:
+    """What HF's from_pretrained picks when no attn_implementation is given: sdpa where the model supports it."""
+    return "eager" if sdpa_refusal(cfg) else "sdpa"
+
+
+def resolve_attn_implementation(cfg, value: str | None) -> str:
+    """`value` checked for this config (None: HF's default), or ValueError saying what to pass instead."""
+    if value is None:
+        return default_attn_implementation(cfg)
+    if value not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {value!r} (other "
+                         "transformers implementations, e.g. flash_attention_2 or flex_attention, are not implemented)")
+    why = sdpa_refusal(cfg) if value == "sdpa" else None
+    if why:
+        raise ValueError(f"attn_implementation='sdpa' is not available for this model: {why}; use 'eager'")
+    return value

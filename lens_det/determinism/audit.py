@@ -169,6 +169,50 @@ def audit(op_table=None, widths=WIDTHS, dtypes=DTYPES, threads=THREADS) -> list[
     return rows
 
 
+CHUNK_SHAPES = ((4, 300, 64), (2, 600, 128), (1, 530, 256))  # (heads, keys = queries, d_head)
+
+
+def audit_query_chunks(threads=THREADS, dtypes=DTYPES, seed: int = 0) -> list[AuditRow]:
+    """The HF-exact eager attention ops (not the deterministic ones) over query chunks, as the eager core runs them
+    when no hook needs the whole pattern (lens_det.components.attention.query_chunks): each chunk's scores (plain
+    and with Bloom's ALiBi baddbmm), softmax and probs @ V must equal the same rows of the all-at-once call. This
+    rests on MKL's strict reproducibility mode; one row per (op, dtype, d_head)."""
+    from lens_det.components.attention import EAGER_QUERY_CHUNK, query_chunks
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    before = torch.get_num_threads()
+    try:
+        for dtype in dtypes:
+            for heads, n, d in CHUNK_SHAPES:
+                q, k, v = (torch.randn(2, heads, n, d, generator=gen).to(dtype) for _ in range(3))
+                bias = torch.randn(2 * heads, 1, n, generator=gen).to(dtype)
+                mask = torch.where(torch.rand(2, 1, n, n, generator=gen) < 0.9, 0.0, torch.finfo(dtype).min).to(dtype)
+                failure = {}
+                for threads_now in threads:
+                    torch.set_num_threads(threads_now)
+                    calls = {"scores": lambda q_: ops.attention_scores(q_, k, d**-0.5),
+                             "scores (ALiBi)": lambda q_: ops.attention_scores(q_, k, d**-0.5, bias)}
+                    for name, fn in calls.items():
+                        whole = fn(q)
+                        for rows in query_chunks(n, min(EAGER_QUERY_CHUNK, n // 2)):
+                            if name not in failure and not torch.equal(fn(q[:, :, rows]), whole[:, :, rows]):
+                                failure[name] = f"rows {rows.start}:{rows.stop} of {n}, {threads_now} threads"
+                    probs = ops.softmax(ops.attention_scores(q, k, d**-0.5) + mask)
+                    whole = ops.attend(probs, v)
+                    for rows in query_chunks(n, min(EAGER_QUERY_CHUNK, n // 2)):
+                        part = ops.softmax(ops.attention_scores(q[:, :, rows], k, d**-0.5) + mask[:, :, rows])
+                        if "softmax, probs @ V" not in failure and not (
+                                torch.equal(part, probs[:, :, rows]) and torch.equal(ops.attend(part, v), whole[:, :, rows])):
+                            failure["softmax, probs @ V"] = f"rows {rows.start}:{rows.stop} of {n}, {threads_now} threads"
+                for name in ("scores", "scores (ALiBi)", "softmax, probs @ V"):
+                    out.append(AuditRow(f"eager query chunks: {name}", str(dtype).replace("torch.", ""), d,
+                                        name not in failure, failure.get(name, "")))
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
 def environment() -> dict:
     """What the invariance was checked under: CPU capability that ran, threads, BLAS mode."""
     from lens_det.blas import blas_mode
@@ -213,7 +257,7 @@ def main(argv=None) -> int:
     parser.add_argument("--raw", action="store_true", help="audit the plain torch ops instead (shows the audit's teeth)")
     parser.add_argument("--json", action="store_true", help="print the environment and rows as JSON")
     args = parser.parse_args(argv)
-    rows = audit(RAW_OPS if args.raw else None)
+    rows = audit(RAW_OPS) if args.raw else audit() + audit_query_chunks()
     if args.json:
         print(json.dumps({"environment": environment(), "rows": [asdict(r) for r in rows]}))
     else:

@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lens_det
-from lens_det.determinism.audit import (AUDITED_OPS, EXACT_OPS, RAW_OPS, audit, audit_levels, format_rows,
+from lens_det.determinism.audit import (AUDITED_OPS, CHUNK_SHAPES, EXACT_OPS, RAW_OPS, audit, audit_levels, format_rows,
                                         supported_levels)
 from tests.conftest import ALL, DTYPES
 
@@ -23,7 +23,7 @@ def test_every_deterministic_op_is_invariant_at_every_cpu_level():
         assert "strict" in env["blas"] and "not strict" not in env["blas"], env
         failed = [r for r in run["rows"] if not r["passed"]]
         assert not failed, f"{env}: {failed[:5]}"
-        assert len(run["rows"]) == len(AUDITED_OPS) * 2 * 7
+        assert len(run["rows"]) == len(AUDITED_OPS) * 2 * 7 + 3 * len(CHUNK_SHAPES) * 2  # + the query-chunk rows
 
 
 def test_the_audit_sees_the_position_dependence_of_plain_torch_ops():

@@ -77,7 +77,7 @@ def test_from_pretrained_takes_experts_implementation(tmp_path):
         model = lens_det.from_pretrained(tmp_path, dtype=torch.bfloat16, experts_implementation=implementation)
         assert model.experts_implementation == (implementation or "grouped_mm")
         extra = {} if implementation is None else {"experts_implementation": implementation}
-        hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, attn_implementation="eager", **extra)
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, **extra)
         with torch.no_grad():
             ref = hf(tokens, attention_mask=mask, use_cache=False).logits
             assert torch.equal(model(tokens, attention_mask=mask), ref)
