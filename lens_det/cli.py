@@ -50,9 +50,26 @@ def _check_source(name: str) -> None:
                            "`lens-det models` lists the named configs, tiny-* ones need no download") from None
 
 
-def _models(name: str, dtype: torch.dtype, seed: int, experts_implementation: str | None = None):
-    """(hf_model, lens_model): a named config gets seeded random weights, anything else is loaded. MoE models: HF
-    is built with `experts_implementation` (None: HF's default) and lens_det copies it."""
+def _sdpa_refusal(name: str) -> str | None:
+    """Why `name` (a named config, hub id or local directory) cannot run sdpa attention; None if it can."""
+    from lens_det.config import LensConfig, hf_config_from_name, named_configs
+    from lens_det.convert import sdpa_refusal
+
+    record = named_configs().get(name)
+    if record is not None:
+        hf_config = hf_config_from_name(name)
+    else:
+        from transformers import AutoConfig
+
+        hf_config = AutoConfig.from_pretrained(name)
+    return sdpa_refusal(LensConfig.from_hf_config(hf_config))
+
+
+def _models(name: str, dtype: torch.dtype, seed: int, experts_implementation: str | None = None,
+            attn_implementation: str = "eager"):
+    """(hf_model, lens_model): a named config gets seeded random weights, anything else is loaded. HF is built with
+    `attn_implementation` ("eager" or "sdpa") and lens_det runs the same; MoE models: HF is built with
+    `experts_implementation` (None: HF's default) and lens_det copies it."""
     import lens_det
     from lens_det.config import named_configs
 
@@ -60,14 +77,17 @@ def _models(name: str, dtype: torch.dtype, seed: int, experts_implementation: st
     if record is not None and record.get("hf_name") is None:  # an embedded test config: random weights
         from lens_det.parity.models import random_hf_model
 
-        hf = random_hf_model(name, dtype, seed, experts_implementation=experts_implementation)
+        hf = random_hf_model(name, dtype, seed, experts_implementation=experts_implementation,
+                             attn_implementation=attn_implementation)
     else:
         from transformers import AutoModelForCausalLM
 
         source = record["hf_name"] if record else name
         extra = {} if experts_implementation is None else {"experts_implementation": experts_implementation}
-        hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager", **extra).eval()
+        hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation,
+                                                  **extra).eval()
     model = lens_det.from_hf_model(hf)
+    model.attn_implementation = attn_implementation  # what HF runs (from_hf_model follows it too)
     if record is None or record.get("hf_name"):  # a checkpoint: its tokenizer, for --prompt
         from lens_det.loading import _load_tokenizer, _local_dir
 
@@ -135,10 +155,23 @@ def cmd_parity(args) -> int:
     names = args.model or TINY
     for name in names:
         _check_source(name)
+    impl = args.attn_implementation
+    skipped = {}
+    if impl == "sdpa":
+        refused = {name: why for name in names if (why := _sdpa_refusal(name))}
+        if args.model and refused:
+            raise SystemExit("--attn-implementation sdpa is not available for "
+                             + "; ".join(f"{name} ({why})" for name, why in refused.items())
+                             + ": use --attn-implementation eager")
+        skipped, names = refused, [name for name in names if name not in refused]
     several = len(names) * len(args.dtype) > 1
     tol = "0 (bit-identical)" if args.atol == 0 == args.rtol else f"atol {args.atol:g} + rtol {args.rtol:g}"
-    print(f"lens-det parity: every hook point vs the HF reference (eager attention), uncached and with both KV "
+    print(f"lens-det parity: every hook point vs the HF reference ({impl} attention), uncached and with both KV "
           f"caches on the same schedule; tolerance {tol}")
+    if impl == "sdpa":
+        print("  sdpa computes no attention pattern: hook_attn_scores / hook_pattern are not compared")
+    if skipped:
+        print(f"  skipped (eager-only, HF has no sdpa for them): {', '.join(skipped)}")
     header = (f"{'model':<20} {'dtype':<9} {'hooks':>5} {'coverage':>8} {'uncached':>9} {'cached':>9}  "
               f"{'schedule':<16} result")
     print(header)
@@ -147,7 +180,7 @@ def cmd_parity(args) -> int:
     for name in names:
         for dtype_name in args.dtype:
             start = time.perf_counter()
-            hf, model = _models(name, DTYPES[dtype_name], args.seed, args.experts_implementation)
+            hf, model = _models(name, DTYPES[dtype_name], args.seed, args.experts_implementation, impl)
             model.set_use_attn_result(True)
             model.set_use_hook_mlp_in(True)
             model.set_use_split_qkv_input(True)  # hook_attn_in is its alternative, checked by the test suite
@@ -155,7 +188,7 @@ def cmd_parity(args) -> int:
             positions = "mask" if model.cfg.positional == "rope" and args.positions == "mask" else None
             report = compare(model, hf, tokens, mask, positions, prefill=args.prefill,
                              decode_steps=args.decode_steps, chunk=args.chunk, atol=args.atol, rtol=args.rtol,
-                             title=f"{name} ({dtype_name})")
+                             title=f"{name} ({dtype_name}, {impl} attention)")
             reports.append(report)
             failed |= not report.passed
             s = report.schedule
@@ -174,7 +207,8 @@ def cmd_parity(args) -> int:
         payload = [r.to_json() for r in reports]
         with open(args.json, "w") as f:
             json.dump(payload if several else payload[0], f, indent=1, default=str)
-    print("\nall hook points bit-identical, cache off and on" if not failed and args.atol == 0 == args.rtol else
+    exact = "all hook points" if impl == "eager" else "all hook points sdpa has"
+    print(f"\n{exact} bit-identical, cache off and on" if not failed and args.atol == 0 == args.rtol else
           ("\nPASS" if not failed else "\nFAIL: differences over tolerance (details above)"))
     return 1 if failed else 0
 
@@ -290,6 +324,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of random weights and random tokens (default: 0)")
     p.add_argument("--experts-implementation", choices=["grouped_mm", "eager"], default=None,
                    help="MoE models: HF's experts implementation, also run by lens_det (default: HF's, grouped_mm)")
+    p.add_argument("--attn-implementation", choices=["eager", "sdpa"], default="eager",
+                   help="attention implementation the HF reference is built with, and lens_det runs too (default: "
+                        "eager, the contract this command has always checked, every hook point including "
+                        "hook_attn_scores / hook_pattern). sdpa: HF's sdpa_attention_forward, HF 5's default for "
+                        "Gemma 1/3/4; it computes no attention pattern, so those two hooks are not compared. "
+                        "Bloom, Gemma 2 and VaultGemma are eager-only (an error when named with --model; left out of "
+                        "the default list)")
     p.set_defaults(func=cmd_parity)
     d = sub.add_parser("determinism", help="batch / chunk / cache / run / device invariance, default vs "
                                            "deterministic mode")

@@ -168,17 +168,15 @@ def from_hf_model(hf_model: Any, dtype: torch.dtype | str | None = None, device=
     model = _build(hf_model.config, hf_model.state_dict(), dtype, device, copy=copy, source=type(hf_model).__name__)
     if model.config.n_experts:
         model.experts_implementation = hf_experts_implementation(hf_model)
-    model.attn_implementation = attn_implementation or hf_attn_implementation(hf_model)
+    model.attn_implementation = attn_implementation or _attn_implementation_of(hf_model)
     return _process(model, processing)
 
 
-def hf_attn_implementation(hf_model: Any) -> str:
-    """The attention implementation an HF model runs (its text config's `_attn_implementation`), refused with what
-    to do when lens_det has no such implementation (flash_attention_2, flex_attention, ...)."""
-    from lens_det.convert import ATTN_IMPLEMENTATIONS
+def _attn_implementation_of(hf_model: Any) -> str:
+    """The HF model's attention implementation, refused with what to do where lens_det has no such one."""
+    from lens_det.convert import ATTN_IMPLEMENTATIONS, hf_attn_implementation
 
-    config = getattr(hf_model.config, "text_config", None) or hf_model.config
-    value = getattr(config, "_attn_implementation", None) or "eager"
+    value = hf_attn_implementation(hf_model)
     if value not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"the HF model runs attn_implementation={value!r}, which lens_det does not implement (it has "
                          f"{', '.join(ATTN_IMPLEMENTATIONS)}): rebuild it with attn_implementation='sdpa' or 'eager', "

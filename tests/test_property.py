@@ -10,7 +10,9 @@ tie_word_embeddings, the MLP activation ("gelu" is the exact erf GELU for Gemma 
 by Gemma 1's config); float32, bfloat16 and float16 weights drawn N(0, std) from a seed (norm weights and biases
 too); random paddings (none, left, right, inner holes, single-token rows; real tokens whose id is the pad id);
 position ids (HF forward's arange, HF generate's cumsum(mask) - 1, raw cumsum with negative pad positions, an
-offset arange, a [1, pos] tensor); and ragged chunk schedules for the cached run.
+offset arange, a [1, pos] tensor); ragged chunk schedules for the cached run; and the attention implementation
+both models run (eager, or sdpa where `lens_det.convert.sdpa_refusal` allows it: Gemma 1, 3 and 4 configs without
+an attention soft-cap; under sdpa hook_attn_scores / hook_pattern do not exist and are not compared).
 
 Checked at tolerance 0.0: logits and every hook point, uncached and through both KV caches (lens_det KVCache vs
 HF DynamicCache) on the same schedule (`lens_det.parity.compare`); logits against a plain HF forward (no reference
@@ -35,6 +37,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 import lens_det
 from lens_det.components.positions import positions_from_mask
 from lens_det.config import LensConfig
+from lens_det.convert import sdpa_refusal
 from lens_det.parity import compare
 from lens_det.parity.report import Schedule
 
@@ -216,11 +219,12 @@ def _positions(mode: str, mask: torch.Tensor, offset: int):
 # ----------------------------------------------------------------------------------------------- models
 
 
-def build_hf(family: str, kwargs: dict, dtype: torch.dtype, seed: int, std: float):
-    """HF model (eager) of the config; every parameter N(0, std) in float32 from `seed`, rounded to dtype."""
+def build_hf(family: str, kwargs: dict, dtype: torch.dtype, seed: int, std: float, attn: str = "eager"):
+    """HF model of the config with attn_implementation `attn` ("eager" or "sdpa"); every parameter N(0, std) in
+    float32 from `seed`, rounded to dtype."""
     cfg = AutoConfig.for_model(family, **kwargs)
     torch.manual_seed(seed)
-    hf = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="eager").eval()
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in hf.parameters():
@@ -232,9 +236,30 @@ def build_hf(family: str, kwargs: dict, dtype: torch.dtype, seed: int, std: floa
     return hf
 
 
-def reproducer(family, kwargs, dtype, seed, std) -> str:
-    return (f"hf = build_hf({family!r}, {kwargs!r}, {dtype}, seed={seed}, std={std})  "
-            f"# = AutoConfig.for_model({family!r}, **kwargs), eager, weights N(0, std)")
+def reproducer(family, kwargs, dtype, seed, std, attn: str = "eager") -> str:
+    return (f"hf = build_hf({family!r}, {kwargs!r}, {dtype}, seed={seed}, std={std}, attn={attn!r})  "
+            f"# = AutoConfig.for_model({family!r}, **kwargs), {attn}, weights N(0, std); "
+            f"model = lens_det.from_hf_model(hf); model.attn_implementation = {attn!r}")
+
+
+def draw_attn(data, family: str, kwargs: dict) -> str:
+    """The attention implementation both models run: "eager", or "sdpa" where HF and lens_det have it
+    (lens_det.convert.sdpa_refusal: not Bloom, Gemma 2, VaultGemma or an attention soft-cap)."""
+    hf_cfg = AutoConfig.for_model(family, **kwargs)  # no `architectures`: sdpa_refusal takes the family's causal LM
+    if sdpa_refusal(LensConfig.from_hf_config(hf_cfg)) is not None:
+        return "eager"
+    return data.draw(st.sampled_from(["eager", "sdpa"]), label="attn_implementation")
+
+
+def build_pair(data, family, kwargs, dtype, seed, std):
+    """(hf, lens_det model), both running a drawn attention implementation."""
+    attn = draw_attn(data, family, kwargs)
+    note(reproducer(family, kwargs, dtype, seed, std, attn))
+    event(f"attention {attn}")
+    hf = build_hf(family, kwargs, dtype, seed, std, attn)
+    model = lens_det.from_hf_model(hf)
+    model.attn_implementation = attn  # from_hf_model follows the HF model's (once it does: a no-op)
+    return hf, model
 
 
 def _equal(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
@@ -251,9 +276,7 @@ def _equal(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
 
 
 def check_parity(data, family, kwargs, dtype, seed, std, max_len: int = 10) -> None:
-    note(reproducer(family, kwargs, dtype, seed, std))
-    hf = build_hf(family, kwargs, dtype, seed, std)
-    model = lens_det.from_hf_model(hf)
+    hf, model = build_pair(data, family, kwargs, dtype, seed, std)
     model.set_use_attn_result(data.draw(st.booleans(), label="use_attn_result"))
     tokens, mask = data.draw(batches(kwargs["vocab_size"], kwargs["pad_token_id"], max_len=max_len),
                               label="tokens, mask")
@@ -296,9 +319,7 @@ def check_parity(data, family, kwargs, dtype, seed, std, max_len: int = 10) -> N
 
 
 def check_generate(data, family, kwargs, dtype, seed, std) -> None:
-    note(reproducer(family, kwargs, dtype, seed, std))
-    hf = build_hf(family, kwargs, dtype, seed, std)
-    model = lens_det.from_hf_model(hf)
+    hf, model = build_pair(data, family, kwargs, dtype, seed, std)
     vocab, pad = kwargs["vocab_size"], kwargs["pad_token_id"]
     n_rows, length = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 6))
     tokens = torch.randint(0, vocab, (n_rows, length), generator=torch.Generator().manual_seed(seed))

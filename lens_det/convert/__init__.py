@@ -43,10 +43,13 @@ def sdpa_refusal(cfg) -> str | None:
     HF's model class must support it (`_supports_sdpa`: not Bloom, Gemma 2 or VaultGemma), and HF's sdpa path takes
     no ALiBi bias and no attention soft-cap (it raises on a soft-cap)."""
     import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    hf_class = getattr(transformers, cfg.hf_architecture or "", None)
+    # a config built without `architectures` (AutoConfig.for_model) names no class: take the family's causal LM
+    name = cfg.hf_architecture or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(cfg.architecture, "")
+    hf_class = getattr(transformers, name, None)
     if hf_class is not None and not getattr(hf_class, "_supports_sdpa", False):
-        return (f"HF runs {cfg.hf_architecture} with eager attention only (its _supports_sdpa is False), so there is "
+        return (f"HF runs {name} with eager attention only (its _supports_sdpa is False), so there is "
                 "no sdpa reference to match")
     if cfg.positional == "alibi":
         return "HF's sdpa path has no ALiBi bias (Bloom is eager-only in HF)"
@@ -71,3 +74,11 @@ def resolve_attn_implementation(cfg, value: str | None) -> str:
     if why:
         raise ValueError(f"attn_implementation='sdpa' is not available for this model: {why}; use 'eager'")
     return value
+
+
+def hf_attn_implementation(hf_model) -> str:
+    """The attention implementation HF runs for the decoder: the text config's `_attn_implementation` (the
+    top-level config's where there is no text config; None, which HF's registry answers with eager, reads
+    "eager")."""
+    config = getattr(hf_model.config, "text_config", None) or hf_model.config
+    return getattr(config, "_attn_implementation", None) or "eager"

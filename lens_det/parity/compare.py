@@ -6,12 +6,18 @@ from typing import Any
 
 import torch
 
+from lens_det import ops
 from lens_det.components.positions import positions_from_mask
+from lens_det.convert import hf_attn_implementation
 from lens_det.parity.reference import capture_reference
 from lens_det.parity.report import ParityReport, Schedule, diff_hook, kind_of
 from lens_det.weight_processing import changed_hooks
 from lens_det.components.hooks import QUERY_KEY_HOOKS
 
+# The hooks an sdpa model has no value for (sdpa returns z only): compared under eager, listed as not compared
+# under sdpa. Requesting them would make those layers run eager attention (components/attention.py).
+PATTERN_HOOKS = ("attn.hook_attn_scores", "attn.hook_pattern")
+SDPA_NOT_COMPARED = "sdpa computes no attention pattern (a hook on it runs that layer eagerly)"
 
 
 def _prepare(model, tokens, attention_mask, position_ids, schedule, prefill, decode_steps, chunk):
@@ -62,11 +68,17 @@ def compare(
     rtol: float = 0.0,
     title: str | None = None,
 ) -> ParityReport:
-    """Every hook point of `model` against the HF reference `hf_model` (eager attention), without a cache over
-    the schedule's tokens and with both caches on the schedule (prefill, then decode steps of `chunk`).
+    """Every hook point of `model` against the HF reference `hf_model`, without a cache over the schedule's tokens
+    and with both caches on the schedule (prefill, then decode steps of `chunk`).
 
-    Default tolerance 0.0: lens_det's contract is bit-identity with HF eager. A model with processed weights
-    (`model.processing`, e.g. fold_ln) needs a tolerance, and its hooks whose meaning the processing changed are
+    Both models must run the same attention implementation (`model.attn_implementation` and the HF model's
+    `config._attn_implementation`, "eager" or "sdpa"; they round differently), the same dtype and the same weights,
+    and the HF model must be in eval mode: each is checked first, with a ValueError naming the cause. Under "sdpa"
+    there is no attention pattern: hook_attn_scores / hook_pattern are left out of lens_det's run (hooking them would
+    make those layers run eager) and listed in `report.not_compared`.
+
+    Default tolerance 0.0: lens_det's contract is bit-identity with HF (eager or sdpa, whichever both run). A model
+    with processed weights (`model.processing`, e.g. fold_ln) needs a tolerance, and its hooks whose meaning the processing changed are
     listed in `report.not_compared` instead of compared (after center_unembed, log-probs replace logits). `position_ids` (RoPE models):
     None (HF forward's arange), "mask" (HF generate's), or a tensor; both models get the same positions.
     """
@@ -78,22 +90,32 @@ def compare(
     if hf_cfg != model.config:
         diff = {k: (v, getattr(hf_cfg, k)) for k, v in model.config.to_dict().items() if getattr(hf_cfg, k) != v}
         raise ValueError(f"the HF model has a different architecture or vocabulary than the lens_det model: {diff}")
+    implementation = _check_attn_implementation(model, hf_model)
     _check_experts_implementation(model, hf_model)
+    _check_dtype(model, hf_model)
+    if hf_model.training:
+        raise ValueError("the HF model is in training mode (hf_model.training is True), so its dropout layers drop "
+                         "activations at random: call hf_model.eval() before comparing")
     processing = tuple(getattr(model, "processing", ()))
     if processing and atol == 0 == rtol:
         raise ValueError(f"the model's weights were processed ({', '.join(processing)}), so it equals HF up to float "
                          "rounding, not bit for bit: pass a tolerance, e.g. compare(..., rtol=1e-5)")
     tokens, mask, positions, schedule = _prepare(model, tokens, attention_mask, position_ids, schedule,
                                                  prefill, decode_steps, chunk)
-    report = ParityReport(title or f"lens_det vs HF {type(hf_model).__name__} ({model.cfg.dtype})",
-                          schedule, atol, rtol, processing=processing)
+    if not processing:  # processed weights differ from HF's by design
+        _check_weights(model, hf_model)
+    report = ParityReport(title or f"lens_det vs HF {type(hf_model).__name__} ({model.cfg.dtype}, {implementation} "
+                          "attention)", schedule, atol, rtol, processing=processing,
+                          attn_implementation=implementation)
     changed = changed_hooks(processing)  # hook kind -> the step after which HF has no counterpart
     with_result = model.blocks[0].attn.use_attn_result
+    names_filter = _sdpa_filter(model, report)
 
     def run(step, a, b, cache, hf_cache):
         with torch.no_grad():
             logits, ours = model.run_with_cache(tokens[:, a:b], attention_mask=mask[:, :b],
-                                                position_ids=_slice(positions, a, b), kv_cache=cache)
+                                                position_ids=_slice(positions, a, b), kv_cache=cache,
+                                                names_filter=names_filter)
         ref_logits, reference = capture_reference(hf_model, model.config, tokens[:, a:b], mask[:, :b],
                                                   _slice(positions, a, b), past_key_values=hf_cache,
                                                   with_result=with_result)
@@ -117,6 +139,67 @@ def compare(
     for i, (a, b) in enumerate(schedule.bounds()):
         run(f"cached:{i}", a, b, cache, hf_cache)
     return report
+
+
+def _check_attn_implementation(model: Any, hf_model: Any) -> str:
+    """Both sides must run the same attention implementation: eager and sdpa round differently (and differ on fully
+    padded query rows), so a mismatch would read as a FAIL at the first attention layer. Returns it."""
+    from lens_det.convert import ATTN_IMPLEMENTATIONS, sdpa_refusal
+
+    theirs, ours = hf_attn_implementation(hf_model), getattr(model, "attn_implementation", "eager")
+    if theirs not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"the HF model runs attn_implementation={theirs!r}, which lens_det does not implement (it "
+                         f"runs {' or '.join(map(repr, ATTN_IMPLEMENTATIONS))}): rebuild the HF model with "
+                         f"attn_implementation={ours!r}")
+    if theirs != ours:
+        why = sdpa_refusal(model.config) if theirs == "sdpa" else None
+        fix = (f"rebuild the HF model with attn_implementation={ours!r} (lens_det cannot run sdpa for it: {why})"
+               if why else f"set model.attn_implementation = {theirs!r}, or rebuild the HF model with "
+                           f"attn_implementation={ours!r}")
+        raise ValueError(f"the HF model runs attn_implementation={theirs!r} and the lens_det model {ours!r}; the two "
+                         f"round differently, so they are not compared: {fix}")
+    return ours
+
+
+def _check_dtype(model: Any, hf_model: Any) -> None:
+    """Both sides must hold their weights in the same dtype: every op rounds in its input dtype."""
+    theirs = next(hf_model.parameters()).dtype
+    ours = model.cfg.dtype
+    if theirs != ours:
+        raise ValueError(f"the HF model's parameters are {theirs} and the lens_det model's {ours}; every op rounds in "
+                         f"its dtype, so they are not compared: convert the HF model with "
+                         f"lens_det.from_hf_model(hf_model) (it follows the HF model's dtype), or load the HF model in "
+                         f"{ours} (from_pretrained(..., dtype={ours}); hf_model.to({ours}) also casts its RoPE tables, "
+                         "which from_pretrained keeps in float32, docs/numerics.md §3.4)")
+
+
+def _check_weights(model: Any, hf_model: Any) -> None:
+    """Both sides must hold the same weights: the HF model's state dict, converted as from_hf_model converts it
+    (lens_det.convert, sharing storage where it can), must equal the lens_det model's, tensor by tensor."""
+    from lens_det.convert import family_for
+
+    family = family_for(hf_model.config)
+    dtype = next(hf_model.parameters()).dtype  # what from_hf_model casts to
+    converted = family.state_dict_from_hf(hf_model.state_dict(), family.config_from_hf(hf_model.config))
+    for name, ours in model.state_dict().items():
+        theirs = converted.get(name)
+        if theirs is None or ours.is_meta or theirs.is_meta:  # meta: offloaded (accelerate), no data here to read
+            continue
+        theirs = theirs.to(device=ours.device, dtype=dtype)
+        if ours.shape != theirs.shape or ours.dtype != theirs.dtype or not _same(ours, theirs):
+            detail = (f"max |diff| {(ours.double() - theirs.double()).abs().max().item():.3g}"
+                      if ours.shape == theirs.shape else f"shape {tuple(ours.shape)} vs {tuple(theirs.shape)}")
+            raise ValueError(f"the lens_det model's weights differ from the HF model's (first differing parameter: "
+                             f"{name}, {detail}); one was edited or they come from different checkpoints or "
+                             "seeds, so they are not compared: convert the HF model again with "
+                             "lens_det.from_hf_model(hf_model)")
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-equal tensors of one shape and dtype, NaN equal to NaN."""
+    if torch.equal(a, b):
+        return True
+    return a.is_floating_point() and bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 def _check_experts_implementation(model: Any, hf_model: Any) -> None:
@@ -152,24 +235,43 @@ def self_parity(
     """
     tokens, mask, positions, schedule = _prepare(model, tokens, attention_mask, position_ids, schedule,
                                                  prefill, decode_steps, chunk)
-    report = ParityReport(f"lens_det cached vs uncached ({model.cfg.dtype})", schedule, atol, rtol)
+    implementation = getattr(model, "attn_implementation", "eager")
+    report = ParityReport(f"lens_det cached vs uncached ({model.cfg.dtype}, {implementation} attention)", schedule,
+                          atol, rtol, attn_implementation=implementation)
+    names_filter = None if ops.is_deterministic() else _sdpa_filter(model, report)  # deterministic: eager ops
     with torch.no_grad():
-        full_logits, full = model.run_with_cache(tokens, attention_mask=mask, position_ids=positions)
+        full_logits, full = model.run_with_cache(tokens, attention_mask=mask, position_ids=positions,
+                                                 names_filter=names_filter)
     report.n_hooks = len(full.keys())
-    diff_chunked_run(report, model, tokens, mask, positions, schedule.bounds(), full, full_logits, "cached")
+    diff_chunked_run(report, model, tokens, mask, positions, schedule.bounds(), full, full_logits, "cached",
+                     names_filter=names_filter)
     return report
 
 
-def diff_chunked_run(report, model, tokens, mask, positions, bounds, full, full_logits, step: str) -> None:
+def _sdpa_filter(model: Any, report: ParityReport):
+    """Under sdpa: list the pattern hooks in report.not_compared and return a names_filter that leaves them out of
+    run_with_cache (requesting them would run those layers eagerly); None under eager."""
+    if getattr(model, "attn_implementation", "eager") != "sdpa":
+        return None
+    off = model.disabled_hook_points()
+    report.not_compared |= {name: SDPA_NOT_COMPARED for name in model.hook_dict
+                            if kind_of(name) in PATTERN_HOOKS and name not in off}
+    return lambda name: kind_of(name) not in PATTERN_HOOKS
+
+
+def diff_chunked_run(report, model, tokens, mask, positions, bounds, full, full_logits, step: str,
+                     names_filter=None) -> None:
     """Run `model` with a fresh KV cache over `bounds` [(a, b), ...] and append to `report` each step's hooks
     against the same positions of an uncached run (`full`, `full_logits`). Pad query positions are zeroed on
-    both sides (a fully masked row spreads evenly over whatever keys are present, docs/numerics.md §1.3)."""
+    both sides (a fully masked row spreads evenly over whatever keys are present, docs/numerics.md §1.3).
+    `names_filter`: which hooks to cache (run_with_cache's; None: all)."""
     cache = model.new_cache()
     real = mask.bool()
     for i, (a, b) in enumerate(bounds):
         with torch.no_grad():
             logits, ours = model.run_with_cache(tokens[:, a:b], attention_mask=mask[:, :b],
-                                                position_ids=_slice(positions, a, b), kv_cache=cache)
+                                                position_ids=_slice(positions, a, b), kv_cache=cache,
+                                                names_filter=names_filter)
         rows_real = real[:, a:b]
         for hook in [*ours.keys(), "logits"]:
             mine, whole = (logits, full_logits) if hook == "logits" else (ours[hook], full[hook])

@@ -2,8 +2,9 @@
 
 `capture_reference` runs an HF model (BloomForCausalLM, Gemma/Gemma2/VaultGemma/Gemma3/Gemma4 CausalLM or the text
 part of Gemma3/Gemma4ForConditionalGeneration) once and returns, for every lens_det hook point, the value HF computed there:
-read from an HF module's input or output, recorded inside HF's eager attention (registered as a transformers
-attention implementation that calls HF's own `eager_attention_forward`), or derived from HF tensors with HF's
+read from an HF module's input or output, recorded inside HF's attention call (a recorder put in place of the
+attention function HF looks up for its implementation, calling HF's own `eager_attention_forward` or
+`sdpa_attention_forward`), or derived from HF tensors with HF's
 own operations where HF has no single tensor (the norm divisor, Bloom's pre-softmax scores, per-head results), or
 recorded from the GEMM calls inside HF's MoE experts (a torch function mode while the experts module runs).
 `SOURCES` says which, per hook kind.
@@ -20,8 +21,6 @@ import torch
 
 from lens_det import ops
 from lens_det.config import LensConfig
-
-RECORDER = "lens_det_record"
 
 # How each hook kind's reference is obtained ("module": an HF module's input/output; "attention": recorded in
 # HF's eager attention call; "derived": computed from HF tensors with HF's operations; "call": the input or output of
@@ -43,10 +42,11 @@ SOURCES = {
     "hook_q": "module: q_proj / fused query_key_value output, split per head",
     "hook_k": "module: k_proj / fused query_key_value output, split per head",
     "hook_v": "module: v_proj / fused query_key_value output, split per head (K = V layers: k_proj's output)",
-    "hook_rot_q": "attention: the query HF's eager attention receives",
-    "hook_rot_k": "attention: the new keys HF's eager attention receives",
-    "hook_attn_scores": "attention/derived: HF's eager score ops (Bloom: baddbmm with HF's build_alibi_tensor)",
-    "hook_pattern": "attention: the weights HF's eager attention returns (Bloom: output_attentions)",
+    "hook_rot_q": "attention: the query HF's attention function (eager or sdpa) receives",
+    "hook_rot_k": "attention: the new keys HF's attention function (eager or sdpa) receives",
+    "hook_attn_scores": "attention/derived: HF's eager score ops (Bloom: baddbmm with HF's build_alibi_tensor); "
+                        "none under sdpa",
+    "hook_pattern": "attention: the weights HF's eager attention returns (Bloom: output_attentions); none under sdpa",
     "hook_z": "module: the input of o_proj / dense, split per head",
     "hook_result": "derived: hook_z reference times the o_proj weight per head",
     "hook_pre": "module: gate_proj / dense_h_to_4h output",
@@ -206,13 +206,42 @@ def _expert_activations(values: dict, prefix: str, n_experts: int, shape: tuple)
 
 @contextlib.contextmanager
 def _recording_attention(hf_model: Any, recorder: _Recorder):
-    """Temporarily route the Gemma family's attention through HF's own eager function, recording its inputs."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask
+    """Temporarily route the Gemma family's attention through a recorder that calls the function HF runs under its
+    implementation's own name (eager: the family's `eager_attention_forward`; sdpa: transformers'
+    `sdpa_attention_forward`) with HF's own arguments, and records its inputs (and, eager, its scores and weights).
 
-    def record(module, query, key, value, attention_mask, scaling=None, softcap=None, **kwargs):
+    The recorder replaces that name's entry in transformers' attention registry (ALL_ATTENTION_FUNCTIONS's local
+    mapping) for the call and is restored afterwards; the configs keep their `_attn_implementation`, so HF builds the
+    masks it always builds for it (eager_mask / sdpa_mask, with its own allow_is_causal_skip) and takes every branch
+    that HF takes by that name (e.g. Gemma 4's `_maybe_slice_kv_shared_inputs`, which checks for "sdpa"). Modules of
+    other models that run meanwhile are passed through unrecorded."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    # the decoder's attention and masks read the text config (a vision tower's implementation does not matter)
+    text_config = getattr(hf_model.config, "text_config", None) or hf_model.config
+    name = getattr(text_config, "_attn_implementation", None)  # the key HF looks up (None: HF falls back to eager)
+    implementation = name or "eager"
+    if implementation not in ("eager", "sdpa"):
+        raise ValueError(f"the HF model runs attn_implementation={implementation!r}; lens_det's reference capture "
+                         "supports 'eager' and 'sdpa': build the HF model with attn_implementation='eager' or 'sdpa'")
+    ours = {id(m) for m in hf_model.modules()}
+    local = ALL_ATTENTION_FUNCTIONS._local_mapping
+    had, before = name in local, local.get(name)
+
+    def passthrough(module, *args, **kwargs):  # what HF would have called for a module of another model
+        if had:
+            return before(module, *args, **kwargs)
+        if implementation == "sdpa":
+            return ALL_ATTENTION_FUNCTIONS._global_mapping["sdpa"](module, *args, **kwargs)
+        return sys.modules[type(module).__module__].eager_attention_forward(module, *args, **kwargs)
+
+    def record_eager(module, query, key, value, attention_mask, scaling=None, softcap=None, **kwargs):
+        if id(module) not in ours:
+            return passthrough(module, query, key, value, attention_mask, scaling=scaling, softcap=softcap, **kwargs)
         family = sys.modules[type(module).__module__]
-        out, weights = family.eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling, softcap=softcap, **kwargs)
+        out, weights = family.eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                                      softcap=softcap, **kwargs)
         prefix, n_new = f"blocks.{module.layer_idx}.attn.", query.shape[-2]
         k_rep = family.repeat_kv(key, module.num_key_value_groups)  # a stride-0 view for MQA, as in HF
         scores = torch.matmul(query, k_rep.transpose(2, 3)) * scaling  # eager_attention_forward's ops
@@ -228,21 +257,24 @@ def _recording_attention(hf_model: Any, recorder: _Recorder):
         }
         return out, weights
 
-    AttentionInterface.register(RECORDER, record)
-    if RECORDER not in ALL_MASK_ATTENTION_FUNCTIONS:
-        AttentionMaskInterface.register(RECORDER, eager_mask)
-    configs = {id(c): c for c in (hf_model.config, getattr(hf_model.config, "text_config", None)) if c is not None}
-    before = {k: c._attn_implementation for k, c in configs.items()}
-    if any(v != "eager" for v in before.values()):
-        raise ValueError("build the HF reference with attn_implementation='eager' (sdpa differs by design, "
-                         "docs/numerics.md §1.3, §7)")
+    def record_sdpa(module, query, key, value, attention_mask, *args, **kwargs):
+        if id(module) not in ours:
+            return passthrough(module, query, key, value, attention_mask, *args, **kwargs)
+        prefix, n_new = f"blocks.{module.layer_idx}.attn.", query.shape[-2]
+        recorder.values |= {  # before the call: sdpa_attention_forward may reshape the query (GQA decode packing)
+            prefix + "hook_rot_q": query.transpose(1, 2).detach(),
+            prefix + "hook_rot_k": key[:, :, -n_new:].transpose(1, 2).detach(),
+        }
+        return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+
+    local[name] = record_sdpa if implementation == "sdpa" else record_eager
     try:
-        for c in configs.values():
-            c._attn_implementation = RECORDER
-        yield
+        yield implementation
     finally:
-        for k, c in configs.items():
-            c._attn_implementation = before[k]
+        if had:
+            local[name] = before
+        else:
+            local.pop(name, None)
 
 
 def capture_reference(
@@ -341,7 +373,7 @@ def capture_reference(
                 rec.tap(attn.o_proj, p + "hook_attn_out", "out")
                 rec.tap(mlp.down_proj, p + "hook_mlp_out", "out")
     rec.norm(final_norm, "ln_final.", cfg)
-    if cfg.kv_source_layer:  # HF's eager attention receives the source layer's keys: no hook_rot_k of their own
+    if cfg.kv_source_layer:  # HF's attention receives the source layer's keys: no hook_rot_k of their own
         rec.skip |= {f"blocks.{i}.attn.hook_rot_k" for i in range(cfg.n_layers) if cfg.layer_kv_source(i) is not None}
 
     kwargs: dict[str, Any] = {"attention_mask": attention_mask}

@@ -142,7 +142,9 @@ class ParityReport:
     missing: dict[str, str] = field(default_factory=dict)  # hook -> why it has no reference
     n_hooks: int = 0
     processing: tuple[str, ...] = ()  # weight-processing steps applied to the lens_det model
-    not_compared: dict[str, str] = field(default_factory=dict)  # hook -> the step that changed its meaning
+    not_compared: dict[str, str] = field(default_factory=dict)  # hook -> why it is not compared (a processing
+    # step that changed its meaning, or sdpa, which computes no attention pattern)
+    attn_implementation: str | None = None  # what both models ran ("eager" / "sdpa"; None: not recorded)
 
     @property
     def passed(self) -> bool:
@@ -167,14 +169,20 @@ class ParityReport:
     def to_text(self, n_worst: int = 8) -> str:
         s = self.schedule
         tol = "0 (bit-identical)" if self.atol == 0 == self.rtol else f"atol {self.atol:g} + rtol {self.rtol:g}"
+        changed = {h for h, why in self.not_compared.items() if why.startswith("changed by")}
+        other = {h: why for h, why in self.not_compared.items() if h not in changed}
         lines = [
             f"{self.title}",
+            *([f"  attention: {self.attn_implementation} (both models)"] if self.attn_implementation else []),
             f"  schedule: prefill {s.prefill}, {s.decode_steps} decode steps of {s.chunk}; tolerance {tol}",
             f"  coverage: {self.n_hooks - len(self.missing)}/{self.n_hooks} hook points have a reference"
             + (f"; missing: {self.missing}" if self.missing else ""),
-            *([f"  processed weights ({', '.join(self.processing)}): {len(self.not_compared)} hook points not "
-               f"compared, their meaning changed: {', '.join(sorted({kind_of(h) for h in self.not_compared}))}"]
+            *([f"  processed weights ({', '.join(self.processing)}): {len(changed)} hook points not "
+               f"compared, their meaning changed: {', '.join(sorted({kind_of(h) for h in changed}))}"]
               if self.processing else []),
+            *[f"  {sum(w == why for w in other.values())} hook points not compared "
+              f"({', '.join(sorted({kind_of(h) for h, w in other.items() if w == why}))}): {why}"
+              for why in dict.fromkeys(other.values())],
             f"  max |diff|: uncached {self.max_abs(False):.3g}, cached {self.max_abs(True):.3g} -> "
             + ("PASS" if self.passed else "FAIL"),
         ]
@@ -190,7 +198,8 @@ class ParityReport:
 
     def to_json(self) -> dict:
         return {
-            "title": self.title, "schedule": asdict(self.schedule), "atol": self.atol, "rtol": self.rtol,
+            "title": self.title, "attn_implementation": self.attn_implementation, "schedule": asdict(self.schedule),
+            "atol": self.atol, "rtol": self.rtol,
             "passed": self.passed, "coverage": self.coverage, "missing": self.missing,
             "processing": list(self.processing), "not_compared": self.not_compared,
             "first_divergence": None if self.first_divergence is None else asdict(self.first_divergence),
@@ -264,7 +273,10 @@ class ParityReport:
             layer = "top level" if first.layer is None else f"layer {first.layer}"
             note = (f"red box = first divergence: step {first.step}, {layer}, {kind_of(first.hook)}\n"
                     f"(op: {op_of(first.hook)}, {_where(first)}, max |diff| {first.max_abs:.3g})")
-        fig.suptitle(f"{self.title}\n{note}\ngreen: bit-identical, white: not compared", fontsize=9)
+        title = self.title
+        if self.attn_implementation and self.attn_implementation not in title:
+            title += f" [{self.attn_implementation} attention]"
+        fig.suptitle(f"{title}\n{note}\ngreen: bit-identical, white: not compared", fontsize=9)
         if path is not None:
             fig.savefig(path, dpi=110, bbox_inches="tight")
             plt.close(fig)
