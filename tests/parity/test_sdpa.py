@@ -164,3 +164,27 @@ def test_deterministic_mode_ignores_the_implementation(sdpa_pair):
     tokens, mask = batch("left", model.cfg.d_vocab)
     with torch.no_grad(), lens_det.deterministic():
         assert torch.equal(model(tokens, attention_mask=mask), eager(tokens, attention_mask=mask))
+
+
+@pytest.mark.parametrize("keep", [1, 3])
+@pytest.mark.parametrize("kind", ["none", "left"])
+def test_kv_sharing_tail_cut_follows_hf_under_sdpa(sdpa_pair, kind, keep):
+    """Gemma 4 E2B-style KV sharing with logits_to_keep: HF runs the KV-sharing layers on the kept positions only,
+    except under sdpa with more than one kept position while a layer type's mask is None (no padding: sdpa's
+    is_causal could not see the dropped queries); lens_det makes the same choice, uncached and after a prefill."""
+    hf, model = sdpa_pair("tiny-gemma4-ple")
+    tokens, mask = batch(kind, model.cfg.d_vocab)
+    seen = []
+    last = model.cfg.n_layers - 1  # a KV-sharing consumer layer
+    hook = (f"blocks.{last}.hook_resid_post", lambda x, hook: seen.append(x.shape[1]))
+    with torch.no_grad():
+        ref = hf(tokens, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits
+        ours = model.run_with_hooks(tokens, attention_mask=mask, logits_to_keep=keep, fwd_hooks=[hook])
+        assert torch.equal(ours, ref)
+        cache, hf_cache = model.new_cache(), DynamicCache(config=hf.config)
+        hf(tokens[:, :6], attention_mask=mask[:, :6], past_key_values=hf_cache, use_cache=True)
+        model(tokens[:, :6], attention_mask=mask[:, :6], kv_cache=cache)
+        ref = hf(tokens[:, 6:], attention_mask=mask, past_key_values=hf_cache, use_cache=True, logits_to_keep=keep).logits
+        assert torch.equal(model(tokens[:, 6:], attention_mask=mask, kv_cache=cache, logits_to_keep=keep), ref)
+    cut = keep == 1 or kind == "left"  # with padding both layer types have a mask, so HF cuts
+    assert seen == [keep if cut else tokens.shape[1]]
