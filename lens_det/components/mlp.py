@@ -52,9 +52,11 @@ class GatedMLP(MLP):
         self.hook_pre_linear = HookPoint()  # [batch, pos, d_mlp]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.hook_pre(ops.linear(x, self.w_gate, self.b_gate))
+        # HF's order, act(gate_proj(x)) * up_proj(x): the gate's pre-activation is freed before up_proj runs, so the
+        # peak holds three [pos, d_mlp] tensors, not four (+1 x T x d_mlp at long prompts otherwise)
+        gate = self.act(self.hook_pre(ops.linear(x, self.w_gate, self.b_gate)))
         pre_linear = self.hook_pre_linear(ops.linear(x, self.w_in, self.b_in))
-        return ops.linear(self.hook_post(self.act(pre) * pre_linear), self.w_out, self.b_out)
+        return ops.linear(self.hook_post(gate * pre_linear), self.w_out, self.b_out)
 
     @property
     def W_gate(self):  # [d_model, d_mlp]
