@@ -86,8 +86,7 @@ def _models(name: str, dtype: torch.dtype, seed: int, experts_implementation: st
         extra = {} if experts_implementation is None else {"experts_implementation": experts_implementation}
         hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation,
                                                   **extra).eval()
-    model = lens_det.from_hf_model(hf)
-    model.attn_implementation = attn_implementation  # what HF runs (from_hf_model follows it too)
+    model = lens_det.from_hf_model(hf)  # runs what HF runs (attn_implementation included)
     if record is None or record.get("hf_name"):  # a checkpoint: its tokenizer, for --prompt
         from lens_det.loading import _load_tokenizer, _local_dir
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lens_det.config import hf_config_from_name
-from lens_det.convert import family_for, resolve_attn_implementation
+from lens_det.convert import family_for, hf_attn_implementation, resolve_attn_implementation
 from lens_det.model import HookedDecoder
 from lens_det.tokenizer import char_tokenizer
 
@@ -168,20 +168,8 @@ def from_hf_model(hf_model: Any, dtype: torch.dtype | str | None = None, device=
     model = _build(hf_model.config, hf_model.state_dict(), dtype, device, copy=copy, source=type(hf_model).__name__)
     if model.config.n_experts:
         model.experts_implementation = hf_experts_implementation(hf_model)
-    model.attn_implementation = attn_implementation or _attn_implementation_of(hf_model)
+    model.attn_implementation = attn_implementation or hf_attn_implementation(hf_model)
     return _process(model, processing)
-
-
-def _attn_implementation_of(hf_model: Any) -> str:
-    """The HF model's attention implementation, refused with what to do where lens_det has no such one."""
-    from lens_det.convert import ATTN_IMPLEMENTATIONS, hf_attn_implementation
-
-    value = hf_attn_implementation(hf_model)
-    if value not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(f"the HF model runs attn_implementation={value!r}, which lens_det does not implement (it has "
-                         f"{', '.join(ATTN_IMPLEMENTATIONS)}): rebuild it with attn_implementation='sdpa' or 'eager', "
-                         "or call hf_model.set_attn_implementation('sdpa') first")
-    return value
 
 
 def hf_experts_implementation(hf_model: Any) -> str:

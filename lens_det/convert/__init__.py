@@ -79,6 +79,11 @@ def resolve_attn_implementation(cfg, value: str | None) -> str:
 def hf_attn_implementation(hf_model) -> str:
     """The attention implementation HF runs for the decoder: the text config's `_attn_implementation` (the
     top-level config's where there is no text config; None, which HF's registry answers with eager, reads
-    "eager")."""
+    "eager"). One lens_det does not implement (flash_attention_2, flex_attention, ...) raises with what to do."""
     config = getattr(hf_model.config, "text_config", None) or hf_model.config
-    return getattr(config, "_attn_implementation", None) or "eager"
+    value = getattr(config, "_attn_implementation", None) or "eager"
+    if value not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"the HF model runs attn_implementation={value!r}, which lens_det does not implement (it has "
+                         f"{', '.join(ATTN_IMPLEMENTATIONS)}): rebuild it with attn_implementation='sdpa' or 'eager', "
+                         "or call hf_model.set_attn_implementation('sdpa') first")
+    return value

@@ -14,9 +14,8 @@ from lens_det.parity.report import ParityReport, Schedule, diff_hook, kind_of
 from lens_det.weight_processing import changed_hooks
 from lens_det.components.hooks import QUERY_KEY_HOOKS
 
-# The hooks an sdpa model has no value for (sdpa returns z only): compared under eager, listed as not compared
-# under sdpa. Requesting them would make those layers run eager attention (components/attention.py).
-PATTERN_HOOKS = ("attn.hook_attn_scores", "attn.hook_pattern")
+# The pattern hooks (QUERY_KEY_HOOKS) have no value under sdpa (it returns z only): compared under eager, listed as
+# not compared under sdpa. Requesting them would make those layers run eager attention (components/attention.py).
 SDPA_NOT_COMPARED = "sdpa computes no attention pattern (a hook on it runs that layer eagerly)"
 
 
@@ -144,13 +143,9 @@ def compare(
 def _check_attn_implementation(model: Any, hf_model: Any) -> str:
     """Both sides must run the same attention implementation: eager and sdpa round differently (and differ on fully
     padded query rows), so a mismatch would read as a FAIL at the first attention layer. Returns it."""
-    from lens_det.convert import ATTN_IMPLEMENTATIONS, sdpa_refusal
+    from lens_det.convert import sdpa_refusal
 
     theirs, ours = hf_attn_implementation(hf_model), getattr(model, "attn_implementation", "eager")
-    if theirs not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(f"the HF model runs attn_implementation={theirs!r}, which lens_det does not implement (it "
-                         f"runs {' or '.join(map(repr, ATTN_IMPLEMENTATIONS))}): rebuild the HF model with "
-                         f"attn_implementation={ours!r}")
     if theirs != ours:
         why = sdpa_refusal(model.config) if theirs == "sdpa" else None
         fix = (f"rebuild the HF model with attn_implementation={ours!r} (lens_det cannot run sdpa for it: {why})"
@@ -255,8 +250,8 @@ def _sdpa_filter(model: Any, report: ParityReport):
         return None
     off = model.disabled_hook_points()
     report.not_compared |= {name: SDPA_NOT_COMPARED for name in model.hook_dict
-                            if kind_of(name) in PATTERN_HOOKS and name not in off}
-    return lambda name: kind_of(name) not in PATTERN_HOOKS
+                            if name.endswith(QUERY_KEY_HOOKS) and name not in off}
+    return lambda name: not name.endswith(QUERY_KEY_HOOKS)
 
 
 def diff_chunked_run(report, model, tokens, mask, positions, bounds, full, full_logits, step: str,

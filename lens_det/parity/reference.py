@@ -21,6 +21,7 @@ import torch
 
 from lens_det import ops
 from lens_det.config import LensConfig
+from lens_det.convert import hf_attn_implementation
 
 # How each hook kind's reference is obtained ("module": an HF module's input/output; "attention": recorded in
 # HF's eager attention call; "derived": computed from HF tensors with HF's operations; "call": the input or output of
@@ -221,10 +222,7 @@ def _recording_attention(hf_model: Any, recorder: _Recorder):
     # the decoder's attention and masks read the text config (a vision tower's implementation does not matter)
     text_config = getattr(hf_model.config, "text_config", None) or hf_model.config
     name = getattr(text_config, "_attn_implementation", None)  # the key HF looks up (None: HF falls back to eager)
-    implementation = name or "eager"
-    if implementation not in ("eager", "sdpa"):
-        raise ValueError(f"the HF model runs attn_implementation={implementation!r}; lens_det's reference capture "
-                         "supports 'eager' and 'sdpa': build the HF model with attn_implementation='eager' or 'sdpa'")
+    implementation = hf_attn_implementation(hf_model)  # "eager" or "sdpa"; any other raises with what to do
     ours = {id(m) for m in hf_model.modules()}
     local = ALL_ATTENTION_FUNCTIONS._local_mapping
     had, before = name in local, local.get(name)
