@@ -78,17 +78,25 @@ class Block(nn.Module):
                 per_layer_input: torch.Tensor | None = None) -> torch.Tensor:
         """`per_layer_input` [batch, pos, d_per_layer_input]: this block's slice of the per-layer embeddings
         (models with d_per_layer_input only)."""
-        x = self.hook_resid_pre(x)
+        x = self._attention_sublayer(self.hook_resid_pre(x), ctx, cache_entry)
+        x = self._mlp_sublayer(x)
+        return self.hook_resid_post(self._finish(self._per_layer(x, per_layer_input)))
+
+    # Each sub-layer is its own function so that its temporaries (the norm's output, the branch's output) are freed
+    # when it returns, as in HF's decoder layer: held in forward's frame, two [batch, pos, d_model] tensors stayed
+    # alive through the MLP, the peak of a long prompt.
+    def _attention_sublayer(self, x: torch.Tensor, ctx: ForwardContext, cache_entry) -> torch.Tensor:
         a = self.ln1(x)
         per_head = self._per_head_inputs(x) if self.use_attn_in or self.use_split_qkv_input else None
         attn_out = self.hook_attn_out(self.ln1_post(self.attn(a, ctx, cache_entry, per_head)))
-        x = self.hook_resid_mid((a if self.residual_from_norm else x) + attn_out)
+        return self.hook_resid_mid((a if self.residual_from_norm else x) + attn_out)
+
+    def _mlp_sublayer(self, x: torch.Tensor) -> torch.Tensor:
         # TL's hook_mlp_in: a copy of resid_mid that only the MLP branch reads, so an edit leaves the residual alone
         mlp_in = self.hook_mlp_in(x.clone()) if self.use_hook_mlp_in else x
         m = self.ln2(mlp_in)
         mlp_out = self.hook_mlp_out(self.ln2_post(self._feed_forward(m, mlp_in)))
-        x = (m if self.residual_from_norm else x) + mlp_out
-        return self.hook_resid_post(self._finish(self._per_layer(x, per_layer_input)))
+        return (m if self.residual_from_norm else x) + mlp_out
 
     def _no_per_layer(self, x: torch.Tensor, per_layer_input) -> torch.Tensor:
         return x
