@@ -123,19 +123,39 @@ def _inputs(model, args):
     return tokens, mask
 
 
+def _describe_inputs(args) -> str:
+    """What `_inputs` feeds the models, in words (the reports' `inputs`)."""
+    if args.tokens:
+        return f"token ids {args.tokens}"
+    if args.prompt:
+        if len(args.prompt) == 1:
+            return f"prompt {args.prompt[0]!r}"
+        side = "right" if args.padding == "right" else "left"
+        return f"prompts {', '.join(map(repr, args.prompt))} ({side}-padded)"
+    padding = "no padding" if args.padding == "none" else f"first row {args.padding}-padded"
+    return f"random token ids, {args.batch} x {args.length} (seed {args.seed}, {padding})"
+
+
+def _decode_steps(n_tokens: int, args) -> int:
+    """--decode-steps, by default as many as `n_tokens` allow after --prefill but at least 1: a schedule without
+    decode steps never reads the KV cache."""
+    if args.decode_steps is not None:
+        return args.decode_steps
+    return max(1, (n_tokens - args.prefill) // args.chunk)
+
+
 def _continued(model, tokens, mask, args):
-    """Tokens long enough for --prefill + --decode-steps x --chunk: a shorter input is extended by lens_det's
-    greedy continuation (bit-identical to HF generate's), so the cached steps run on the model's own text."""
-    if args.decode_steps is None:
-        return tokens, mask
-    missing = args.prefill + args.decode_steps * args.chunk - tokens.shape[1]
+    """(tokens, mask, n_new): tokens long enough for --prefill + _decode_steps x --chunk. A shorter input is
+    extended by the n_new tokens of lens_det's greedy continuation (bit-identical to HF generate's), so the cached
+    steps run on the model's own text."""
+    missing = args.prefill + _decode_steps(tokens.shape[1], args) * args.chunk - tokens.shape[1]
     if missing <= 0:
-        return tokens, mask
+        return tokens, mask, 0
     if args.padding == "right" and not bool(mask[:, -1].all()):
         raise SystemExit(f"the schedule needs {missing} more tokens than the input has, and a right-padded input "
                          "cannot be continued; use --padding left, or fewer --prefill/--decode-steps")
     out = model.generate(tokens, mask, max_new_tokens=missing, stop_tokens=[])
-    return out.tokens, out.attention_mask
+    return out.tokens, out.attention_mask, missing
 
 
 def _suffixed(path: str, name: str, dtype: str, several: bool) -> str:
@@ -151,6 +171,10 @@ def cmd_parity(args) -> int:
 
     from lens_det.parity import compare
 
+    for flag, value, least in (("--prefill", args.prefill, 1), ("--decode-steps", args.decode_steps, 0),
+                               ("--chunk", args.chunk, 1)):
+        if value is not None and value < least:
+            raise SystemExit(f"{flag} must be >= {least}, got {value}")
     names = args.model or TINY
     for name in names:
         _check_source(name)
@@ -183,20 +207,26 @@ def cmd_parity(args) -> int:
             model.set_use_attn_result(True)
             model.set_use_hook_mlp_in(True)
             model.set_use_split_qkv_input(True)  # hook_attn_in is its alternative, checked by the test suite
-            tokens, mask = _continued(model, *_inputs(model, args), args)
+            tokens, mask, n_new = _continued(model, *_inputs(model, args), args)
             positions = "mask" if model.cfg.positional == "rope" and args.positions == "mask" else None
             report = compare(model, hf, tokens, mask, positions, prefill=args.prefill,
-                             decode_steps=args.decode_steps, chunk=args.chunk, atol=args.atol, rtol=args.rtol,
-                             title=f"{name} ({dtype_name}, {impl} attention)")
+                             decode_steps=_decode_steps(tokens.shape[1], args), chunk=args.chunk, atol=args.atol,
+                             rtol=args.rtol, title=f"{name} ({dtype_name}, {impl} attention)")
+            continued = f"continued greedily by {n_new} token{'s' if n_new > 1 else ''}" if n_new else ""
+            report.inputs = _describe_inputs(args) + (f", {continued}" if continued else "")
             reports.append(report)
             failed |= not report.passed
-            s = report.schedule
             first = report.first_divergence
             result = "PASS" if report.passed else (
                 f"FAIL at {first.step}, {first.hook}, pos {first.position}" if first else "FAIL (coverage)")
+            if not report.decode_steps_compared:
+                result += " (no step read the KV cache)"
             print(f"{name:<20} {dtype_name:<9} {report.n_hooks:>5} {report.coverage:>8.0%} "
                   f"{report.max_abs(False):>9.3g} {report.max_abs(True):>9.3g}  "
-                  f"{f'{s.prefill}+{s.decode_steps}x{s.chunk}':<16} {result}  [{time.perf_counter() - start:.1f}s]")
+                  f"{report.schedule.label:<16} {result}  [{time.perf_counter() - start:.1f}s]")
+            if continued:
+                print(f"{'':<20} input {continued} (lens_det's, equal to HF generate's): the schedule needs "
+                      f"{report.schedule.length} tokens")
             if args.plot:
                 report.plot(_suffixed(args.plot, name, dtype_name, several))
     for report in reports:
@@ -207,8 +237,15 @@ def cmd_parity(args) -> int:
         with open(args.json, "w") as f:
             json.dump(payload if several else payload[0], f, indent=1, default=str)
     exact = "all hook points" if impl == "eager" else "all hook points sdpa has"
-    print(f"\n{exact} bit-identical, cache off and on" if not failed and args.atol == 0 == args.rtol else
-          ("\nPASS" if not failed else "\nFAIL: differences over tolerance (details above)"))
+    unread = sum(not r.decode_steps_compared for r in reports)
+    if failed:
+        verdict = "FAIL: differences over tolerance (details above)"
+    elif unread:
+        verdict = (f"PASS, but in {unread} of {len(reports)} runs no step read the KV cache (--decode-steps 0: the "
+                   "cached run was the prefill alone), so the cache was not checked")
+    else:
+        verdict = f"{exact} bit-identical, cache off and on" if args.atol == 0 == args.rtol else "PASS"
+    print("\n" + verdict)
     return 1 if failed else 0
 
 
@@ -312,8 +349,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="tokens of the first cached forward; the cached steps then run on the input's following "
                         "tokens (default: 5)")
     p.add_argument("--decode-steps", type=int, default=None,
-                   help="cached steps after the prefill (default: as many as the tokens allow); an input shorter "
-                        "than prefill + steps x chunk is extended by the model's greedy continuation")
+                   help="cached steps after the prefill (default: as many as the tokens allow, at least 1); an "
+                        "input shorter than prefill + steps x chunk is extended by the model's greedy continuation")
     p.add_argument("--chunk", type=int, default=1, help="tokens per cached step after the prefill (default: 1)")
     p.add_argument("--atol", type=float, default=0.0, help="allowed max |diff| (default 0: bit-identical)")
     p.add_argument("--rtol", type=float, default=0.0, help="allowed max |diff| relative to each hook's scale")

@@ -68,7 +68,9 @@ def compare(
     title: str | None = None,
 ) -> ParityReport:
     """Every hook point of `model` against the HF reference `hf_model`, without a cache over the schedule's tokens
-    and with both caches on the schedule (prefill, then decode steps of `chunk`).
+    and with both caches on the schedule (prefill, then decode steps of `chunk`). Only the decode steps read the
+    caches: a schedule without any (prefill = all the tokens) leaves them unchecked, which the report states
+    (`report.decode_steps_compared` is 0, and its text says so).
 
     Both models must run the same attention implementation (`model.attn_implementation` and the HF model's
     `config._attn_implementation`, "eager" or "sdpa"; they round differently), the same dtype and the same weights,
@@ -85,10 +87,7 @@ def compare(
 
     from lens_det.config import LensConfig
 
-    hf_cfg = LensConfig.from_hf_config(hf_model.config)
-    if hf_cfg != model.config:
-        diff = {k: (v, getattr(hf_cfg, k)) for k, v in model.config.to_dict().items() if getattr(hf_cfg, k) != v}
-        raise ValueError(f"the HF model has a different architecture or vocabulary than the lens_det model: {diff}")
+    _check_architecture(model.config, LensConfig.from_hf_config(hf_model.config))
     implementation = _check_attn_implementation(model, hf_model)
     _check_experts_implementation(model, hf_model)
     _check_dtype(model, hf_model)
@@ -138,6 +137,26 @@ def compare(
     for i, (a, b) in enumerate(schedule.bounds()):
         run(f"cached:{i}", a, b, cache, hf_cache)
     return report
+
+
+def _check_architecture(ours: Any, theirs: Any) -> None:
+    """Both configs must convert to the same LensConfig, the HF class included. The class is compared as the one
+    `hf_architecture` names, where None (a config built in code has no `architectures` until save_pretrained fills
+    it in) names the family's causal LM: that bookkeeping, like the config's transformers_version, _name_or_path or
+    dtype (which no LensConfig field reads), refuses nothing."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    def hf_class(cfg):
+        return cfg.hf_architecture or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(cfg.architecture)
+
+    diff = {k: (v, getattr(theirs, k)) for k, v in ours.to_dict().items()
+            if k != "hf_architecture" and getattr(theirs, k) != v}
+    if hf_class(ours) != hf_class(theirs):
+        diff["hf_architecture"] = (hf_class(ours), hf_class(theirs))
+    if diff:
+        raise ValueError(f"the HF model has a different architecture or vocabulary than the lens_det model: {diff} "
+                         "(lens_det's value, the HF model's); compare a lens_det model with the HF model it was "
+                         "converted from, or convert this one: lens_det.from_hf_model(hf_model)")
 
 
 def _check_attn_implementation(model: Any, hf_model: Any) -> str:

@@ -11,9 +11,12 @@ import torch
 
 from lens_det.components.hooks import QUERY_KEY_HOOKS
 
-# Where the position and head dimensions of each hook kind are (batch is always dim 0).
-_PER_HEAD = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_rot_q", "hook_rot_k", "hook_result",
-             "q_norm.hook_scale", "q_norm.hook_normalized", "k_norm.hook_scale", "k_norm.hook_normalized")
+# Hook kinds laid out [batch, pos, head, ...] (query or key/value heads); QUERY_KEY_HOOKS are [batch, head, pos, key]
+# and every other hook [batch, pos, ...].
+_PER_HEAD = {"attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z", "attn.hook_rot_q", "attn.hook_rot_k",
+             "attn.hook_result", *(f"attn.{norm}.{hook}" for norm in ("q_norm", "k_norm", "v_norm")
+                                   for hook in ("hook_scale", "hook_normalized")),
+             "hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input"}
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,11 @@ class Schedule:
     @property
     def length(self) -> int:
         return self.prefill + self.decode_steps * self.chunk
+
+    @property
+    def label(self) -> str:
+        """Short form, prefill+steps x chunk: "5+11x1"."""
+        return f"{self.prefill}+{self.decode_steps}x{self.chunk}"
 
     def bounds(self) -> list[tuple[int, int]]:
         ends = [self.prefill + self.chunk * s for s in range(self.decode_steps + 1)]
@@ -116,7 +124,7 @@ def diff_hook(step: str, hook: str, ours: torch.Tensor, ref: torch.Tensor, atol:
         kind = kind_of(hook)
         if kind.startswith("attn.") and kind.endswith(QUERY_KEY_HOOKS):
             pos_dim, head_dim = 2, 1
-        elif kind.startswith("attn.") and kind.endswith(_PER_HEAD):
+        elif kind in _PER_HEAD:
             pos_dim, head_dim = 1, 2
         else:
             pos_dim, head_dim = 1, None
@@ -145,10 +153,21 @@ class ParityReport:
     not_compared: dict[str, str] = field(default_factory=dict)  # hook -> why it is not compared (a processing
     # step that changed its meaning, or sdpa, which computes no attention pattern)
     attn_implementation: str | None = None  # what both models ran ("eager" / "sdpa"; None: not recorded)
+    inputs: str | None = None  # what the models were fed (e.g. the prompt), for the text, JSON and heatmap title
 
     @property
     def passed(self) -> bool:
         return not self.missing and all(r.passed for r in self.rows)
+
+    @property
+    def decode_steps_compared(self) -> int:
+        """How many compared cached steps read the KV cache: the steps after the prefill ("cached:<i>", i >= 1;
+        "cached:0", the prefill, only writes it). 0 with cached rows: the cache path was not checked."""
+        return len({r.step for r in self.rows if r.step.startswith("cached:") and r.step != "cached:0"})
+
+    @property
+    def _cache_never_read(self) -> bool:
+        return self.decode_steps_compared == 0 and any(r.step.startswith("cached") for r in self.rows)
 
     @property
     def coverage(self) -> float:
@@ -174,7 +193,11 @@ class ParityReport:
         lines = [
             f"{self.title}",
             *([f"  attention: {self.attn_implementation} (both models)"] if self.attn_implementation else []),
-            f"  schedule: prefill {s.prefill}, {s.decode_steps} decode steps of {s.chunk}; tolerance {tol}",
+            *([f"  inputs: {self.inputs}"] if self.inputs else []),
+            f"  schedule: prefill {s.prefill}, {s.decode_steps} decode steps of {s.chunk} ({s.label}); tolerance {tol}",
+            *(["  no cached decode step: the prefill wrote the KV cache, which was never read, so the cached numbers "
+               "are the prefill's and the cache is not checked; give the schedule decode steps (more tokens than the "
+               "prefill, decode_steps >= 1)"] if self._cache_never_read else []),
             f"  coverage: {self.n_hooks - len(self.missing)}/{self.n_hooks} hook points have a reference"
             + (f"; missing: {self.missing}" if self.missing else ""),
             *([f"  processed weights ({', '.join(self.processing)}): {len(changed)} hook points not "
@@ -198,7 +221,8 @@ class ParityReport:
 
     def to_json(self) -> dict:
         return {
-            "title": self.title, "attn_implementation": self.attn_implementation, "schedule": asdict(self.schedule),
+            "title": self.title, "attn_implementation": self.attn_implementation, "inputs": self.inputs,
+            "schedule": asdict(self.schedule), "decode_steps_compared": self.decode_steps_compared,
             "atol": self.atol, "rtol": self.rtol,
             "passed": self.passed, "coverage": self.coverage, "missing": self.missing,
             "processing": list(self.processing), "not_compared": self.not_compared,
@@ -251,7 +275,8 @@ class ParityReport:
                               for v in row] for row in cells], dtype=float)
             image = ax.imshow(np.ma.masked_invalid(np.where(grid == -np.inf, vmin - 1, grid)), aspect="auto",
                               cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
-            ax.set_title(f"cache {'on' if cached else 'off'}", fontsize=9)
+            ax.set_title("cache off" if not cached else
+                         "cache on: prefill only, never read" if self._cache_never_read else "cache on", fontsize=9)
             ax.set_xticks(range(len(columns)), columns, fontsize=7, rotation=90 if len(columns) > 14 else 0)
             ax.set_xlabel("layer")
             ax.set_yticks(range(len(kinds)), kinds if ax is axes[0, 0] else [], fontsize=7)
@@ -276,11 +301,23 @@ class ParityReport:
         title = self.title
         if self.attn_implementation and self.attn_implementation not in title:
             title += f" [{self.attn_implementation} attention]"
-        fig.suptitle(f"{title}\n{note}\ngreen: bit-identical, white: not compared", fontsize=9)
+        s = self.schedule
+        schedule = f"schedule {s.label}: " + (
+            f"a prefill of {s.prefill} tokens, then {s.decode_steps} decode step{'s' * (s.decode_steps > 1)} of "
+            f"{s.chunk} token{'s' * (s.chunk > 1)}" if s.decode_steps else f"the prefill of {s.prefill} tokens alone, "
+            "no decode step")
+        inputs = "" if not self.inputs else "\n" + _cut(self.inputs, 90)
+        fig.suptitle(f"{title}\n{schedule}{inputs}\n{note}\ngreen: bit-identical, white: not compared", fontsize=9)
         if path is not None:
             fig.savefig(path, dpi=110, bbox_inches="tight")
             plt.close(fig)
         return fig
+
+
+def _cut(text: str, width: int) -> str:
+    """`text` on one line of at most `width` characters, cut with an ellipsis."""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "\u2026"
 
 
 def _where(row: HookDiff) -> str:

@@ -156,3 +156,41 @@ def test_cli_parity_with_sdpa(capsys):
     assert "(sdpa attention)" in out and "PASS" in out and "hook_pattern are not compared" in out
     with pytest.raises(SystemExit, match=r"sdpa is not available for tiny-gemma2 .*eager attention only"):
         main(["parity", "--model", "tiny-gemma2", "--attn-implementation", "sdpa"])
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma3", "tiny-gemma4-ple"])
+def test_a_config_built_model_and_its_saved_copy_compare(name, tmp_path):
+    """An HF model built from a config without `architectures` (as AutoConfig.for_model or a config class makes
+    it), saved and reloaded: save_pretrained fills in `architectures` (in the saved file and on the model's own
+    config), from_pretrained sets `_name_or_path`. Bookkeeping: the two models are the same model, bit for bit,
+    whichever one lens_det was converted from (tolerance 0: same weights, same ops)."""
+    from transformers import AutoModelForCausalLM
+
+    from lens_det.config import hf_config_from_name
+    from lens_det.parity.models import random_hf_model_from_config
+
+    config = hf_config_from_name(name)
+    config.architectures = None
+    hf = random_hf_model_from_config(config)
+    model = lens_det.from_hf_model(hf)
+    hf.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=hf.config._attn_implementation)
+    assert reloaded.config.architectures and model.config.hf_architecture is None  # what used to be refused
+    tokens, mask = batch("left", model.cfg.d_vocab, length=8)
+    for ours, theirs in [(model, reloaded), (model, hf), (lens_det.from_hf_model(reloaded), hf)]:
+        report = compare(ours, theirs, tokens, mask, prefill=5)
+        assert report.passed and report.max_abs() == 0.0, report.to_text()
+
+
+def test_a_different_converted_config_is_still_refused_naming_the_field(no_compute):
+    """Only bookkeeping is ignored: a config field that changes the conversion (here the final soft-cap) refuses,
+    naming that field and no bookkeeping one."""
+    hf, model = pair("tiny-gemma2")
+    hf.config.final_logit_softcapping = 2 * hf.config.final_logit_softcapping
+    hf.config.architectures = None
+    tokens, mask = batch("none", model.cfg.d_vocab, length=8)
+    no_compute(model, hf)
+    with pytest.raises(ValueError, match=r"different architecture or vocabulary than the lens_det model: "
+                                         r"\{'final_softcap': \(8\.0, 16\.0\)\} \(lens_det's value, the HF "
+                                         r"model's\); .*lens_det.from_hf_model\(hf_model\)"):
+        compare(model, hf, tokens, mask)

@@ -183,3 +183,72 @@ def test_heatmap_marks_the_first_divergence(model_pair):
     assert "step cached:1, layer 0, attn.hook_attn_scores" in fig._suptitle.get_text()
     assert off.get_title() == "cache off" and on.get_title() == "cache on"
     plt.close(fig)
+
+
+def test_report_without_a_decode_step_says_so(model_pair):
+    hf, model = model_pair("tiny-gemma")
+    tokens, mask = batch("none", model.cfg.d_vocab, length=6)
+    report = compare(model, hf, tokens, mask, prefill=6)
+    assert report.schedule == Schedule(6, 0) and report.passed and report.decode_steps_compared == 0
+    text = report.to_text()
+    assert "no cached decode step" in text and "never read" in text
+    assert compare(model, hf, tokens, mask, prefill=4).decode_steps_compared == 2
+    assert "no cached decode step" not in compare(model, hf, tokens, mask, prefill=4).to_text()
+
+
+def test_heatmap_title_names_the_schedule_and_the_input():
+    import matplotlib.pyplot as plt
+
+    from lens_det.parity.report import HookDiff, ParityReport
+
+    rows = [HookDiff(step, "hook_embed", None, 0.0, 0.0, True, True) for step in ("uncached", "cached:0", "cached:1")]
+    prompt = "The quick brown fox jumps over the lazy dog, " * 4
+    report = ParityReport("t", Schedule(5, 1), 0.0, 0.0, rows, inputs=f"prompt {prompt!r}")
+    fig = report.plot()
+    title = fig._suptitle.get_text()
+    assert "schedule 5+1x1" in title and "prompt 'The quick brown fox" in title
+    assert max(map(len, title.splitlines())) <= 100  # the prompt is cut, the title stays as wide as the figure
+    assert fig.axes[1].get_title() == "cache on"
+    plt.close(fig)
+    prefill_only = ParityReport("t", Schedule(5, 0), 0.0, 0.0, rows[:2])
+    fig = prefill_only.plot()
+    assert "schedule 5+0x1" in fig._suptitle.get_text()
+    assert fig.axes[1].get_title() == "cache on: prefill only, never read"
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("hook", ["blocks.0.attn.v_norm.hook_normalized", "blocks.0.attn.v_norm.hook_scale",
+                                  "blocks.0.hook_q_input", "blocks.0.hook_k_input", "blocks.0.hook_v_input",
+                                  "blocks.0.hook_attn_in", "blocks.0.attn.hook_v"])
+def test_a_failing_per_head_hook_names_its_head(hook):
+    """[batch, pos, head, ...] hooks: the first failing position and the head there (hook_v: the existing case)."""
+    from lens_det.parity.report import diff_hook
+
+    ref = torch.zeros(2, 4, 3, 5)
+    ours = ref.clone()
+    ours[1, 2, 1, 0] = 1.0  # position 2, head 1
+    ours[0, 3, 0, 0] = 1.0  # later position: not the first
+    row = diff_hook("cached:1", hook, ours, ref, 0.0, 0.0, offset=7)
+    assert (row.passed, row.position, row.head) == (False, 7 + 2, 1)
+
+
+def test_a_v_norm_divergence_is_reported_with_its_head(model_pair):
+    """An edit of one head of Gemma 4's v_norm output: the report's first divergence names that hook and head."""
+    hf, model = model_pair("tiny-gemma4")
+    tokens, mask = batch("none", model.cfg.d_vocab, length=8)
+    point = model.blocks[1].attn.v_norm.hook_normalized
+
+    def shift_head_1(x, hook):
+        x = x.clone()
+        x[:, 3:, 1] += 1.0  # positions 3.. of kv head 1
+        return x
+
+    point.add_hook(shift_head_1, is_permanent=True)
+    try:
+        report = compare(model, hf, tokens, mask, prefill=4)
+    finally:
+        point.remove_hooks(including_permanent=True)
+    first = report.first_divergence
+    assert (first.step, first.hook, first.position, first.head) == \
+        ("uncached", "blocks.1.attn.v_norm.hook_normalized", 3, 1)
+    assert "position 3, head 1" in report.to_text()
