@@ -121,13 +121,12 @@ def inv_sqrt_pow(x: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, unit_offset: bool,
-             mean_sq: torch.Tensor | None = None, inv_sqrt: str = "rsqrt") -> torch.Tensor:
+             inv_sqrt: str = "rsqrt") -> torch.Tensor:
     """fp32 normalise, times (1 + w) or w in fp32 (nothing when `weight` is None), one cast at the end
     (docs/numerics.md §3.3). `inv_sqrt` is "rsqrt" (Gemma 1-3: x * rsqrt(ms + eps)) or "pow" (Gemma 4:
-    x * pow(ms + eps, -0.5)). `mean_sq` reuses an already computed `mean_square(x)` (the same ops, so the same
-    bits)."""
+    x * pow(ms + eps, -0.5))."""
     xf = x.float()
-    denominator = (mean_square(xf) if mean_sq is None else mean_sq) + eps
+    denominator = mean_square(xf) + eps
     y = xf * (inv_sqrt_pow(denominator) if inv_sqrt == "pow" else pointwise(torch.rsqrt, denominator))
     if weight is None:
         return y.type_as(x)

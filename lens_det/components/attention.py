@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
-from lens_det.components.hooks import HookPoint
+from lens_det.components.hooks import HookPoint, is_hooked
 
 from lens_det import ops
 from lens_det.components.context import ForwardContext
@@ -228,7 +228,7 @@ class Attention(nn.Module):
     def _pattern_hooked(self) -> bool:
         """Whether anything hooks this layer's scores or pattern (forward, backward or caching hooks), which need the
         whole [query, key] tensors of the eager computation."""
-        return bool(self.hook_attn_scores._forward_hooks or self.hook_pattern._forward_hooks)
+        return is_hooked(self.hook_attn_scores) or is_hooked(self.hook_pattern)
 
     def _runs_sdpa(self) -> bool:
         if self.implementation != "sdpa" or ops.is_deterministic():  # deterministic mode has its own eager ops

@@ -16,6 +16,12 @@ def position_dim(name: str) -> int:
     return 2 if name.endswith(QUERY_KEY_HOOKS) else 1
 
 
+def is_hooked(hook: _HookPoint) -> bool:
+    """Whether a forward or backward hook is attached (TransformerLens adds a backward hook as the module's full
+    backward hook), so that a value computed only for hooks is worth computing and must be on the graph."""
+    return bool(hook._forward_hooks or hook._backward_hooks)
+
+
 class HookPoint(_HookPoint):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = super().__call__(x)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lens_det import ops
-from lens_det.components.hooks import HookPoint
+from lens_det.components.hooks import HookPoint, is_hooked
 from lens_det.components.mlp import ACTIVATIONS
 from lens_det.components.norms import make_norm
 from lens_det.config import LensConfig
@@ -95,17 +95,21 @@ class MixtureOfExperts(nn.Module):
     def _fire(self, hook: HookPoint, groups: list, values: list, lead: torch.Size) -> list:
         """Fire `hook` on [batch, pos, k, width], assembled from `values[g]`, the rows of group g at
         (token, slot) = groups[g]. The computation keeps using HF's own tensors (their layout fixes the bits of the
-        elementwise ops that follow) unless the hook changed a value; then each group reads the edited rows."""
-        if not hook._forward_hooks:
+        elementwise ops that follow) unless the hook changed a value; then each group reads the edited rows. Under
+        autograd an unedited value still passes through the hook's output, as value + (output - copy), which adds an
+        exact 0 in the forward and routes the gradient through the hook (a backward hook or retain_grad sees it)."""
+        if not is_hooked(hook):
             return values
         full = values[0].new_zeros(lead.numel(), self.top_k, values[0].shape[-1])
         for (token, slot), value in zip(groups, values):
             full[token, slot] = value
         original = full.clone()
         edited = hook(full.view(*lead, self.top_k, -1)).reshape(full.shape)
-        if torch.equal(edited, original):
-            return values
-        return [edited[token, slot] for token, slot in groups]
+        if not torch.equal(edited, original):
+            return [edited[token, slot] for token, slot in groups]
+        if edited.requires_grad:
+            return [value + (edited[token, slot] - original[token, slot]) for (token, slot), value in zip(groups, values)]
+        return values
 
     def _gated(self, gate_up: list, groups: list, lead: torch.Size) -> list:
         """act(gate) * up per group, from each group's gate_up rows (HF: gate rows first, chunk(2)), with hooks."""
