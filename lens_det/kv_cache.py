@@ -6,15 +6,32 @@ layers keep the last W - 1 positions; KV-sharing consumer layers store nothing (
 are handed over within each forward call, as HF's KVSharingDict). Positions are not stored: ALiBi and mask-derived
 RoPE positions are recomputed from the mask history, default RoPE positions continue from the number of tokens seen.
 
+It also keeps the token ids it has seen ([batch, seen], pads included, beside the mask), so that a continuation
+can tell which of the tokens it is given the cache already holds (HF generate's `past_key_values` rule), and what
+a `generate` call left pending: its last generated tokens, which the cache does not hold yet, and which rows had
+finished, so that a continuation of that call keeps those rows finished.
+
 A forward call stages its updates and commits them only when the whole call succeeded, so an error (bad input,
 a hook that raises) leaves the cache unchanged. A frozen cache is read but never grown.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lens_det.config import LensConfig
+
+
+@dataclass
+class PendingGeneration:
+    """What a `generate` call left in its cache: its last generated tokens [batch, 1] (not run yet, so not in the
+    cache) and the rows that had finished [batch] (bool). A continuation that runs exactly these tokens next
+    resumes that call; any other input, or any forward in between (which clears it), starts every row afresh."""
+
+    tokens: torch.Tensor
+    finished: torch.Tensor
 
 
 class KVCacheEntry:
@@ -99,6 +116,8 @@ class KVCache:
         # KV-sharing consumer layers get a SharedKVEntry that stores nothing (nbytes counts producers only)
         self.layers = [_entry(config, i) for i in range(config.n_layers)]
         self.mask: torch.Tensor | None = None  # [batch, seen] 0/1 (long)
+        self.tokens: torch.Tensor | None = None  # [batch, seen] the token ids seen (long)
+        self.pending: PendingGeneration | None = None  # set by generate, cleared by the next forward
         self.frozen = False
 
     @property
@@ -127,6 +146,9 @@ class KVCache:
         """An independent copy (fork a branch from a shared prefix)."""
         other = KVCache(self.config, self.max_length)
         other.mask = None if self.mask is None else self.mask.clone()
+        other.tokens = None if self.tokens is None else self.tokens.clone()
+        if self.pending is not None:
+            other.pending = PendingGeneration(self.pending.tokens.clone(), self.pending.finished.clone())
         other.frozen = self.frozen
         for mine, theirs in zip(self.layers, other.layers):
             theirs.start = mine.start
@@ -135,18 +157,23 @@ class KVCache:
         return other
 
     def to(self, device) -> KVCache:
-        """Move every layer's tensors (and the mask) to one device, in place."""
+        """Move every layer's tensors (and the mask, token ids and pending generation) to one device, in place."""
         if self.mask is not None:
-            self.mask = self.mask.to(device)
+            self.mask, self.tokens = self.mask.to(device), self.tokens.to(device)
+        if self.pending is not None:
+            self.pending = PendingGeneration(self.pending.tokens.to(device), self.pending.finished.to(device))
         for entry in self.layers:
             if entry.keys is not None:
                 entry.keys, entry.values = entry.keys.to(device), entry.values.to(device)
         return self
 
-    def _commit(self, mask: torch.Tensor) -> None:
+    def _commit(self, mask: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Keep the staged keys and values, the mask of everything seen and the new tokens [batch, new]."""
         for entry in self.layers:
             entry.commit()
+        self.tokens = tokens if self.tokens is None else torch.cat([self.tokens, tokens.to(self.tokens.device)], 1)
         self.mask = mask
+        self.pending = None
 
     def _discard(self) -> None:
         for entry in self.layers:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import itertools
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from torch import nn
 
 from lens_det.config import hf_config_from_name
 from lens_det.convert import family_for, hf_attn_implementation, resolve_attn_implementation
-from lens_det.model import HookedDecoder
+from lens_det.model import HookedDecoder, check_dtype
 from lens_det.tokenizer import char_tokenizer
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ _QUANTIZED = ("quantized loading is not supported (lens_det matches HF's unquant
 _TENSOR_PARALLEL = ("tensor parallelism is not supported; spread the layers over GPUs with device_map='auto' (or a "
                     "dict such as {'blocks.0': 'cuda:0', ..., '': 'cuda:1'})")
 _DROP = "transformers ignores it too; drop it"
+_DTYPE_FIX = "pass dtype=torch.float32 or dtype=torch.bfloat16 (the weights are cast to it)"
 
 # Keywords of transformers' from_pretrained that lens_det does not take, each with what to do instead.
 HF_KEYWORDS = {
@@ -160,10 +163,11 @@ def from_hf_model(hf_model: Any, dtype: torch.dtype | str | None = None, device=
     if not isinstance(hf_model, PreTrainedModel):
         raise TypeError(f"from_hf_model takes a transformers PreTrainedModel (e.g. GemmaForCausalLM), got "
                         f"{type(hf_model).__name__}; for a checkpoint name or directory use from_pretrained")
-    _check_head(type(hf_model).__name__)
+    _check_head(type(hf_model).__name__, getattr(hf_model.config, "model_type", None))
     _refuse_meta_context("from_hf_model")
     dtype = _dtype_or_alias(dtype, torch_dtype)
-    dtype = (None if dtype == "auto" else _as_dtype(dtype)) or next(hf_model.parameters()).dtype
+    dtype = check_dtype((None if dtype == "auto" else _as_dtype(dtype)) or next(hf_model.parameters()).dtype,
+                        _DTYPE_FIX)
     copy = not share_weights or any(processing.values())  # processing writes in place: never into the HF model
     model = _build(hf_model.config, hf_model.state_dict(), dtype, device, copy=copy, source=type(hf_model).__name__)
     if model.config.n_experts:
@@ -250,15 +254,17 @@ def from_pretrained(
     from transformers import AutoConfig
 
     hf_cfg = AutoConfig.from_pretrained(directory)
-    _check_head(*(getattr(hf_cfg, "architectures", None) or [None])[:1])
+    _check_head((getattr(hf_cfg, "architectures", None) or [None])[0], getattr(hf_cfg, "model_type", None))
     checkpoint = _Checkpoint(directory)
     dtype = checkpoint_dtype(hf_cfg, checkpoint) if dtype == "auto" else (_as_dtype(dtype) or torch.float32)
+    check_dtype(dtype, _DTYPE_FIX)
     family = family_for(hf_cfg)
     cfg = family.config_from_hf(hf_cfg)
     implementation = resolve_attn_implementation(cfg, attn_implementation)  # refused before any weight is read
     sources = _lazy_conversion(family, checkpoint, cfg, str(directory))
     with torch.device("meta"):
         model = HookedDecoder(cfg, dtype=dtype)
+    _check_shapes(model, checkpoint, sources, hf_cfg)
     plan = _placement(model, device, device_map, max_memory)
     offloaded = _load(model, checkpoint, sources, plan, offload_folder)
     if offloaded and any(processing.values()):
@@ -300,6 +306,7 @@ def from_config(name: str, seed: int = 0, dtype: torch.dtype | str | None = None
     hf_cfg = hf_config_from_name(name)
     dtype = _dtype_or_alias(dtype, torch_dtype)
     dtype = (_as_dtype(getattr(hf_cfg, "dtype", None)) if dtype == "auto" else _as_dtype(dtype)) or torch.float32
+    check_dtype(dtype, _DTYPE_FIX)
     target = torch.get_default_device() if device is None else _target_device(device)
     if target.type == "meta":
         if any(processing.values()):
@@ -355,12 +362,17 @@ def _target_device(device) -> torch.device:
     return check_device(device)
 
 
-def _check_head(class_name: str | None) -> None:
+def _check_head(class_name: str | None, model_type: str | None) -> None:
+    """Refuse an HF class without the causal-LM head, naming the class to load instead: transformers' causal-LM
+    class of the config's model_type (Gemma3TextModel, model_type gemma3_text -> Gemma3ForCausalLM)."""
     if class_name is not None and not class_name.endswith(LM_HEADS):
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, "its *ForCausalLM class")
         raise ValueError(
             f"{class_name} is not a causal language model: lens_det converts *ForCausalLM models (and the text part "
             f"of *ForConditionalGeneration) and would silently drop this model's head. Load the causal-LM class of "
-            f"the same checkpoint instead (e.g. {class_name.split('For')[0]}ForCausalLM)."
+            f"the same checkpoint instead ({causal}; transformers.AutoModelForCausalLM picks it)."
         )
 
 
@@ -432,7 +444,10 @@ class _Checkpoint:
             return
         self.files = sorted(directory.glob("pytorch_model*.bin"))
         if not self.files:
-            raise ValueError(f"no *.safetensors or pytorch_model*.bin weights in {directory}")
+            raise ValueError(f"no weight files in {directory}: a checkpoint directory holds config.json and the "
+                             "weights save_pretrained writes, model.safetensors (or its shards "
+                             "model-00001-of-0000N.safetensors with model.safetensors.index.json) or pytorch_model.bin "
+                             "(or its shards with pytorch_model.bin.index.json); copy or download them there")
         for file in self.files:
             try:
                 state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
@@ -466,6 +481,40 @@ class _Checkpoint:
     def close(self) -> None:
         self._handles.clear()
         self._tensors.clear()
+
+
+_SHAPE_FIELD = re.compile(r"(size|dim|heads?|experts|_input)$")  # config.json fields that size weights
+
+
+def _shape_fields(hf_cfg: Any) -> dict[str, int]:
+    text = getattr(hf_cfg, "text_config", None) or hf_cfg
+    return {k: v for k, v in text.to_dict().items() if _SHAPE_FIELD.search(k) and type(v) is int}
+
+
+def _fields_giving(fields: dict[str, int], size: int) -> list[str]:
+    """The shape fields equal to `size`, and the products of two that are ("head_dim (16)",
+    "num_key_value_heads x head_dim (1 x 16)")."""
+    return ([f"{k} ({v})" for k, v in fields.items() if v == size]
+            + [f"{a} x {b} ({fields[a]} x {fields[b]})" for a, b in itertools.combinations(fields, 2)
+               if fields[a] * fields[b] == size])
+
+
+def _check_shapes(model: HookedDecoder, checkpoint: _Checkpoint, sources: dict, hf_cfg: Any) -> None:
+    """Every checkpoint tensor has the shape config.json gives its lens_det weight, checked before anything is read;
+    a mismatch names the checkpoint key and the config fields that give the differing size."""
+    expected, fields = model.state_dict(), _shape_fields(hf_cfg)
+    for key, source in sources.items():
+        got = checkpoint.meta[source].shape if isinstance(source, str) else source.shape
+        if key not in expected or got == expected[key].shape:
+            continue
+        want = expected[key].shape
+        sizes = [w for g, w in zip(got, want) if g != w] if len(got) == len(want) else []
+        giving = [f for size in sizes for f in _fields_giving(fields, size)]
+        check = " or ".join(giving) or "shape fields (" + ", ".join(f"{k}={v}" for k, v in fields.items()) + ")"
+        what = f"checkpoint tensor {source!r}" if isinstance(source, str) else f"the tensor converted to {key}"
+        raise ValueError(f"{what} has shape {tuple(got)}, but config.json gives {tuple(want)} for lens_det's {key}: "
+                         f"the two disagree. Check config.json's {check} against the checkpoint; if config.json is "
+                         "right, the weight file is damaged or belongs to another model")
 
 
 def _lazy_conversion(family, checkpoint: _Checkpoint, cfg, source: str) -> dict[str, str | torch.Tensor]:

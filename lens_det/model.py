@@ -87,7 +87,8 @@ class RuntimeConfig:
 
 TO_TOKENS_IDIOM = ("model.to_tokens returns (tokens, attention_mask), not a tensor (a lost mask would silently "
                    "attend to pads): write `tokens, mask = model.to_tokens(text)` and pass attention_mask=mask, or "
-                   "pass the text itself: model(text), model.run_with_cache(text), model.generate(text)")
+                   "pass the pair or the text itself: model(model.to_tokens(text)), model(text), "
+                   "model.run_with_cache(text), model.generate(text)")
 
 
 def _or_zeros(bias, like):
@@ -95,16 +96,38 @@ def _or_zeros(bias, like):
 
 
 class TokensAndMask(tuple):
-    """(tokens, attention_mask) from to_tokens; unpacks as a pair. TransformerLens code that treats it as the
-    token tensor (`tokens.shape`, `model(tokens)`) gets an error that says what to write instead."""
+    """(tokens, attention_mask) from to_tokens; unpacks as a pair. Passed whole to forward, run_with_cache,
+    run_with_hooks or generate it runs with its mask (and, like text, positions from the mask), so TransformerLens's
+    `model(model.to_tokens(text))` is right. TransformerLens code that treats it as the token tensor
+    (`tokens.shape`, `tokens[:, 1:]`) gets an error that says what to write instead."""
 
     def __getattr__(self, name):
         raise AttributeError(f"{name!r}: {TO_TOKENS_IDIOM}")
+
+    def __getitem__(self, index):  # pair[0], pair[1] as a tuple; tensor indexing says what to write
+        if isinstance(index, tuple):
+            raise TypeError(f"indexing the pair as a tensor: {TO_TOKENS_IDIOM}")
+        return super().__getitem__(index)
 
 
 NO_TOKENIZER = ("this model has no tokenizer, so it takes token ids only: set one with `model.tokenizer = "
                 "transformers.AutoTokenizer.from_pretrained(name_or_dir)` or load with from_pretrained(name_or_dir), "
                 "which attaches the checkpoint's tokenizer (from_config models carry an offline character tokenizer)")
+
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the dtypes whose HF reference lens_det matches
+
+
+def check_dtype(dtype: torch.dtype, fix: str) -> torch.dtype:
+    """`dtype` when lens_det runs in it, else ValueError ending with `fix` (what to pass instead)."""
+    if dtype in SUPPORTED_DTYPES:
+        return dtype
+    why = (" (HF's own float64 models return NaN for every position of a left-padded row: their softmax runs in "
+           "float32, where the mask value finfo(float64).min becomes -inf, so a fully masked pad row is NaN and "
+           "spreads; the mixture of experts' grouped_mm has no float64 kernel. There is no HF reference to match)"
+           if dtype == torch.float64 else "")
+    raise ValueError(f"{dtype} is not supported{why}: lens_det runs torch.float32 (the default), torch.bfloat16 and "
+                     f"torch.float16; {fix}")
 
 
 def unknown_hook_message(name: str, hook_names) -> str:
@@ -175,6 +198,18 @@ class HookedDecoder(HookedRootModule):
     @property
     def cfg(self) -> RuntimeConfig:
         return RuntimeConfig(self)
+
+    def to(self, *args, **kwargs) -> HookedDecoder:
+        """nn.Module.to; a dtype lens_det does not run in (float64, see check_dtype) is refused before anything
+        moves."""
+        dtype = torch._C._nn._parse_to(*args, **kwargs)[1]  # how nn.Module.to reads its arguments
+        if dtype is not None:
+            check_dtype(dtype, "use model.to(torch.float32) or model.to(torch.bfloat16)")
+        return super().to(*args, **kwargs)
+
+    def double(self):
+        """Refused (raises): lens_det does not run in float64 (check_dtype says why)."""
+        return check_dtype(torch.float64, "use model.float() (float32) or model.bfloat16()")
 
     @property
     def attn_implementation(self) -> str:
@@ -265,10 +300,8 @@ class HookedDecoder(HookedRootModule):
     b_out = property(lambda self: self._stack(lambda b: _or_zeros(b.mlp.b_out, b.mlp.w_out[:, 0])))
 
     @property
-    def W_gate(self):  # [layer, d_model, d_mlp] (gated MLPs only, as TL)
-        if not self.cfg.gated_mlp:
-            raise AttributeError(f"{self.cfg.architecture} has no gated MLP, so no W_gate")
-        return self._mlp_stack(lambda b: b.mlp.W_gate)
+    def W_gate(self):  # [layer, d_model, d_mlp]; None without a gated MLP (Bloom), as TL
+        return self._mlp_stack(lambda b: b.mlp.W_gate) if self.cfg.gated_mlp else None
 
     @property
     def b_U(self):  # [d_vocab]: zeros unless fold_ln moved a final LayerNorm bias here (final_norm_bias_logits)
@@ -305,6 +338,22 @@ class HookedDecoder(HookedRootModule):
         """An empty KV cache for this model; `max_length` caps the tokens it may hold (checked before compute)."""
         return KVCache(self.config, max_length=max_length)
 
+    @torch.compiler.disable(recursive=False)  # this frame stays Python; the frames it calls are still compiled
+    def __call__(self, *args, **kwargs):
+        """nn.Module's call, with torch.compile guarding on every module's hooks while it compiles this model's code.
+        torch's default, `torch._dynamo.config.skip_nnmodule_hook_guards = True`, does not guard on a hook dict that
+        was empty when a graph was compiled: a hook added later would not run (nor would the code that branches on
+        whether a hook is attached), with no error. Set for the duration of this call and restored after (the config
+        is process-wide: another thread compiling meanwhile sees it too). Covers `model.compile()`,
+        `torch.compile(model)` and a model called in a compiled function (docs/numerics.md §12)."""
+        config = torch._dynamo.config
+        previous = config.skip_nnmodule_hook_guards
+        config.skip_nnmodule_hook_guards = False  # by hand: config.patch(...) costs 4x as much per call
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            config.skip_nnmodule_hook_guards = previous
+
     def place(self, device_map: dict | None = None, n_devices: int | None = None) -> HookedDecoder:
         """Spread the model over devices: an explicit map ({"embed": ..., "blocks.3": "cuda:1", "ln_final": ...,
         "unembed": ...}, or accelerate's map of the HF model), or `n_devices` CUDA devices split evenly. Each part
@@ -330,7 +379,9 @@ class HookedDecoder(HookedRootModule):
         TransformerLens spellings are mapped: a string / list of strings as input (tokenized left-padded),
         `return_type` "str" (decoded text, prompt included), "tokens" (ids), "input" (the input's kind) or None
         (GenerationOutput); `stop_at_eos=False` (stop_tokens=[]), `eos_token_id` (stop_tokens),
-        `use_past_kv_cache` (use_kv_cache). Unlike TransformerLens, decoding is greedy unless do_sample=True."""
+        `use_past_kv_cache` (use_kv_cache); `freq_penalty` has TransformerLens 2.x's meaning (it penalises the
+        sampling logits; see generation.generate). Unlike TransformerLens, decoding is greedy unless
+        do_sample=True, and freq_penalty, like the other sampling knobs, is refused without it."""
         from lens_det.generation import generate
 
         if return_type not in (None, "str", "tokens", "input"):
@@ -404,14 +455,20 @@ class HookedDecoder(HookedRootModule):
         stop_at_layer: int | None = None,
         loss_per_token: bool = False,
         input_ids: Int[torch.Tensor, "batch pos"] | None = None,
+        past_kv_cache: KVCache | None = None,
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
     ):
         """Run the model.
 
         Args:
-            tokens: token ids [batch, pos] (a 1-D tensor is one sequence), or a string / list of strings, which
-                are tokenized left-padded with their mask (and, for RoPE models, positions from the mask).
+            tokens: token ids [batch, pos] (a 1-D tensor is one sequence), a string / list of strings, which
+                are tokenized left-padded with their mask (and, for RoPE models, positions from the mask), or the
+                (tokens, mask) pair model.to_tokens returns, which runs as its text would.
             attention_mask: 0/1 [batch, cached + pos]: everything the cache holds plus the new tokens. None
-                means all new tokens are real (and, with a cache, the cached mask is kept).
+                means all new tokens are real (and, with a cache, the cached mask is kept). With nothing cached, a
+                batch where some rows, but not all, start with the pad token (to_tokens' left padding) is refused
+                without it: pass the mask, or torch.ones_like(tokens) if those leading tokens are real.
             position_ids: RoPE positions. None or "arange": arange(cached, cached + pos) for every row, what HF
                 `forward` does. "mask": cumsum(mask) - 1 with pads at 0, what HF `generate` does, so a left-padded
                 row equals its unpadded prompt. Or an explicit [batch or 1, pos] tensor. Ignored by ALiBi models,
@@ -432,14 +489,19 @@ class HookedDecoder(HookedRootModule):
             input_ids: with start_at_layer on a model with per-layer embeddings (Gemma 4 E2B/E4B), the token ids of
                 the residual stream's positions: every block also reads per-layer inputs made from them and their
                 embedding (TransformerLens's `tokens` argument of start_at_layer).
+            past_kv_cache: TransformerLens's name of kv_cache (a lens_det KVCache; pass one of the two).
+            prepend_bos, padding_side: for text input, how model.to_tokens tokenizes it (TransformerLens's
+                meaning; defaults True and "left"). Token ids run as they are, so with them these raise.
         """
         if return_type not in ("logits", "loss", "both", None):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
         if logits_to_keep and return_type in ("loss", "both"):
             raise ValueError("the loss needs every position's logits; use logits_to_keep=0 with return_type='loss'")
+        kv_cache = self._kv_cache(kv_cache, past_kv_cache)
         start, stop = self._layer_range(start_at_layer, stop_at_layer, kv_cache, return_type)
-        tokens, attention_mask, text = self._from_text(tokens, attention_mask)
-        if text and position_ids is None:
+        pair = isinstance(tokens, TokensAndMask)
+        tokens, attention_mask, text = self._from_text(tokens, attention_mask, prepend_bos, padding_side)
+        if (text or pair) and position_ids is None:
             position_ids = "mask"
         resid = None
         if start_at_layer is not None:  # the input is a residual stream; token ids only give shape and device
@@ -461,7 +523,7 @@ class HookedDecoder(HookedRootModule):
                 kv_cache._discard()
             raise
         if kv_cache is not None:
-            kv_cache._discard() if kv_cache.frozen else kv_cache._commit(mask)
+            kv_cache._discard() if kv_cache.frozen else kv_cache._commit(mask, tokens)
         if return_type in (None, "logits") or stop < self.cfg.n_layers:
             return logits
         loss = next_token_loss(logits, tokens, mask[:, -tokens.shape[1] :], per_token=loss_per_token)
@@ -524,14 +586,26 @@ class HookedDecoder(HookedRootModule):
         tokens = self._check_tokens(tokens)
         return self.hook_embed(self.embed(tokens)), tokens, None, attention_mask
 
-    def _from_text(self, tokens, attention_mask):
-        """A string or list of strings -> (left-padded tokens, their mask, True); anything else passes through."""
-        if not (isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and tokens
-                                            and isinstance(tokens[0], str))):
+    def _from_text(self, tokens, attention_mask, prepend_bos=None, padding_side=None):
+        """A string or list of strings -> (tokens, their mask, True), tokenized by to_tokens (left-padded by
+        default); to_tokens' (tokens, mask) pair -> (tokens, mask, False); token ids pass through."""
+        if isinstance(tokens, (list, tuple)) and not tokens:
+            raise ValueError("no prompts (an empty list): pass at least one string, or token ids [batch, pos]")
+        if not (isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and isinstance(tokens[0], str))):
+            given = [n for n, v in (("prepend_bos", prepend_bos), ("padding_side", padding_side)) if v is not None]
+            if given:
+                raise ValueError(f"{' and '.join(given)} apply to text input (model.to_tokens reads them); token ids "
+                                 f"run as they are: drop {' and '.join(given)}, and give the padding as "
+                                 "attention_mask=mask")
+            if isinstance(tokens, TokensAndMask):
+                if attention_mask is not None:
+                    raise ValueError("the (tokens, mask) pair from model.to_tokens carries its own mask: pass the "
+                                     "pair alone, or `tokens, mask = pair` and attention_mask=...")
+                return (*tokens, False)
             return tokens, attention_mask, False
         if attention_mask is not None:
             raise ValueError("strings come with their own mask; pass token ids to give an attention_mask")
-        return (*self.to_tokens(tokens), True)
+        return (*self.to_tokens(tokens, padding_side=padding_side, prepend_bos=prepend_bos), True)
 
     def _layer_range(self, start_at_layer, stop_at_layer, kv_cache, return_type) -> tuple[int, int]:
         n = self.cfg.n_layers
@@ -580,6 +654,8 @@ class HookedDecoder(HookedRootModule):
             raise TypeError("with start_at_layer the first argument is the residual stream [batch, pos, d_model] "
                             f"(a float tensor), got {type(resid).__name__}")
         resid = resid[None] if resid.ndim == 2 else resid
+        if resid.ndim == 3 and resid.shape[0] == 0:
+            raise ValueError(f"a batch of 0 rows (a residual stream of shape {tuple(resid.shape)}): pass at least one")
         if resid.ndim != 3 or resid.shape[-1] != self.cfg.d_model or resid.shape[1] == 0:
             raise ValueError(f"the residual stream must have shape [batch, pos, {self.cfg.d_model}], got "
                              f"{tuple(resid.shape)}")
@@ -597,6 +673,8 @@ class HookedDecoder(HookedRootModule):
             tokens = tokens[None]
         if tokens.ndim != 2 or tokens.shape[1] == 0:
             raise ValueError(f"tokens must have shape [batch, pos] with pos >= 1, got {tuple(tokens.shape)}")
+        if tokens.shape[0] == 0:
+            raise ValueError(f"a batch of 0 prompts (tokens of shape {tuple(tokens.shape)}): pass at least one row")
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.config.d_vocab):
             bad = tokens[(tokens < 0) | (tokens >= self.config.d_vocab)][0].item()
             raise ValueError(
@@ -604,6 +682,41 @@ class HookedDecoder(HookedRootModule):
                 "check that the tokenizer belongs to this model"
             )
         return tokens.to(self.embed.W_E.device)
+
+    @staticmethod
+    def _kv_cache(kv_cache, past_kv_cache) -> KVCache | None:
+        """kv_cache, or past_kv_cache (TransformerLens's name for it); either must be a lens_det KVCache."""
+        if past_kv_cache is not None:
+            if kv_cache is not None:
+                raise ValueError("pass kv_cache or past_kv_cache (TransformerLens's name for it), not both")
+            kv_cache = past_kv_cache
+        if kv_cache is not None and not isinstance(kv_cache, KVCache):
+            raise TypeError(f"the KV cache must be a lens_det KVCache, got {type(kv_cache).__name__}: pass "
+                            "kv_cache=model.new_cache() (a TransformerLens HookedTransformerKeyValueCache / "
+                            "TransformerLensKeyValueCache holds another layout, which lens_det does not read)")
+        return kv_cache
+
+    def _refuse_unmasked_left_padding(self, tokens) -> None:
+        """With no mask and nothing cached: a batch where some rows, but not all, start with the pad token is
+        what to_tokens' left padding makes, and run unmasked it would attend to the pads, so it is refused (the
+        longest row of a padded batch has no pad). Nothing is inferred: a real token may equal the pad id (a
+        BOS-less row), and a pad id equal to BOS cannot be told from it."""
+        tok = self.tokenizer
+        if tok is None:
+            pad, bos = self.config.pad_token_id, self.config.bos_token_id
+        else:  # what to_tokens pads with
+            pad, bos = (tok.pad_token_id if tok.pad_token is not None else tok.eos_token_id), tok.bos_token_id
+        if tokens.shape[0] < 2 or pad is None or pad == bos:
+            return
+        starts_with_pad = tokens[:, 0] == pad
+        if starts_with_pad.any() and not starts_with_pad.all():
+            rows = starts_with_pad.nonzero().flatten().tolist()
+            raise ValueError(
+                f"row(s) {rows} of this batch start with the pad token (id {pad}) and the others do not: a "
+                "left-padded batch, which without its mask would attend to the pads. Pass attention_mask=mask "
+                "(`tokens, mask = model.to_tokens(texts)`), or the pair model.to_tokens returns, or the texts "
+                "themselves; if those leading tokens are real, pass attention_mask=torch.ones_like(tokens)"
+            )
 
     def _full_mask(self, tokens, attention_mask, kv_cache) -> torch.Tensor:
         batch, n_new = tokens.shape
@@ -628,6 +741,8 @@ class HookedDecoder(HookedRootModule):
                 )
         device = tokens.device
         if attention_mask is None:
+            if past == 0:
+                self._refuse_unmasked_left_padding(tokens)
             new = torch.ones(batch, n_new, dtype=torch.long, device=device)
             return new if past == 0 else torch.cat([kv_cache.mask.to(device), new], dim=1)
         if not isinstance(attention_mask, torch.Tensor):
@@ -681,6 +796,9 @@ class HookedDecoder(HookedRootModule):
                 off |= {f"blocks.{i}.hook_{x}_input": "model.set_use_split_qkv_input(True)" for x in "qkv"}
         return off
 
+    # One rule for add_hook, run_with_hooks and hooks(): a hook by exact name must name a hook point that fires with
+    # the current settings (else ValueError: the close names, or the switch to call); a filter function matches
+    # only the hook points that fire, so "every hook" never trips over an opt-in one that is off.
     def check_hooks_to_add(self, hook_point, hook_point_name: str, hook, dir="fwd", is_permanent=False,
                            prepend=False) -> None:
         """A hook on a hook point that does not fire would silently do nothing: refuse it (as TransformerLens)."""
@@ -688,6 +806,21 @@ class HookedDecoder(HookedRootModule):
         if switch is not None:
             raise ValueError(f"{hook_point_name} does not fire with the current settings, so this hook would never "
                              f"run; call {switch} first")
+
+    def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False) -> None:
+        """TransformerLens's add_hook under the rule above: an exact name is checked, a filter function skips the
+        hook points that do not fire (model.disabled_hook_points())."""
+        if isinstance(name, str):
+            if name not in self.hook_dict:
+                raise ValueError(unknown_hook_message(name, self.hook_dict))
+            super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+            return
+        off = self.disabled_hook_points()
+
+        def fires_and_matches(hook_name: str) -> bool:
+            return hook_name not in off and name(hook_name)
+
+        super().add_hook(fires_and_matches, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
 
     def _enable_hook_with_name(self, name: str, hook, dir):  # hooks() / run_with_hooks with a hook name
         if name not in self.mod_dict:
@@ -785,13 +918,19 @@ class HookedDecoder(HookedRootModule):
     def all_head_labels(self) -> list[str]:
         return [f"L{l}H{h}" for l in range(self.cfg.n_layers) for h in range(self.cfg.n_heads)]
 
-    def to_tokens(self, text: str | list[str], padding_side: Literal["left", "right"] = "left",
+    def to_tokens(self, text: str | list[str], padding_side: Literal["left", "right"] | None = "left",
                   prepend_bos: bool | None = True):
-        """Tokenize with the model's tokenizer: returns (tokens [batch, pos], attention_mask [batch, pos])."""
+        """Tokenize with the model's tokenizer: returns (tokens [batch, pos], attention_mask [batch, pos]), a
+        TokensAndMask pair. None means the default (left padding, BOS prepended), as TransformerLens passes it."""
         if self.tokenizer is None:
             raise ValueError(NO_TOKENIZER)
         prepend_bos = True if prepend_bos is None else prepend_bos  # TL tools pass None for "the default"
+        padding_side = "left" if padding_side is None else padding_side
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         texts = [text] if isinstance(text, str) else list(text)
+        if not texts:
+            raise ValueError("no prompts (an empty list): to_tokens needs at least one string")
         tok, side, pad = self.tokenizer, self.tokenizer.padding_side, self.tokenizer.pad_token
         try:  # leave the tokenizer as it was
             tok.padding_side = padding_side

@@ -174,3 +174,167 @@ def test_cli_prompt_shorter_than_the_schedule_is_continued(capsys):
     assert cli(["parity", "--model", "tiny-bloom", "--dtype", "float32", "--prompt", "Hello",
                 "--prefill", "4", "--decode-steps", "8"]) == 0
     assert "4+8x1" in capsys.readouterr().out
+
+
+# --- issue 19 (items 7, 8a, raw internal errors, TL spellings): each row was a torch error, a silent wrong result
+# or a misleading message before ---
+
+def _bf16_hook_k(kv):  # an fp32 model's hook returning another dtype (an SAE reconstruction in its own dtype)
+    hook = ("blocks.1.attn.hook_k", lambda x, hook: x.bfloat16())
+    MODEL.run_with_hooks(TOKENS[:, 4:], kv_cache=kv, fwd_hooks=[hook])
+
+
+ISSUE19_CACHE_CASES = {
+    "hook_k edit of another dtype": (_bf16_hook_k, ValueError,
+                                     r"hook on blocks\.1\.attn\.hook_k returned a torch\.bfloat16 tensor.*"
+                                     r"given torch\.float32.*\.to\(tensor\.dtype\)"),
+    "kv_cache and past_kv_cache": (lambda kv: MODEL(TOKENS[:, 4:], kv_cache=kv, past_kv_cache=kv), ValueError,
+                                   "pass kv_cache or past_kv_cache"),
+    "past_kv_cache of another kind": (lambda kv: MODEL(TOKENS[:, 4:], past_kv_cache=[kv]), TypeError,
+                                      r"kv_cache=model\.new_cache\(\)"),
+    "a batch of 0 prompts with a cache": (lambda kv: MODEL(TOKENS[:0, 4:], kv_cache=kv), ValueError,
+                                          "batch of 0 prompts"),
+    "prepend_bos with token ids": (lambda kv: MODEL(TOKENS[:, 4:], kv_cache=kv, prepend_bos=False), ValueError,
+                                   r"prepend_bos.*apply to text input"),
+}
+
+
+@pytest.mark.parametrize("case", ISSUE19_CACHE_CASES)
+def test_issue19_bad_input_with_a_cache_raises_and_leaves_it_unchanged(case):
+    call, error, pattern = ISSUE19_CACHE_CASES[case]
+    kv = _cache()
+    before = _state(kv)
+    with pytest.raises(error, match=pattern):
+        call(kv)
+    assert _same(before, _state(kv))
+
+
+def _base_model(kind):
+    from transformers import BloomConfig, BloomModel, Gemma2Model, Gemma3TextConfig, Gemma3TextModel
+
+    torch.manual_seed(0)
+    if kind == "bloom":
+        return BloomModel(BloomConfig(vocab_size=128, hidden_size=16, n_layer=1, n_head=2)).eval()
+    if kind == "gemma2":
+        return Gemma2Model(_hf_gemma2().config).eval()
+    return Gemma3TextModel(Gemma3TextConfig(vocab_size=128, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=1, head_dim=8)).eval()
+
+
+_EMPTY = torch.zeros(0, 6, dtype=torch.long)
+ISSUE19_CASES = {
+    "forward on 0 prompts": (lambda: MODEL(_EMPTY), ValueError, r"batch of 0 prompts.*at least one row"),
+    "generate on 0 prompts": (lambda: MODEL.generate(_EMPTY, max_new_tokens=2), ValueError, "batch of 0 prompts"),
+    "run_with_cache on 0 prompts": (lambda: MODEL.run_with_cache(_EMPTY), ValueError, "batch of 0 prompts"),
+    "an empty list of strings": (lambda: MODEL([]), ValueError, r"no prompts.*at least one string"),
+    "generate on an empty list of strings": (lambda: MODEL.generate([]), ValueError, "no prompts"),
+    "to_tokens([])": (lambda: MODEL.to_tokens([]), ValueError, "no prompts"),
+    "a residual stream of 0 rows": (lambda: MODEL(torch.zeros(0, 6, MODEL.cfg.d_model), start_at_layer=0), ValueError,
+                                    "batch of 0"),
+    "kv_cache of another kind": (lambda: MODEL(TOKENS, kv_cache={}), TypeError, r"model\.new_cache\(\)"),
+    "from_config(dtype=torch.float64)": (lambda: lens_det.from_config("tiny-gemma", dtype=torch.float64), ValueError,
+                                         r"float64 is not supported.*torch\.float32"),
+    "from_config(dtype='float64')": (lambda: lens_det.from_config("tiny-bloom", dtype="float64"), ValueError,
+                                     "float64 is not supported"),
+    "from_config(dtype=torch.int8)": (lambda: lens_det.from_config("tiny-bloom", dtype=torch.int8), ValueError,
+                                      "int8 is not supported"),
+    "model.to(torch.float64)": (lambda: MODEL.to(torch.float64), ValueError, r"float64 is not supported.*\.to\("),
+    "model.to(dtype=torch.float64)": (lambda: MODEL.to("cpu", dtype=torch.float64), ValueError, "float64"),
+    "model.double()": (lambda: MODEL.double(), ValueError, "float64 is not supported"),
+    "Gemma3TextModel (no LM head)": (lambda: lens_det.from_hf_model(_base_model("gemma3")), ValueError,
+                                     r"Gemma3TextModel is not a causal language model.*instead \(Gemma3ForCausalLM;"),
+    "Gemma2Model (no LM head)": (lambda: lens_det.from_hf_model(_base_model("gemma2")), ValueError,
+                                 r"instead \(Gemma2ForCausalLM;"),
+    "BloomModel (no LM head)": (lambda: lens_det.from_hf_model(_base_model("bloom")), ValueError,
+                                r"instead \(BloomForCausalLM;"),
+}
+
+
+@pytest.mark.parametrize("case", ISSUE19_CASES)
+def test_issue19_bad_input_raises_a_message_that_names_the_fix(case):
+    call, error, pattern = ISSUE19_CASES[case]
+    with pytest.raises(error, match=pattern):
+        call()
+    assert MODEL.cfg.dtype == torch.float32  # a refused .to() changed nothing
+
+
+def test_issue19_a_base_model_checkpoint_names_its_causal_lm_class(tmp_path):
+    _base_model("gemma3").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"Gemma3TextModel is not a causal.*instead \(Gemma3ForCausalLM;"):
+        lens_det.from_pretrained(tmp_path)
+
+
+# --- issue 19 (items 3, 4, 8b, freq_penalty): generate's continuation from a cache, step_hooks, token ids. Each
+# row was silently accepted before (ids outside the vocabulary, cached tokens appended again) or is a new option ---
+
+def _generate_state(kv):  # the cache as _state sees it, plus the token ids it holds and what generate left pending
+    return _state(kv), kv.tokens.clone(), kv.pending
+
+
+_LONG = dict(dtype=torch.long)
+GENERATE_CACHE_CASES = {
+    "stop_tokens outside the vocabulary": (
+        lambda kv: MODEL.generate(TOKENS[:, 4:], kv_cache=kv, stop_tokens=[5, MODEL.cfg.d_vocab]), ValueError,
+        r"stop token \(stop_tokens / eos_token_id\) 128 is outside the vocabulary \[0, 128\); pass token ids from 0 "
+        r"to 127"),
+    "eos_token_id (TransformerLens) below 0": (lambda kv: MODEL.generate(TOKENS[:, 4:], kv_cache=kv, eos_token_id=-1),
+                                               ValueError, r"eos_token_id\) -1 is outside the vocabulary"),
+    "stop_tokens=[2.5]": (lambda kv: MODEL.generate(TOKENS[:, 4:], kv_cache=kv, stop_tokens=[2.5]), TypeError,
+                          "must be integer token ids"),
+    "pad_token_id outside the vocabulary": (lambda kv: MODEL.generate(TOKENS[:, 4:], kv_cache=kv, pad_token_id=128),
+                                            ValueError, r"pad_token_id 128 is outside the vocabulary \[0, 128\)"),
+    "pad_token_id=[0, 1]": (lambda kv: MODEL.generate(TOKENS[:, 4:], kv_cache=kv, pad_token_id=[0, 1]), TypeError,
+                            "pad_token_id must be one token id"),
+    "tokens at cached positions that differ from the cache's": (
+        lambda kv: MODEL.generate(torch.cat([TOKENS[:, :3], TOKENS[:, :3]], 1), torch.ones(2, 6, **_LONG),
+                                  kv_cache=kv), ValueError,
+        r"first 4 of the 6 tokens are cached positions, but they differ from the tokens the cache holds.*pass the "
+        r"sequence the cache was built from followed by the new tokens"),
+    "only the tokens the cache already holds": (lambda kv: MODEL.generate(TOKENS[:, :4], kv_cache=kv), ValueError,
+                                                r"already holds these 4 tokens, so none is new.*torch\.cat"),
+    "a mask no longer than the cache": (
+        lambda kv: MODEL.generate(TOKENS[:, 4:], torch.ones(2, 4, **_LONG), kv_cache=kv), ValueError,
+        r"covers 4 positions but the cache already holds 4.*\(cache\.mask\) followed by the new tokens' mask"),
+    "tokens longer than the mask": (lambda kv: MODEL.generate(TOKENS, torch.ones(2, 5, **_LONG), kv_cache=kv),
+                                    ValueError, r"tokens have 6 positions but attention_mask covers only 5"),
+    "freq_penalty without do_sample": (lambda kv: MODEL.generate(TOKENS[:, 4:], kv_cache=kv, freq_penalty=0.5),
+                                       ValueError, r"freq_penalty=0\.5 only apply when sampling: pass do_sample=True"),
+    "freq_penalty=-1": (lambda kv: MODEL.generate(TOKENS[:, 4:], kv_cache=kv, do_sample=True, freq_penalty=-1),
+                        ValueError, r"freq_penalty must be a number >= 0"),
+    "step_hooks key -1": (lambda kv: MODEL.generate(TOKENS[:, 4:], kv_cache=kv, step_hooks={-1: []}), ValueError,
+                          r"step_hooks keys are steps, ints >= 0 \(0: the prompt's forward"),
+}
+
+
+@pytest.mark.parametrize("case", GENERATE_CACHE_CASES)
+def test_issue19_generate_bad_input_with_a_cache_raises_and_leaves_it_unchanged(case):
+    call, error, pattern = GENERATE_CACHE_CASES[case]
+    kv = _cache()
+    before = _generate_state(kv)
+    with pytest.raises(error, match=pattern):
+        call(kv)
+    after = _generate_state(kv)
+    assert _same(before[0], after[0]) and torch.equal(before[1], after[1]) and before[2] is after[2] is None
+
+
+def _uncached_step_hook(edit):  # without the cache a step hook gets the step's positions only: [2, 1, d_model]
+    return MODEL.generate(TOKENS, max_new_tokens=3, use_kv_cache=False, stop_tokens=[],
+                          step_hooks={1: [("blocks.0.hook_resid_pre", lambda x, hook: edit(x))]})
+
+
+GENERATE_CASES = {
+    "uncached step hook returning another shape": (lambda: _uncached_step_hook(lambda x: x[:, :, :3]), ValueError,
+                                                   r"hook on blocks\.0\.hook_resid_pre returned \(\(2, 1, 3\).*"
+                                                   r"shape, dtype and device it was given, \(\(2, 1, 64\)"),
+    "uncached step hook returning another dtype": (lambda: _uncached_step_hook(lambda x: x.bfloat16()), ValueError,
+                                                   r"torch\.bfloat16.*shape, dtype and device it was given.*"
+                                                   r"torch\.float32"),
+    "step_hooks key '0'": (lambda: MODEL.generate(TOKENS, step_hooks={"0": []}), ValueError, "ints >= 0"),
+}
+
+
+@pytest.mark.parametrize("case", GENERATE_CASES)
+def test_issue19_generate_bad_input_raises_a_message_that_names_the_fix(case):
+    call, error, pattern = GENERATE_CASES[case]
+    with pytest.raises(error, match=pattern):
+        call()

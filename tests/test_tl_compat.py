@@ -398,9 +398,10 @@ def test_to_tokens_tl_idiom_fails_with_what_to_write():
     with pytest.raises(AttributeError, match="tokens, mask = model.to_tokens"):
         tokens.shape
     with pytest.raises(TypeError, match="tokens, mask = model.to_tokens"):
-        model(tokens)
+        tokens[:, 1:]
     ids, mask = tokens  # the lens_det idiom still unpacks
     assert ids.shape == mask.shape
+    assert torch.equal(model(tokens), model("Hello"))  # and the pair runs with its mask (tests/test_padded_inputs.py)
 
 
 def test_decompose_resid_refuses_a_scaled_residual_stream(model_pair):
@@ -486,3 +487,62 @@ def test_cfg_has_transformer_lens_fields_with_their_meaning(name):
     assert cfg.use_attn_result is False
     model.set_use_attn_result(True)
     assert cfg.use_attn_result is True
+
+
+# --- issue 19: TransformerLens spellings (past_kv_cache=, prepend_bos= / padding_side=, W_gate) ---
+
+def test_past_kv_cache_is_tl_spelling_of_kv_cache():
+    """A lens_det KVCache under TL's name runs the same code as kv_cache= (bit-identical logits and cache: 0.0); a
+    TransformerLens cache object, or both names, is refused with what to pass."""
+    import lens_det
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    model = lens_det.from_config("tiny-gemma2", seed=0)
+    tokens, _ = batch("none", model.cfg.d_vocab, batch_size=2, length=8)
+    ours, theirs = model.new_cache(), model.new_cache()
+    with torch.no_grad():
+        for a, b in ((0, 5), (5, 6), (6, 8)):
+            assert torch.equal(model(tokens[:, a:b], past_kv_cache=theirs), model(tokens[:, a:b], kv_cache=ours))
+    assert torch.equal(ours.mask, theirs.mask)
+    assert all(torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values)
+               for x, y in zip(ours.layers, theirs.layers))
+    with torch.no_grad():
+        logits, _ = model.run_with_cache(tokens, past_kv_cache=model.new_cache())
+        assert torch.equal(logits, model(tokens, kv_cache=model.new_cache()))
+    tl_cache = object.__new__(TransformerLensKeyValueCache)
+    with pytest.raises(TypeError, match=r"TransformerLensKeyValueCache.*kv_cache=model\.new_cache\(\)"):
+        model(tokens, past_kv_cache=tl_cache)
+    with pytest.raises(ValueError, match="pass kv_cache or past_kv_cache"):
+        model(tokens, kv_cache=model.new_cache(), past_kv_cache=model.new_cache())
+
+
+@pytest.mark.parametrize("call", ["forward", "run_with_cache"])
+def test_prepend_bos_and_padding_side_tokenize_text_as_tl(call):
+    """With text, prepend_bos= and padding_side= are to_tokens' (TL's meaning): the result is bit-identical (0.0) to
+    running to_tokens' output with its mask and mask positions. With token ids they would do nothing, so they raise
+    with what to pass instead."""
+    import lens_det
+
+    model = lens_det.from_config("tiny-gemma2", seed=0)
+    run = (lambda *a, **k: model(*a, **k)) if call == "forward" else (lambda *a, **k: model.run_with_cache(*a, **k)[0])
+    texts = ["Hi", "Hello there"]
+    for kw in ({"prepend_bos": False}, {"padding_side": "right"}, {"prepend_bos": False, "padding_side": "left"}):
+        tokens, mask = model.to_tokens(texts, **kw)
+        with torch.no_grad():
+            assert torch.equal(run(texts, **kw), model(tokens, attention_mask=mask, position_ids="mask")), kw
+    no_bos, _ = model.to_tokens("Hi", prepend_bos=False)
+    assert no_bos[0, 0] != model.tokenizer.bos_token_id  # prepend_bos=False did reach the tokenizer
+    tokens, mask = model.to_tokens(texts)
+    for kw in ({"prepend_bos": False}, {"padding_side": "left"}):
+        with pytest.raises(ValueError, match=r"apply to text input.*attention_mask"):
+            run(tokens, attention_mask=mask, **kw)
+    with pytest.raises(ValueError, match="padding_side must be 'left' or 'right'"):
+        run(texts, padding_side="middle")
+
+
+def test_w_gate_is_none_without_a_gated_mlp_as_tl():
+    import lens_det
+
+    bloom, gemma = lens_det.from_config("tiny-bloom"), lens_det.from_config("tiny-gemma2")
+    assert not bloom.cfg.gated_mlp and bloom.W_gate is None  # TL's HookedTransformer.W_gate
+    assert torch.equal(gemma.W_gate, torch.stack([b.mlp.W_gate for b in gemma.blocks]))
