@@ -211,6 +211,12 @@ class HookedDecoder(HookedRootModule):
         """Refused (raises): lens_det does not run in float64 (check_dtype says why)."""
         return check_dtype(torch.float64, "use model.float() (float32) or model.bfloat16()")
 
+    def type(self, dst_type) -> HookedDecoder:
+        """nn.Module.type; a dtype lens_det does not run in is refused before anything is cast."""
+        if isinstance(dst_type, torch.dtype):
+            check_dtype(dst_type, "use model.to(torch.float32) or model.to(torch.bfloat16)")
+        return super().type(dst_type)
+
     @property
     def attn_implementation(self) -> str:
         """How attention computes, named as HF's `attn_implementation` (a runtime choice): "eager" (HF's

@@ -241,6 +241,7 @@ ISSUE19_CASES = {
     "model.to(torch.float64)": (lambda: MODEL.to(torch.float64), ValueError, r"float64 is not supported.*\.to\("),
     "model.to(dtype=torch.float64)": (lambda: MODEL.to("cpu", dtype=torch.float64), ValueError, "float64"),
     "model.double()": (lambda: MODEL.double(), ValueError, "float64 is not supported"),
+    "model.type(torch.float64)": (lambda: MODEL.type(torch.float64), ValueError, "float64 is not supported"),
     "Gemma3TextModel (no LM head)": (lambda: lens_det.from_hf_model(_base_model("gemma3")), ValueError,
                                      r"Gemma3TextModel is not a causal language model.*instead \(Gemma3ForCausalLM;"),
     "Gemma2Model (no LM head)": (lambda: lens_det.from_hf_model(_base_model("gemma2")), ValueError,
