@@ -8,8 +8,9 @@ import time
 
 import torch
 
-TINY = ["tiny-bloom", "tiny-bloom-resid", "tiny-gemma", "tiny-gemma2", "tiny-vaultgemma", "tiny-gemma3", "tiny-gemma4",
-        "tiny-gemma4-ple", "tiny-gemma4-moe"]
+from lens_det.presets import tiny_configs
+
+TINY = tiny_configs()
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -53,7 +54,7 @@ def _check_source(name: str) -> None:
 def _sdpa_refusal(name: str) -> str | None:
     """Why `name` (a named config, hub id or local directory) cannot run sdpa attention; None if it can."""
     from lens_det.config import LensConfig, hf_config_from_name, named_configs
-    from lens_det.convert import sdpa_refusal
+    from lens_det.hf import sdpa_refusal
 
     record = named_configs().get(name)
     if record is not None:
@@ -75,7 +76,7 @@ def _models(name: str, dtype: torch.dtype, seed: int, experts_implementation: st
 
     record = named_configs().get(name)
     if record is not None and record.get("hf_name") is None:  # an embedded test config: random weights
-        from lens_det.parity.models import random_hf_model
+        from lens_det.hf.random_models import random_hf_model
 
         hf = random_hf_model(name, dtype, seed, experts_implementation=experts_implementation,
                              attn_implementation=attn_implementation)
@@ -88,9 +89,9 @@ def _models(name: str, dtype: torch.dtype, seed: int, experts_implementation: st
                                                   **extra).eval()
     model = lens_det.from_hf_model(hf)  # runs what HF runs (attn_implementation included)
     if record is None or record.get("hf_name"):  # a checkpoint: its tokenizer, for --prompt
-        from lens_det.loading import _load_tokenizer, _local_dir
+        from lens_det.hf.checkpoint import load_tokenizer, local_dir
 
-        model.tokenizer = _load_tokenizer(_local_dir(record["hf_name"] if record else name))
+        model.tokenizer = load_tokenizer(local_dir(record["hf_name"] if record else name))
     else:  # random weights: the offline character tokenizer
         from lens_det.tokenizer import char_tokenizer
 

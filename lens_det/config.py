@@ -6,11 +6,11 @@ Runtime options (device, dtype, deterministic mode) are not part of it; see `Hoo
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 from typing import Any, Literal
+
+# The named configs moved to lens_det.presets; these names stay importable from here.
+from lens_det.presets import hf_config_from_name, named_configs, resolve_name  # noqa: F401
 
 LayerType = Literal["full_attention", "sliding_attention"]
 
@@ -24,7 +24,7 @@ class LensConfig:
     Every other field names a mechanism; the model resolves each one once, in `__init__`.
     """
 
-    architecture: str  # the HF model_type this came from (informational; nothing dispatches on it)
+    architecture: str  # the HF model_type this came from (the model never dispatches on it; converters do)
     d_model: int
     n_layers: int
     n_heads: int
@@ -225,64 +225,21 @@ class LensConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    # --- construction ---
+    # --- construction from HF (lens_det.hf does it; these methods import it when called, since lens_det.hf imports
+    # this module) ---
     @classmethod
     def from_hf_config(cls, hf_config: Any) -> LensConfig:
         """Build from a `transformers` config object (BloomConfig, GemmaConfig, Gemma2Config, Gemma3TextConfig,
-        VaultGemmaConfig, Gemma4TextConfig, or a Gemma3Config / Gemma4Config whose text part is used)."""
-        from lens_det.convert import family_for
+        VaultGemmaConfig, Gemma4TextConfig, or a Gemma3Config / Gemma4Config whose text part is used):
+        `lens_det.hf.config_from_hf`."""
+        from lens_det.hf import config_from_hf
 
-        return family_for(hf_config).config_from_hf(hf_config)
+        return config_from_hf(hf_config)
 
     @classmethod
     def from_name(cls, name: str) -> LensConfig:
-        """Build from a named file in `model_configs/` (e.g. "bloom-560m", "gemma-2-2b", "tiny-bloom")."""
-        return cls.from_hf_config(hf_config_from_name(name))
+        """Build from a named file in `model_configs/` (e.g. "bloom-560m", "gemma-2-2b", "tiny-bloom"):
+        `lens_det.hf.config_from_name`."""
+        from lens_det.hf import config_from_name
 
-
-def _configs_dir():
-    """The model_configs/ folder of the source checkout lens_det is imported from, or else the installed
-    `lens_det.model_configs` (the build maps model_configs/ there). The checkout comes first: an editable install
-    of another checkout (or a git worktree) would otherwise serve that checkout's files."""
-    checkout = Path(__file__).resolve().parent.parent / "model_configs"
-    if (checkout / "__init__.py").is_file():
-        return checkout
-    return resources.files("lens_det.model_configs")
-
-
-def named_configs() -> dict[str, dict[str, Any]]:
-    """All named configs: {name: the JSON record (hf_name, hf_config, sources, notes)}."""
-    records: dict[str, dict[str, Any]] = {}
-    for entry in sorted(_configs_dir().iterdir(), key=lambda p: p.name):
-        if not entry.name.endswith(".json"):
-            continue
-        record = json.loads(entry.read_text())
-        name = record["name"]
-        if name in records:
-            raise ValueError(f"two files in model_configs declare the name {name!r}")
-        if entry.name != f"{name}.json":
-            raise ValueError(f"model_configs/{entry.name} declares name {name!r}; rename one of them")
-        records[name] = record
-    return records
-
-
-def resolve_name(name: str) -> dict[str, Any]:
-    """The named-config record for `name` (short name like "bloom-560m" or the HF id "bigscience/bloom-560m")."""
-    records = named_configs()
-    if name in records:
-        return records[name]
-    for record in records.values():
-        if record.get("hf_name") == name:
-            return record
-    raise ValueError(
-        f"unknown model config {name!r}; known names: {', '.join(sorted(records))} "
-        "(or pass a local directory / an HF model object to from_pretrained)"
-    )
-
-
-def hf_config_from_name(name: str) -> Any:
-    """The `transformers` config object described by the named config."""
-    from transformers import AutoConfig
-
-    fields = dict(resolve_name(name)["hf_config"])
-    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+        return config_from_name(name)

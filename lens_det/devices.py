@@ -21,16 +21,36 @@ from typing import Any
 import torch
 from torch import nn
 
-_BLOCK = re.compile(r"(?:^|\.)(?:blocks|layers|h)\.(\d+)$")
-_EMBED = ("embed", "word_embeddings", "embed_tokens", "wte")
-# Gemma 4's per-layer embeddings (lens_det's `ple`, HF's three model-level modules) sit with the embedding
-_PER_LAYER_EMBED = ("ple", "embed_tokens_per_layer", "per_layer_model_projection", "per_layer_projection_norm")
-_FINAL = ("ln_final", "ln_f", "norm")
-_UNEMBED = ("unembed", "lm_head")
-_BLOCK_LISTS = ("blocks", "layers", "h")
-_STATELESS = ("rotary_emb",)  # HF modules with no weights lens_det places
-# keys naming the whole decoder (HF's base-model attribute names): they place every part a more specific key does not
-_CONTAINERS = ("model", "transformer", "language_model")
+from lens_det.hf import FAMILIES
+
+def part_of(key: str) -> str:
+    """The part a state-dict key belongs to ("blocks.3.attn.w_q" -> "blocks.3", "ple.W_E" -> "embed")."""
+    head = key.split(".")[0]
+    if head == "blocks":
+        return ".".join(key.split(".")[:2])
+    return "embed" if head == "ple" else head
+
+
+def _module_names() -> tuple[dict[str, str], dict[str, str], set[str], set[str], set[str]]:
+    """Device-map key names, lens_det's and each HF family's (from the lens<->HF tables in lens_det.hf): (module ->
+    the part it places, module -> the part it follows (a module beside the part's main one, such as Bloom's
+    word_embeddings_layernorm or Gemma 4's per-layer embeddings), block-list names, containers (HF's names of the
+    whole decoder), stateless HF modules)."""
+    exact = {"embed": "embed", "ln_final": "ln_final", "unembed": "unembed"}
+    aux = {"ple": "embed"}
+    lists, containers, stateless = {"blocks"}, set(), set()
+    for family in set(FAMILIES.values()):
+        for hf_key, lens_key in family.MODEL_WEIGHTS.items():
+            module, part = hf_key.rsplit(".", 1)[0], part_of(lens_key)
+            (exact if lens_key.rsplit(".", 1)[0] == part else aux)[module] = part
+        lists.add(family.LAYERS)
+        containers |= {name for prefix in family.DECODER_PREFIXES for name in prefix.split(".") if name}
+        stateless |= set(family.STATELESS)
+    return exact, aux, lists, containers, stateless
+
+
+_PART_OF, _FOLLOWS, _BLOCK_LISTS, _CONTAINERS, _STATELESS = _module_names()
+_BLOCK = re.compile(rf"(?:^|\.)(?:{'|'.join(sorted(_BLOCK_LISTS))})\.(\d+)$")  # "model.layers.3", "blocks.3"
 DISK = "disk"
 
 # how specific a key is: a more specific key wins over a less specific one whatever the dict order (equal: first wins)
@@ -111,14 +131,10 @@ def resolve_device_map(device_map: dict[str, Any], n_layers: int, tied: bool = F
             assign([f"blocks.{int(match.group(1))}"], _EXACT, _device(value, key))
         elif last in _BLOCK_LISTS:  # every block at once
             assign([f"blocks.{i}" for i in range(n_layers)], _LIST, _device(value, key))
-        elif last in _EMBED:
-            assign(["embed"], _EXACT, _device(value, key))
-        elif last in _PER_LAYER_EMBED or key.endswith("word_embeddings_layernorm"):
-            assign(["embed"], _AUX, _device(value, key))  # follows the embedding unless an embedding key placed it
-        elif last in _FINAL:
-            assign(["ln_final"], _EXACT, _device(value, key))
-        elif last in _UNEMBED:
-            assign(["unembed"], _EXACT, _device(value, key))
+        elif last in _PART_OF:
+            assign([_PART_OF[last]], _EXACT, _device(value, key))
+        elif last in _FOLLOWS:  # follows the embedding unless an embedding key placed it
+            assign([_FOLLOWS[last]], _AUX, _device(value, key))
         elif last in _CONTAINERS:
             assign(every, _CONTAINER, _device(value, key))
         elif not ignore_unknown:
@@ -145,14 +161,6 @@ def part_modules(model, part: str) -> list[nn.Module]:
     if part.startswith("blocks."):
         return [model.blocks[int(part.split(".")[1])]]
     return [getattr(model, part)]
-
-
-def part_of(key: str) -> str:
-    """The part a state-dict key belongs to ("blocks.3.attn.w_q" -> "blocks.3", "ple.W_E" -> "embed")."""
-    head = key.split(".")[0]
-    if head == "blocks":
-        return ".".join(key.split(".")[:2])
-    return "embed" if head == "ple" else head
 
 
 def meta_parts(model) -> dict[str, bool]:

@@ -11,7 +11,8 @@ import lens_det
 from lens_det.config import hf_config_from_name
 from lens_det.devices import resolve_device_map
 from lens_det.parity.models import random_hf_model_from_config
-from tests.conftest import batch, random_hf_model
+from lens_det.hf.random_models import random_hf_model
+from tests.helpers import batch
 
 NO_CUDA = not torch.cuda.is_available()
 
@@ -197,15 +198,15 @@ def test_a_device_map_reads_each_tensor_lazily(saved, monkeypatch):
     disk-offloaded tensors are not read at load time at all."""
     import safetensors.torch
 
-    from lens_det import loading
+    from lens_det.hf import checkpoint
 
     def refuse(*args, **kwargs):
         raise AssertionError("the whole state dict was read")
 
     monkeypatch.setattr(safetensors.torch, "load_file", refuse)
     read = []
-    original = loading._Checkpoint.load
-    monkeypatch.setattr(loading._Checkpoint, "load", lambda self, key, *a: read.append(key) or original(self, key, *a))
+    original = checkpoint.Checkpoint.load
+    monkeypatch.setattr(checkpoint.Checkpoint, "load", lambda self, key, *a: read.append(key) or original(self, key, *a))
     directory = saved("tiny-gemma3")
     n = hf_config_from_name("tiny-gemma3").num_hidden_layers
     lens_det.from_pretrained(directory, device_map=_half_cpu_half_disk(n))

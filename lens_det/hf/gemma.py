@@ -201,8 +201,22 @@ def _experts(hf: Any) -> dict:
             "d_mlp_expert": hf.moe_intermediate_size}
 
 
-# HF module names -> lens_det names, per decoder layer. Gemma 1's post_attention_layernorm is the pre-MLP norm.
-_NORMS = {
+# --- the lens<->HF module table of the Gemma family. state_dict_from_hf reads all of it; lens_det.devices reads the
+# model-level part (DECODER_PREFIXES, LAYERS, MODEL_WEIGHTS, STATELESS) to take device-map keys in HF names. ---
+# Where HF nests the decoder: transformers 5 puts the text model at model.language_model.*; hub checkpoints of the
+# multimodal Gemma 3 store it as language_model.model.* (and language_model.lm_head.*).
+DECODER_PREFIXES = ("model.language_model.", "language_model.model.", "language_model.", "model.")
+LAYERS = "layers"  # HF's list of decoder layers (lens_det's blocks)
+STATELESS = ("rotary_emb",)  # HF modules without weights (nothing of lens_det's sits there)
+# HF weight under the decoder -> lens_det weight, model level. The per-layer embeddings (Gemma 4 PLE) are read only
+# with d_per_layer_input, lm_head only for an untied model.
+MODEL_WEIGHTS = {"embed_tokens.weight": "embed.W_E", "norm.weight": "ln_final.w", "lm_head.weight": "unembed.weight"}
+PLE_MODEL = {"embed_tokens_per_layer.weight": "ple.W_E", "per_layer_model_projection.weight": "ple.w_proj",
+             "per_layer_projection_norm.weight": "ple.ln.w"}
+MODEL_WEIGHTS |= PLE_MODEL
+# Per decoder layer: HF module -> lens_det module of the norms, by model_type. Gemma 1's post_attention_layernorm
+# is the pre-MLP norm.
+NORMS = {
     "gemma": {"input_layernorm": "ln1", "post_attention_layernorm": "ln2"},
     "gemma2": {
         "input_layernorm": "ln1",
@@ -211,11 +225,11 @@ _NORMS = {
         "post_feedforward_layernorm": "ln2_post",
     },
 }
-_NORMS["vaultgemma"] = {"input_layernorm": "ln1", "pre_feedforward_layernorm": "ln2"}
-_NORMS["gemma3_text"] = _NORMS["gemma2"] | {"self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm"}
-_NORMS["gemma4_text"] = _NORMS["gemma4_unified_text"] = _NORMS["gemma3_text"]  # v_norm has no weight
+NORMS["vaultgemma"] = {"input_layernorm": "ln1", "pre_feedforward_layernorm": "ln2"}
+NORMS["gemma3_text"] = NORMS["gemma2"] | {"self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm"}
+NORMS["gemma4_text"] = NORMS["gemma4_unified_text"] = NORMS["gemma3_text"]  # v_norm has no weight
 # Gemma 4's MoE block (enable_moe_block): its three extra norms, router and 3-D expert weights, per decoder layer.
-_EXPERTS = {
+EXPERTS = {
     "post_feedforward_layernorm_1.weight": "ln2_dense_post.w",
     "pre_feedforward_layernorm_2.weight": "ln2_moe.w",
     "post_feedforward_layernorm_2.weight": "ln2_moe_post.w",
@@ -225,7 +239,8 @@ _EXPERTS = {
     "experts.gate_up_proj": "moe.w_gate_up",
     "experts.down_proj": "moe.w_out",
 }
-_PROJECTIONS = {
+# HF linear -> lens_det weight name pattern ("{}" is "w" for the weight, "b" for a bias)
+PROJECTIONS = {
     "self_attn.q_proj": "attn.{}_q",
     "self_attn.k_proj": "attn.{}_k",
     "self_attn.v_proj": "attn.{}_v",
@@ -234,13 +249,11 @@ _PROJECTIONS = {
     "mlp.up_proj": "mlp.{}_in",
     "mlp.down_proj": "mlp.{}_out",
 }
-
-_KV_MODULES = ("self_attn.k_proj", "self_attn.v_proj", "self_attn.k_norm", "self_attn.v_norm")
-# Gemma 4 per-layer embeddings: model-level and per-layer HF weights -> lens_det
-_PLE_MODEL = {"embed_tokens_per_layer.weight": "ple.W_E", "per_layer_model_projection.weight": "ple.w_proj",
-              "per_layer_projection_norm.weight": "ple.ln.w"}
-_PLE_BLOCK = {"per_layer_input_gate.weight": "ple.w_gate", "per_layer_projection.weight": "ple.w_out",
-              "post_per_layer_input_norm.weight": "ple.ln.w"}
+# the key/value modules, which a KV-sharing consumer layer does not have
+KV_MODULES = ("self_attn.k_proj", "self_attn.v_proj", "self_attn.k_norm", "self_attn.v_norm")
+# Gemma 4 per-layer embeddings, per decoder layer
+PLE_BLOCK = {"per_layer_input_gate.weight": "ple.w_gate", "per_layer_projection.weight": "ple.w_out",
+             "post_per_layer_input_norm.weight": "ple.ln.w"}
 
 
 def strip_prefix(state_dict: dict, prefixes: tuple[str, ...]) -> dict:
@@ -259,30 +272,27 @@ def state_dict_from_hf(sd: dict, cfg: LensConfig) -> dict:
     """HF Gemma/Gemma2/VaultGemma/Gemma3/Gemma4 (CausalLM or ConditionalGeneration text part) state dict ->
     lens_det. K = V layers have no v_proj; Gemma 4's per-layer `layer_scalar` buffer becomes blocks.{i}.layer_scalar,
     its MoE weights blocks.{i}.moe.* and the MoE block's norms blocks.{i}.ln2_dense_post / ln2_moe / ln2_moe_post."""
-    # transformers 5 nests the text model at model.language_model.*; hub checkpoints of the multimodal
-    # Gemma 3 store it as language_model.model.* (and language_model.lm_head.*).
-    sd = strip_prefix(sd, ("model.language_model.", "language_model.model.", "language_model.", "model."))
-    out = {"embed.W_E": sd["embed_tokens.weight"], "ln_final.w": sd["norm.weight"]}
-    if cfg.d_per_layer_input:
-        out |= {new: sd[old] for old, new in _PLE_MODEL.items()}
+    sd = strip_prefix(sd, DECODER_PREFIXES)
+    absent = set() if cfg.d_per_layer_input else set(PLE_MODEL)
+    if cfg.tie_word_embeddings:
+        absent.add("lm_head.weight")
+    out = {new: sd[old] for old, new in MODEL_WEIGHTS.items() if old not in absent}
     for i in range(cfg.n_layers):
-        h, b = f"layers.{i}.", f"blocks.{i}."
+        h, b = f"{LAYERS}.{i}.", f"blocks.{i}."
         consumer = cfg.layer_kv_source(i) is not None  # HF ignores a checkpoint's k/v weights of such layers
-        for hf_name, name in _NORMS[cfg.architecture].items():
-            if not (consumer and hf_name in _KV_MODULES):
+        for hf_name, name in NORMS[cfg.architecture].items():
+            if not (consumer and hf_name in KV_MODULES):
                 out[f"{b}{name}.w"] = sd[f"{h}{hf_name}.weight"]
         if cfg.layer_scalar:
             out[b + "layer_scalar"] = sd[h + "layer_scalar"]
         if cfg.d_per_layer_input:
-            out |= {b + new: sd[h + old] for old, new in _PLE_BLOCK.items()}
+            out |= {b + new: sd[h + old] for old, new in PLE_BLOCK.items()}
         if cfg.n_experts:
-            out |= {b + name: sd[h + hf_name] for hf_name, name in _EXPERTS.items()}
-        for hf_name, name in _PROJECTIONS.items():
-            if hf_name == "self_attn.v_proj" and cfg.layer_k_eq_v(i) or consumer and hf_name in _KV_MODULES:
+            out |= {b + name: sd[h + hf_name] for hf_name, name in EXPERTS.items()}
+        for hf_name, name in PROJECTIONS.items():
+            if hf_name == "self_attn.v_proj" and cfg.layer_k_eq_v(i) or consumer and hf_name in KV_MODULES:
                 continue
             out[b + name.format("w")] = sd[f"{h}{hf_name}.weight"]
             if f"{h}{hf_name}.bias" in sd:
                 out[b + name.format("b")] = sd[f"{h}{hf_name}.bias"]
-    if not cfg.tie_word_embeddings:
-        out["unembed.weight"] = sd["lm_head.weight"]
     return out
