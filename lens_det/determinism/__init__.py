@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
+from lens_det.inputs import check_tokens
 from lens_det.ops import deterministic
-from lens_det.components.hooks import QUERY_KEY_HOOKS
+from lens_det.hooks import hook_kind
 from lens_det.parity.compare import _prepare, diff_chunked_run
 from lens_det.parity.report import ParityReport, Schedule, diff_hook
 
@@ -26,7 +27,7 @@ __all__ = [
 def _tokens(model, tokens) -> torch.Tensor:
     """Token ids as a checked [batch, pos] tensor on the model's device (a 1-D tensor is one sequence)."""
     tokens = torch.as_tensor(tokens, device=model.cfg.device)
-    return model._check_tokens(tokens[None] if tokens.ndim == 1 else tokens)
+    return check_tokens(model, tokens[None] if tokens.ndim == 1 else tokens)
 
 
 def _prompt(model, prompt) -> torch.Tensor:
@@ -49,7 +50,10 @@ def _diff_runs(report: ParityReport, step: str, ours: dict, ref: dict, row: int 
     for hook, mine in ours.items():
         if row is not None:
             mine = mine[row : row + 1]
-            mine = mine[:, :, pad:, pad:] if hook.endswith(QUERY_KEY_HOOKS) else mine[:, pad:]
+            cut: list[slice] = [slice(None)] * mine.ndim  # the padding off every position axis (query and key)
+            for axis in hook_kind(hook).position_axes:
+                cut[axis] = slice(pad, None)
+            mine = mine[tuple(cut)]
         report.rows.append(diff_hook(step, hook, mine, ref[hook], report.atol, report.rtol, 0))
 
 

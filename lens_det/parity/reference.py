@@ -22,59 +22,13 @@ import torch
 from lens_det import ops
 from lens_det.config import LensConfig
 from lens_det.convert import hf_attn_implementation
+from lens_det.hooks import HOOK_KINDS
 
 # How each hook kind's reference is obtained ("module": an HF module's input/output; "attention": recorded in
 # HF's eager attention call; "derived": computed from HF tensors with HF's operations; "call": the input or output of
-# a GEMM call (F.linear, torch._grouped_mm) recorded inside an HF module, for MoE experts, which have no submodules).
-SOURCES = {
-    "hook_embed": "module: the embedding LayerNorm's output (Bloom) / the scaled embedding's output (Gemma)",
-    "hook_scale": "derived: sqrt(var + eps) of the HF norm module's input",
-    "hook_normalized": "module: the HF norm module's output",
-    "hook_resid_pre": "module: the HF decoder layer's input",
-    "hook_resid_mid": "module: the input of the HF pre-MLP norm",
-    "hook_mlp_in": "module: the input of the HF pre-MLP norm (only with set_use_hook_mlp_in)",
-    "hook_attn_in": "module: the HF decoder layer's input, repeated per head (only with set_use_attn_in)",
-    "hook_q_input": "module: the HF decoder layer's input, repeated per head (only with set_use_split_qkv_input)",
-    "hook_k_input": "module: the HF decoder layer's input, repeated per kv head (only with set_use_split_qkv_input)",
-    "hook_v_input": "module: the HF decoder layer's input, repeated per kv head (only with set_use_split_qkv_input)",
-    "hook_resid_post": "module: the HF decoder layer's output (Gemma 4: after its in-place layer_scalar multiply)",
-    "hook_attn_out": "module: o_proj/dense output (Gemma 2/3/4: the post-attention norm's output)",
-    "hook_mlp_out": "module: the MLP down projection's output (Gemma 2/3/4: the post-feedforward norm's output)",
-    "hook_q": "module: q_proj / fused query_key_value output, split per head",
-    "hook_k": "module: k_proj / fused query_key_value output, split per head",
-    "hook_v": "module: v_proj / fused query_key_value output, split per head (K = V layers: k_proj's output)",
-    "hook_rot_q": "attention: the query HF's attention function (eager or sdpa) receives",
-    "hook_rot_k": "attention: the new keys HF's attention function (eager or sdpa) receives",
-    "hook_attn_scores": "attention/derived: HF's eager score ops (Bloom: baddbmm with HF's build_alibi_tensor); "
-                        "none under sdpa",
-    "hook_pattern": "attention: the weights HF's eager attention returns (Bloom: output_attentions); none under sdpa",
-    "hook_z": "module: the input of o_proj / dense, split per head",
-    "hook_result": "derived: hook_z reference times the o_proj weight per head",
-    "hook_pre": "module: gate_proj / dense_h_to_4h output",
-    "hook_pre_linear": "module: up_proj output",
-    "hook_post": "module: the input of down_proj / dense_4h_to_h",
-    # Gemma 4 per-layer embeddings (PLE)
-    "hook_tokens": "module: embed_tokens_per_layer's output (the scaled packed table), reshaped per layer",
-    "hook_proj": "module: the input of per_layer_projection_norm (projection * d_model**-0.5, reshaped)",
-    "hook_per_layer_inputs": "module: the return value of the text model's project_per_layer_inputs",
-    "hook_per_layer_input": "module: the per_layer_input argument of the HF decoder layer",
-    "ple.hook_pre": "module: per_layer_input_gate's output",
-    "ple.hook_post": "module: the input of per_layer_projection",
-    "hook_ple_out": "module: post_per_layer_input_norm's output",
-    # Gemma 4's MoE block (HF runs the router and experts on [batch * pos, ...]; references are viewed as
-    # [batch, pos, ...])
-    "hook_dense_mlp_out": "module: post_feedforward_layernorm_1's output (the dense branch)",
-    "hook_moe_out": "module: post_feedforward_layernorm_2's output (the MoE branch)",
-    "moe.hook_router_logits": "module: router.proj's output",
-    "moe.hook_expert_weights": "module: the router's first output (router_probabilities, fp32 softmax)",
-    "moe.hook_expert_indices": "module: the router's third output (top_k_index)",
-    "moe.hook_top_k_weights": "module: the router's second output (top_k_weights, renormalised, per-expert scaled)",
-    "moe.hook_out": "module: the experts module's output (HF's chosen experts implementation)",
-    "moe.hook_pre": "call: the gate half of the first GEMM's output inside HF's experts (eager: F.linear per expert, "
-                    "grouped_mm: the first grouped GEMM), placed at each row's (token, slot) by HF's own indexing",
-    "moe.hook_pre_linear": "call: the up half of that GEMM's output, placed the same way",
-    "moe.hook_post": "call: the input of the second GEMM inside HF's experts (act(gate) * up), placed the same way",
-}
+# a GEMM call (F.linear, torch._grouped_mm) recorded inside an HF module, for MoE experts, which have no submodules),
+# keyed as lens_det.hooks.HOOK_KINDS is (where it is written, beside each kind's layout and op).
+SOURCES = {key: kind.source for key, kind in HOOK_KINDS.items()}
 
 
 def _decoder(hf_model: Any):

@@ -9,14 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from lens_det.components.hooks import QUERY_KEY_HOOKS
-
-# Hook kinds laid out [batch, pos, head, ...] (query or key/value heads); QUERY_KEY_HOOKS are [batch, head, pos, key]
-# and every other hook [batch, pos, ...].
-_PER_HEAD = {"attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z", "attn.hook_rot_q", "attn.hook_rot_k",
-             "attn.hook_result", *(f"attn.{norm}.{hook}" for norm in ("q_norm", "k_norm", "v_norm")
-                                   for hook in ("hook_scale", "hook_normalized")),
-             "hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input"}
+from lens_det.hooks import HOOK_KINDS, OUTPUT_KINDS, hook_kind
 
 
 @dataclass(frozen=True)
@@ -73,26 +66,17 @@ class HookDiff:
     head: int | None = None  # first head over tolerance at that position
 
 
-# The op that produces each hook kind: the first differing hook in firing order names the op that broke.
-OPS = {
-    "hook_embed": "embedding", "hook_scale": "norm", "hook_normalized": "norm", "hook_q": "linear",
-    "hook_k": "linear", "hook_v": "linear", "hook_rot_q": "rope", "hook_rot_k": "rope",
-    "hook_attn_scores": "attention_scores", "hook_pattern": "softmax", "hook_z": "attend",
-    "hook_result": "linear (per head)", "hook_attn_out": "linear (o_proj) / norm", "hook_pre": "linear",
-    "hook_pre_linear": "linear", "hook_post": "activation", "hook_mlp_out": "linear (down) / norm",
-    "hook_resid_pre": "residual add", "hook_resid_mid": "residual add", "hook_resid_post": "residual add",
-    "hook_mlp_in": "copy of resid_mid", "hook_attn_in": "copy of resid_pre per head",
-    "hook_q_input": "copy of resid_pre per head", "hook_k_input": "copy of resid_pre per kv head",
-    "hook_v_input": "copy of resid_pre per kv head",
-    "hook_tokens": "embedding (per-layer table)", "hook_proj": "linear (per-layer projection)",
-    "hook_per_layer_inputs": "per-layer combine", "hook_per_layer_input": "slice of per-layer inputs",
-    "hook_ple_out": "linear (per-layer projection) / norm",
-    "logits": "linear (unembed)", "log_probs": "linear (unembed), log_softmax",
-}
+# The op that produces each hook kind (lens_det.hooks.HOOK_KINDS), keyed as `kind_of` writes it: the first
+# differing hook in firing order names the op that broke.
+OPS = {kind.key.removeprefix("blocks."): kind.op for kind in (*HOOK_KINDS.values(), *OUTPUT_KINDS.values())}
 
 
 def op_of(hook: str) -> str:
-    return OPS.get(hook.rsplit(".", 1)[-1], "?")
+    """The op that computes a hook point ("?" for a name that is no lens_det hook point)."""
+    try:
+        return hook_kind(hook).op
+    except KeyError:
+        return "?"
 
 
 def layer_of(hook: str) -> int | None:
@@ -101,6 +85,7 @@ def layer_of(hook: str) -> int | None:
 
 
 def kind_of(hook: str) -> str:
+    """A hook name without its "blocks.{i}." (how rows, heatmap lines and `OPS` name a hook kind)."""
     return re.sub(r"^blocks\.\d+\.", "", hook)
 
 
@@ -121,13 +106,8 @@ def diff_hook(step: str, hook: str, ours: torch.Tensor, ref: torch.Tensor, atol:
                       bool(max_abs == 0.0), max_abs <= threshold)
     if not result.passed:
         over = d > threshold
-        kind = kind_of(hook)
-        if kind.startswith("attn.") and kind.endswith(QUERY_KEY_HOOKS):
-            pos_dim, head_dim = 2, 1
-        elif kind in _PER_HEAD:
-            pos_dim, head_dim = 1, 2
-        else:
-            pos_dim, head_dim = 1, None
+        kind = hook_kind(hook)
+        pos_dim, head_dim = kind.pos_axis, kind.head_axis
         if over.ndim > pos_dim:
             pos = over.movedim(pos_dim, 0).reshape(over.shape[pos_dim], -1).any(1).nonzero()[0, 0].item()
             result.position = offset + pos
