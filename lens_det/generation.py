@@ -16,6 +16,7 @@ from jaxtyping import Bool, Float, Int
 from transformer_lens import ActivationCache
 
 from lens_det.components.hooks import position_dim
+from lens_det.inputs import check_tokens, full_mask
 from lens_det.kv_cache import KVCache, PendingGeneration
 
 
@@ -92,7 +93,7 @@ def _new_tokens(tokens: torch.Tensor, attention_mask, cache: KVCache | None) -> 
     holds must be the tokens it holds (at its real positions; pad ids are never read), and are skipped. Without a
     mask, tokens that begin with everything the cache holds are the whole sequence; any other tokens are all new."""
     past, n = (0 if cache is None else cache.length), tokens.shape[1]
-    if past == 0 or cache.batch_size != tokens.shape[0]:  # (model._full_mask refuses another batch size)
+    if past == 0 or cache.batch_size != tokens.shape[0]:  # (full_mask refuses another batch size)
         return tokens
     held, real = cache.tokens.to(tokens.device), cache.mask.to(tokens.device).bool()
 
@@ -115,7 +116,7 @@ def _new_tokens(tokens: torch.Tensor, attention_mask, cache: KVCache | None) -> 
     else:
         return tokens
     n_held = n - n_new
-    if n_held <= 0:  # only new tokens (a mask longer than cache + tokens: model._full_mask says what to pass)
+    if n_held <= 0:  # only new tokens (a mask longer than cache + tokens: full_mask says what to pass)
         return tokens
     if n_held > past:
         raise ValueError(f"tokens have {n} positions but attention_mask covers only {past + n_new}; pass the mask "
@@ -251,7 +252,7 @@ def generate(
                          "(generation must grow it); clone() a frozen prefix first")
     step_hooks = step_hooks or {}
     _check_steps(step_hooks)
-    tokens = model._check_tokens(tokens)
+    tokens = check_tokens(model, tokens)
     batch, device, d_vocab = tokens.shape[0], tokens.device, model.cfg.d_vocab
     stops = model.cfg.eos_token_id
     if stop_tokens is not None:
@@ -267,7 +268,7 @@ def generate(
         pad = int(stops[0])
     cache = (kv_cache if kv_cache is not None else model.new_cache()) if use_kv_cache else None
     new_input = _new_tokens(tokens, attention_mask, cache)
-    mask = model._full_mask(new_input, attention_mask, cache)  # validated; None: cached mask + ones
+    mask = full_mask(model, new_input, attention_mask, cache)  # validated; None: cached mask + ones
     past = 0 if cache is None else cache.length
     finished = _resumed_finished(cache, new_input)
     if finished.any() and pad is None:

@@ -167,17 +167,43 @@ class KVCache:
                 entry.keys, entry.values = entry.keys.to(device), entry.values.to(device)
         return self
 
-    def _commit(self, mask: torch.Tensor, tokens: torch.Tensor) -> None:
-        """Keep the staged keys and values, the mask of everything seen and the new tokens [batch, new]."""
+    def check_compatible(self, config: LensConfig, batch: int, dtype: torch.dtype, n_new: int) -> None:
+        """Refuse (ValueError, saying what to do) a forward call this cache cannot serve: a model of another
+        config, another batch size than it holds, a model dtype other than its keys', or `n_new` more tokens
+        than max_length leaves room for."""
+        if self.config != config:
+            raise ValueError("kv_cache was made for a model with a different config; use model.new_cache()")
+        if self.batch_size is not None and self.batch_size != batch:
+            raise ValueError(
+                f"tokens have batch size {batch} but the cache holds batch size {self.batch_size}; "
+                "use a new cache (model.new_cache()) or the same batch"
+            )
+        cached = next((e.keys for e in self.layers if e.keys is not None), None)  # consumers: None
+        if cached is not None and cached.dtype != dtype:
+            raise ValueError(f"the cache holds {cached.dtype} but the model runs in {dtype}; "
+                             "use a new cache after changing the model dtype")
+        if self.max_length is not None and self.length + n_new > self.max_length:
+            raise ValueError(
+                f"the cache holds {self.length} tokens and {n_new} more would exceed its max_length "
+                f"{self.max_length}; use a larger max_length or a new cache"
+            )
+
+    def commit(self, mask: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Keep the staged keys and values, the mask of everything seen and the new tokens [batch, new] (the model
+        calls it once a forward call has succeeded)."""
         for entry in self.layers:
             entry.commit()
         self.tokens = tokens if self.tokens is None else torch.cat([self.tokens, tokens.to(self.tokens.device)], 1)
         self.mask = mask
         self.pending = None
 
-    def _discard(self) -> None:
+    def discard(self) -> None:
+        """Drop the staged keys and values (the model calls it when a forward call failed, or the cache is
+        frozen), leaving the cache as it was before the call."""
         for entry in self.layers:
             entry.discard()
+
+    _commit, _discard = commit, discard  # the names before they became public
 
     def __repr__(self) -> str:
         stored = sorted({entry.length for entry in self.layers if isinstance(entry, KVCacheEntry)})

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 
 from lens_det import ops
-from lens_det.components.positions import positions_from_mask
 from lens_det.convert import hf_attn_implementation
+from lens_det.inputs import check_binary_mask, check_tokens, resolve_positions
 from lens_det.parity.reference import capture_reference
 from lens_det.parity.report import ParityReport, Schedule, diff_hook, kind_of
 from lens_det.weight_processing import changed_hooks
@@ -23,29 +23,23 @@ def _prepare(model, tokens, attention_mask, position_ids, schedule, prefill, dec
     """Validate everything before any compute; return (tokens, mask, positions tensor or None, schedule)."""
     if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2:
         raise ValueError("tokens must be a [batch, pos] tensor of token ids")
-    tokens = model._check_tokens(tokens)
+    tokens = check_tokens(model, tokens)
     mask = torch.ones_like(tokens) if attention_mask is None else attention_mask
     if mask.shape != tokens.shape:
         raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but tokens have {tuple(tokens.shape)}; "
                          "pass one 0/1 entry per token")
-    if not ((mask == 0) | (mask == 1)).all():
-        raise ValueError("attention_mask must hold only 0 (pad) and 1 (real token)")
+    check_binary_mask(mask)
     schedule = schedule or Schedule.fit(tokens.shape[1], prefill, decode_steps, chunk)
     if schedule.length > tokens.shape[1]:
         raise ValueError(f"the schedule needs {schedule.length} tokens but only {tokens.shape[1]} were given")
     n = schedule.length
     tokens, mask = tokens[:, :n], mask[:, :n].long()
-    if model.cfg.positional == "alibi" or position_ids is None or (isinstance(position_ids, str)
-                                                                   and position_ids == "arange"):
-        positions = None  # both models then use arange from the cache offset (HF forward's default)
-    elif isinstance(position_ids, str) and position_ids == "mask":
-        positions = positions_from_mask(mask)
-    elif isinstance(position_ids, torch.Tensor):
+    if isinstance(position_ids, torch.Tensor) and model.cfg.positional != "alibi":  # ALiBi ignores them
         if position_ids.shape[-1] < n:
             raise ValueError(f"position_ids cover {position_ids.shape[-1]} positions but the schedule needs {n}")
-        positions = position_ids[:, :n]
-    else:
-        raise ValueError(f"position_ids must be None, 'arange', 'mask' or a tensor, got {position_ids!r}")
+        position_ids = position_ids[:, :n]
+    # None: both models then use arange from the cache offset (HF forward's default)
+    positions = resolve_positions(position_ids, mask, 0, n, model.cfg.positional)
     return tokens, mask, positions, schedule
 
 
@@ -218,7 +212,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _check_experts_implementation(model: Any, hf_model: Any) -> None:
     """MoE models: HF's experts implementations round differently, so both sides must run the same one."""
-    from lens_det.loading import hf_experts_implementation
+    from lens_det.hf import hf_experts_implementation
 
     if not model.config.n_experts:
         return
