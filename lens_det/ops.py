@@ -1,5 +1,6 @@
 """Every reduction and every non-arithmetic elementwise op the models do: linear layers, norms, attention scores,
-softmax, the attention-weighted sum, and the transcendental functions (tanh, exp, erf-GELU, cos/sin, rsqrt).
+softmax, the attention-weighted sum, and the transcendental functions (tanh, exp, cos/sin, rsqrt, and the MLP
+activations by LensConfig.act_fn name, ACTIVATIONS: Bloom's GELU and the tanh and erf GELUs).
 
 The default implementations reproduce Hugging Face eager bit for bit (each docstring names the op order that
 matters). Keeping them here, and nowhere else, is what lets the deterministic mode swap them in one place.
@@ -93,6 +94,33 @@ def gelu_erf(x: torch.Tensor) -> torch.Tensor:
     return pointwise(F.gelu, x)
 
 
+class _BloomGelu(torch.autograd.Function):
+    """HF's BloomGelu (GeLUFunction): the forward expression below, and HF's own backward formula (bloom_gelu_back)
+    rather than autograd's derivative of the forward, so that gradients equal HF's bit for bit."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x * 0.5 * (1.0 + tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        tanh_out = tanh(0.79788456 * x * (1 + 0.044715 * x * x))
+        # 0.1070322243 = sqrt(2 / pi) * 3 * 0.044715, as HF writes it
+        ff = 0.5 * x * ((1 - tanh_out * tanh_out) * (0.79788456 + 0.1070322243 * x * x)) + 0.5 * (1 + tanh_out)
+        return ff * grad
+
+
+def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
+    """Bloom's tanh GELU with the truncated constant and this exact expression order (docs/numerics.md §2.5), with
+    HF's backward."""
+    return _BloomGelu.apply(x)
+
+
+ACTIVATIONS = {"bloom_gelu": bloom_gelu, "gelu_tanh": gelu_tanh, "gelu_erf": gelu_erf}  # by LensConfig.act_fn
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`x @ weight.T + bias` as `nn.Linear` computes it (weight in HF layout [out, in])."""
     if not _DETERMINISTIC.get():
@@ -124,14 +152,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, unit_offs
              inv_sqrt: str = "rsqrt") -> torch.Tensor:
     """fp32 normalise, times (1 + w) or w in fp32 (nothing when `weight` is None), one cast at the end
     (docs/numerics.md §3.3). `inv_sqrt` is "rsqrt" (Gemma 1-3: x * rsqrt(ms + eps)) or "pow" (Gemma 4:
-    x * pow(ms + eps, -0.5))."""
+    x * pow(ms + eps, -0.5)). Two steps, times_inv_sqrt then times_gain, so that a fault (lens_det.parity.faults)
+    can replace one of them."""
     xf = x.float()
-    denominator = mean_square(xf) + eps
-    y = xf * (inv_sqrt_pow(denominator) if inv_sqrt == "pow" else pointwise(torch.rsqrt, denominator))
+    return times_gain(times_inv_sqrt(xf, mean_square(xf) + eps, inv_sqrt), weight, unit_offset, x)
+
+
+def times_inv_sqrt(xf: torch.Tensor, denominator: torch.Tensor, inv_sqrt: str) -> torch.Tensor:
+    """rms_norm's normalisation, fp32: xf * rsqrt(denominator) or xf * pow(denominator, -0.5)."""
+    return xf * (inv_sqrt_pow(denominator) if inv_sqrt == "pow" else pointwise(torch.rsqrt, denominator))
+
+
+def times_gain(y: torch.Tensor, weight: torch.Tensor | None, unit_offset: bool, like: torch.Tensor) -> torch.Tensor:
+    """rms_norm's gain: fp32 y times (1 + w) or w in fp32 (nothing when `weight` is None), then cast to like's type."""
     if weight is None:
-        return y.type_as(x)
+        return y.type_as(like)
     scale = 1.0 + weight.float() if unit_offset else weight.float()
-    return (y * scale).type_as(x)
+    return (y * scale).type_as(like)
 
 
 def norm_scale(x: torch.Tensor, eps: float, center: bool) -> torch.Tensor:

@@ -12,12 +12,13 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
-from lens_det.components.hooks import HookPoint, is_hooked
+from lens_det.hooks import HookPoint, is_hooked
 
 from lens_det import ops
 from lens_det.components.context import ForwardContext
 from lens_det.components.norms import make_optional_norm
 from lens_det.components.positions import alibi_slopes, apply_rope, rope_inv_freq
+from lens_det.components.scales import SoftCap  # moved to scales.py; re-exported here
 from lens_det.config import LensConfig
 
 
@@ -48,17 +49,6 @@ def _blas_rows_independent() -> bool:
 
     mode = blas_mode()
     return mode.backend == "mkl" and mode.strict
-
-
-class SoftCap(nn.Module):
-    """tanh(s / cap) * cap, in that op order (docs/numerics.md §4)."""
-
-    def __init__(self, cap: float):
-        super().__init__()
-        self.cap = cap
-
-    def forward(self, s: torch.Tensor) -> torch.Tensor:
-        return ops.tanh(s / self.cap) * self.cap
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -119,9 +109,7 @@ class Attention(nn.Module):
             self.hook_v = HookPoint()  # [batch, pos, kv_head_index, d_head] (K = V layers: the k projection again)
         if cfg.positional == "rope":
             fraction = cfg.layer_rope_rotary_fraction(layer)
-            self.rope_key = (d, cfg.rope_theta[layer], cfg.rope_linear_factor[layer], fraction)  # rope_inv_freq's args
-            # Plain float32 attributes, not buffers: model.to(bfloat16) must not round them (docs/numerics.md §3.4).
-            self.inv_freq = rope_inv_freq(*self.rope_key)
+            self.rope_args = (d, cfg.rope_theta[layer], cfg.rope_linear_factor[layer], fraction)  # sets inv_freq
             self.hook_rot_q = HookPoint()  # [batch, pos, head_index, d_head]
             if own_kv:
                 self.hook_rot_k = HookPoint()  # [batch, pos, kv_head_index, d_head]
@@ -133,6 +121,18 @@ class Attention(nn.Module):
         self.hook_pattern = HookPoint()  # [batch, head_index, query_pos, key_pos]
         self.hook_z = HookPoint()  # [batch, pos, head_index, d_head]
         self.hook_result = HookPoint()  # [batch, pos, head_index, d_model] (only with use_attn_result)
+
+    @property
+    def rope_args(self) -> tuple:
+        """rope_inv_freq's arguments (d_head, theta, linear_factor, rotary_fraction), also the key under which the
+        forward context memoises the cos/sin tables. Setting them sets `inv_freq`, rope_inv_freq(*rope_args): a plain
+        float32 attribute, not a buffer, so that model.to(bfloat16) cannot round it (docs/numerics.md §3.4)."""
+        return self._rope_args
+
+    @rope_args.setter
+    def rope_args(self, args: tuple) -> None:
+        self._rope_args = args
+        self.inv_freq = rope_inv_freq(*args)
 
     # --- projections: return q, k, v as [batch, pos, head, d_head] ---
     def _project_fused(self, x):
@@ -152,7 +152,7 @@ class Attention(nn.Module):
 
     # --- positions: RoPE rotates q and k ([batch, head, pos, d_head]); ALiBi adds a bias to the scores ---
     def _rope(self, q, k, ctx: ForwardContext):
-        cos, sin = ctx.rope(self.inv_freq, self.rope_key, q.device)
+        cos, sin = ctx.rope(self.inv_freq, self.rope_args, q.device)
         q = self.hook_rot_q(apply_rope(q, cos, sin).transpose(1, 2)).transpose(1, 2)
         if k is not None:  # None on KV-sharing consumers (their keys were rotated by kv_source)
             k = self.hook_rot_k(apply_rope(k, cos, sin).transpose(1, 2)).transpose(1, 2)
@@ -176,7 +176,7 @@ class Attention(nn.Module):
         """Replace the heads of q, k, v whose input was edited (Block._per_head_inputs: {head: ln1(input)} per
         kind) by that head's projection of its own input; the other heads are kept as they are."""
         out = []
-        for kind, t, per_head, weights in zip("qkv", qkv, edits, self._qkv_weights()):
+        for kind, t, per_head, weights in zip("qkv", qkv, edits, self.qkv_weights()):
             if per_head and t is None:
                 raise ValueError(f"layer {self.layer} reads the keys/values of layer {self.kv_source} (KV sharing), so "
                                  f"an edit of its hook_{kind}_input has no effect; edit blocks.{self.kv_source}'s")
@@ -280,7 +280,9 @@ class Attention(nn.Module):
         return ops.attend(probs, v, key_pos).transpose(1, 2)
 
     # --- TransformerLens-shaped weight views ---
-    def _qkv_weights(self):
+    def qkv_weights(self):
+        """[(weight [head, d_head, d_model], bias [head, d_head] or None)] for q, k and v, HF's weights viewed per
+        head (k and v over the kv heads); None for k and v on KV-sharing consumers."""
         h, d = self.cfg.n_heads, self.d_head
         if self.cfg.fused_qkv:
             w = self.w_qkv.view(h, 3, d, -1)
@@ -298,12 +300,13 @@ class Attention(nn.Module):
 
     # TransformerLens's shapes. With grouped-query attention W_K/W_V/b_K/b_V are repeated to n_heads (query head h
     # reads kv head h // n_rep, as HF's repeat_kv), and _W_K/_W_V/_b_K/_b_V are the kv heads themselves.
-    def _repeat(self, x: torch.Tensor) -> torch.Tensor:
+    def repeat_kv_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-kv-head weights [kv_head, ...] -> per query head [head, ...] (query head h reads kv head h // n_rep)."""
         return x.repeat_interleave(self.n_rep, dim=0)
 
     def _weights(self, i: int):
         """(weight, bias) of q (0), k (1) or v (2); KV-sharing consumers have no k / v weights of their own."""
-        weights = self._qkv_weights()[i]
+        weights = self.qkv_weights()[i]
         if weights is None:
             raise ValueError(f"layer {self.layer} has no key/value weights: it attends to the keys and values of "
                                  f"layer {self.kv_source} (KV sharing), computed from that layer's input; read "
@@ -316,7 +319,7 @@ class Attention(nn.Module):
 
     @property
     def W_Q(self):  # [head_index, d_model, d_head]
-        return self._qkv_weights()[0][0].transpose(1, 2)
+        return self.qkv_weights()[0][0].transpose(1, 2)
 
     @property
     def _W_K(self):  # [kv_head_index, d_model, d_head]
@@ -328,11 +331,11 @@ class Attention(nn.Module):
 
     @property
     def W_K(self):  # [head_index, d_model, d_head]
-        return self._repeat(self._W_K)
+        return self.repeat_kv_heads(self._W_K)
 
     @property
     def W_V(self):  # [head_index, d_model, d_head]
-        return self._repeat(self._W_V)
+        return self.repeat_kv_heads(self._W_V)
 
     @property
     def b_Q(self):  # [head_index, d_head] (zeros where the family has no bias)
@@ -348,11 +351,11 @@ class Attention(nn.Module):
 
     @property
     def b_K(self):  # [head_index, d_head]
-        return self._repeat(self._b_K)
+        return self.repeat_kv_heads(self._b_K)
 
     @property
     def b_V(self):
-        return self._repeat(self._b_V)
+        return self.repeat_kv_heads(self._b_V)
 
     @property
     def W_O(self):  # [head_index, d_head, d_model]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from lens_det.components.hooks import HookPoint
+from lens_det.hooks import HookPoint
 
 from lens_det.components.attention import Attention
 from lens_det.components.context import ForwardContext
@@ -51,7 +51,7 @@ class Block(nn.Module):
         self._feed_forward = self._dense_and_experts if cfg.n_experts else self._dense
         # A buffer in the model dtype, as HF's (it follows model.to(dtype)); [1]
         self.register_buffer("layer_scalar", torch.ones(1) if cfg.layer_scalar else None)
-        self._finish = self._scale_output if cfg.layer_scalar else self._no_scale
+        self._apply_layer_scalar = self._scale_output if cfg.layer_scalar else self._no_scale
         self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
         # TransformerLens's per-head attention inputs (off by default; one copy of resid_pre per head when on):
         self.hook_attn_in = HookPoint()  # [batch, pos, head_index, d_model] (use_attn_in; not with GQA)
@@ -70,9 +70,9 @@ class Block(nn.Module):
             self.ple = PerLayerInputBlock(cfg)
             self.hook_per_layer_input = HookPoint()  # [batch, pos, d_per_layer_input]: this block's PLE input
             self.hook_ple_out = HookPoint()  # [batch, pos, d_model]: what the PLE sub-block adds to the residual
-            self._per_layer = self._add_per_layer
+            self._add_per_layer_input = self._add_per_layer
         else:
-            self._per_layer = self._no_per_layer
+            self._add_per_layer_input = self._no_per_layer
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, cache_entry=None,
                 per_layer_input: torch.Tensor | None = None) -> torch.Tensor:
@@ -80,7 +80,7 @@ class Block(nn.Module):
         (models with d_per_layer_input only)."""
         x = self._attention_sublayer(self.hook_resid_pre(x), ctx, cache_entry)
         x = self._mlp_sublayer(x)
-        return self.hook_resid_post(self._finish(self._per_layer(x, per_layer_input)))
+        return self.hook_resid_post(self._apply_layer_scalar(self._add_per_layer_input(x, per_layer_input)))
 
     # Each sub-layer is its own function so that its temporaries (the norm's output, the branch's output) are freed
     # when it returns, as in HF's decoder layer: held in forward's frame, two [batch, pos, d_model] tensors stayed
@@ -110,10 +110,16 @@ class Block(nn.Module):
         return self.mlp(m)
 
     def _dense_and_experts(self, m: torch.Tensor, mlp_in: torch.Tensor) -> torch.Tensor:
-        """HF Gemma4TextDecoderLayer with enable_moe_block: the router reads the un-normed residual."""
+        """HF Gemma4TextDecoderLayer with enable_moe_block: the dense MLP reads ln2's output m, the experts read
+        ln2_moe(mlp_in), the router reads _router_input(m, mlp_in)."""
         dense = self.hook_dense_mlp_out(self.ln2_dense_post(self.mlp(m)))
-        experts = self.hook_moe_out(self.ln2_moe_post(self.moe(mlp_in, self.ln2_moe(mlp_in))))
-        return dense + experts
+        experts = self.moe(self._router_input(m, mlp_in), self.ln2_moe(mlp_in))
+        return dense + self.hook_moe_out(self.ln2_moe_post(experts))
+
+    def _router_input(self, m: torch.Tensor, mlp_in: torch.Tensor) -> torch.Tensor:
+        """What the MoE router reads: HF's un-normed residual mlp_in, not ln2's output m (a method so that a fault,
+        lens_det.parity.faults.router_reads_normed_input, can swap it)."""
+        return mlp_in
 
     def _no_scale(self, x: torch.Tensor) -> torch.Tensor:
         return x

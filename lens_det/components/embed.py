@@ -7,20 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lens_det import ops
-from lens_det.components.attention import SoftCap
 from lens_det.components.norms import make_optional_norm
+from lens_det.components.scales import EmbedScale, SoftCap  # EmbedScale moved to scales.py; re-exported here
 from lens_det.config import LensConfig
-
-
-class EmbedScale(nn.Module):
-    """x * sqrt(d_model), the scale cast to x's dtype first and multiplied in that dtype (docs/numerics.md §3.2)."""
-
-    def __init__(self, d_model: int):
-        super().__init__()
-        self.scale = torch.tensor(d_model**0.5, dtype=torch.float32, device="cpu")  # HF's float32 buffer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale.to(device=x.device, dtype=x.dtype)
 
 
 class Embed(nn.Module):

@@ -5,37 +5,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from lens_det.components.hooks import HookPoint
+from lens_det.hooks import HookPoint
 
 from lens_det import ops
 from lens_det.config import LensConfig
-
-
-class _BloomGelu(torch.autograd.Function):
-    """HF's BloomGelu (GeLUFunction): the forward expression below, and HF's own backward formula (bloom_gelu_back)
-    rather than autograd's derivative of the forward, so that gradients equal HF's bit for bit."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return x * 0.5 * (1.0 + ops.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        tanh_out = ops.tanh(0.79788456 * x * (1 + 0.044715 * x * x))
-        # 0.1070322243 = sqrt(2 / pi) * 3 * 0.044715, as HF writes it
-        ff = 0.5 * x * ((1 - tanh_out * tanh_out) * (0.79788456 + 0.1070322243 * x * x)) + 0.5 * (1 + tanh_out)
-        return ff * grad
-
-
-def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
-    """Bloom's tanh GELU with the truncated constant and this exact expression order (docs/numerics.md §2.5), with
-    HF's backward."""
-    return _BloomGelu.apply(x)
-
-
-ACTIVATIONS = {"bloom_gelu": bloom_gelu, "gelu_tanh": ops.gelu_tanh, "gelu_erf": ops.gelu_erf}
+from lens_det.ops import ACTIVATIONS, bloom_gelu  # noqa: F401  (moved to lens_det.ops; re-exported here)
 
 
 class MLP(nn.Module):

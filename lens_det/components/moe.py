@@ -27,8 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lens_det import ops
-from lens_det.components.hooks import HookPoint, is_hooked
-from lens_det.components.mlp import ACTIVATIONS
+from lens_det.hooks import HookPoint, is_hooked
 from lens_det.components.norms import make_norm
 from lens_det.config import LensConfig
 
@@ -44,7 +43,7 @@ class MixtureOfExperts(nn.Module):
         super().__init__()
         self.n_experts, self.top_k = cfg.n_experts, cfg.n_experts_per_token
         self.root_size = cfg.d_model**-0.5  # HF's scalar_root_size: a Python float
-        self.act = ACTIVATIONS[cfg.act_fn]
+        self.act = ops.ACTIVATIONS[cfg.act_fn]
         self.router_norm = make_norm(cfg, weight=False)  # HF router.norm (RMSNorm without a scale)
         self.w_router_scale = nn.Parameter(torch.ones(cfg.d_model))  # HF router.scale
         self.w_router = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))  # HF router.proj.weight
@@ -67,14 +66,25 @@ class MixtureOfExperts(nn.Module):
         return self.experts(x, weights, indices)
 
     def route(self, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(top-k weights fp32, top-k expert indices), each [batch, pos, k]: HF Gemma4TextRouter's ops in order."""
-        h = self.router_norm(resid) * self.w_router_scale * self.root_size
-        logits = self.hook_router_logits(ops.linear(h, self.w_router))
-        probs = self.hook_expert_weights(ops.softmax_fp32(logits))  # HF: softmax(dtype=float32)
+        """(top-k weights fp32, top-k expert indices), each [batch, pos, k]: HF Gemma4TextRouter's ops in order.
+        Each step is its own method, so that a fault (lens_det.parity.faults) can replace one of them."""
+        logits = self.hook_router_logits(self._router_logits(resid))
+        probs = self.hook_expert_weights(self._probs(logits))
         top_w, top_i = torch.topk(probs, k=self.top_k, dim=-1)
         top_i = self.hook_expert_indices(top_i)
-        top_w = top_w / top_w.sum(dim=-1, keepdim=True)  # renormalise over the chosen experts (fp32)
-        return self.hook_top_k_weights(top_w * self.per_expert_scale[top_i]), top_i
+        return self.hook_top_k_weights(self._scale(self._renormalise(top_w), top_i)), top_i
+
+    def _router_logits(self, resid: torch.Tensor) -> torch.Tensor:
+        return ops.linear(self.router_norm(resid) * self.w_router_scale * self.root_size, self.w_router)
+
+    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return ops.softmax_fp32(logits)  # HF: softmax(dtype=float32)
+
+    def _renormalise(self, top_w: torch.Tensor) -> torch.Tensor:
+        return top_w / top_w.sum(dim=-1, keepdim=True)  # over the chosen experts (fp32)
+
+    def _scale(self, top_w: torch.Tensor, top_i: torch.Tensor) -> torch.Tensor:
+        return top_w * self.per_expert_scale[top_i]  # the learned per-expert scale of the chosen experts
 
     def experts(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """The experts' combined output [batch, pos, d_model] for input x, as HF flattens it to [batch * pos, d]."""

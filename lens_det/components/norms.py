@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from lens_det.components.hooks import HookPoint, is_hooked
+from lens_det.hooks import HookPoint, is_hooked
 
 from lens_det import ops
 from lens_det.config import LensConfig

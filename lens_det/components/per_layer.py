@@ -12,10 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lens_det import ops
-from lens_det.components.embed import EmbedScale
-from lens_det.components.hooks import HookPoint
-from lens_det.components.mlp import ACTIVATIONS
 from lens_det.components.norms import make_norm
+from lens_det.components.scales import EmbedScale
+from lens_det.hooks import HookPoint
 from lens_det.config import LensConfig
 
 
@@ -51,7 +50,7 @@ class PerLayerInputBlock(nn.Module):
 
     def __init__(self, cfg: LensConfig):
         super().__init__()
-        self.act = ACTIVATIONS[cfg.act_fn]  # HF: ACT2FN[hidden_activation], the MLP's activation
+        self.act = ops.ACTIVATIONS[cfg.act_fn]  # HF: ACT2FN[hidden_activation], the MLP's activation
         self.w_gate = nn.Parameter(torch.empty(cfg.d_per_layer_input, cfg.d_model))
         self.w_out = nn.Parameter(torch.empty(cfg.d_model, cfg.d_per_layer_input))
         self.ln = make_norm(cfg)

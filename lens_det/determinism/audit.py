@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 from lens_det import ops
-from lens_det.components.mlp import bloom_gelu
 
 WIDTHS = (1, 7, 64, 96, 112, 130, 1000)
 THREADS = (1, 2, 3, 4)
@@ -74,7 +73,7 @@ AUDITED_OPS = {
     "linear (32 outputs)": lambda x: ops.linear(x, *_weights(x.shape[-1], x.dtype, n_out=32)),
     "gelu_tanh": ops.gelu_tanh,
     "gelu_erf": ops.gelu_erf,
-    "bloom_gelu": bloom_gelu,
+    "bloom_gelu": ops.bloom_gelu,
     "tanh": ops.tanh,
     "exp": lambda x: ops.pointwise(torch.exp, x),
     "cos": lambda x: ops.pointwise(torch.cos, x),

@@ -18,12 +18,18 @@ from lens_det.components.context import ForwardContext
 
 @contextlib.contextmanager
 def _patched(owner, name: str, value):
+    """owner.name = value inside the block; on exit the old value is back (a method of owner's class is un-shadowed
+    again, not replaced by a bound copy)."""
+    method = callable(getattr(type(owner), name, None)) and name not in vars(owner)
     before = getattr(owner, name)
     setattr(owner, name, value)
     try:
         yield
     finally:
-        setattr(owner, name, before)
+        if method:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, before)
 
 
 def alibi_row0_on_cached_steps():
@@ -102,29 +108,21 @@ def rmsnorm_rsqrt(model):
 
 
 def rmsnorm_reciprocal_sqrt(model):
-    """Every RMSNorm divides by sqrt(ms + eps) (x / sqrt(.)) instead of multiplying by pow(., -0.5)."""
+    """Every RMSNorm divides by sqrt(ms + eps) (x / sqrt(.)) instead of multiplying by pow(., -0.5): the
+    normalisation step of ops.rms_norm replaced (the gain step is the real one)."""
     from lens_det import ops
 
-    def divided(x, weight, eps, unit_offset, mean_sq=None, inv_sqrt="rsqrt"):
-        xf = x.float()
-        y = xf / ((ops.mean_square(xf) if mean_sq is None else mean_sq) + eps).sqrt()
-        if weight is None:
-            return y.type_as(x)
-        return (y * (1.0 + weight.float() if unit_offset else weight.float())).type_as(x)
-    return _patched(ops, "rms_norm", divided)
+    return _patched(ops, "times_inv_sqrt", lambda xf, denominator, inv_sqrt: xf / denominator.sqrt())
 
 
 def full_rope_instead_of_partial(model):
-    """Layers with partial ("proportional") RoPE rotate every frequency pair, as ordinary RoPE."""
-    from lens_det.components.positions import rope_inv_freq
-
+    """Layers with partial ("proportional") RoPE rotate every frequency pair, as ordinary RoPE (rotary
+    fraction 1 in their rope_args, which sets their inv_freq)."""
     pairs = []
     for block in model.blocks:
-        attn = block.attn
-        if getattr(attn, "rope_key", None) is None or attn.rope_key[3] == 1.0:
-            continue
-        d, theta, factor, _ = attn.rope_key
-        pairs += [(attn, "inv_freq", rope_inv_freq(d, theta, factor)), (attn, "rope_key", (d, theta, factor, 1.0))]
+        args = getattr(block.attn, "rope_args", None)  # (d_head, theta, linear_factor, rotary_fraction); None: ALiBi
+        if args is not None and args[3] != 1.0:
+            pairs.append((block.attn, "rope_args", (*args[:3], 1.0)))
     if not pairs:
         raise ValueError("no layer of this model has partial RoPE")
     return _patched_all(pairs)
@@ -184,56 +182,34 @@ def _moe_blocks(model):
     return blocks
 
 
-def _faulty_router(model, softmax=None, renormalise: bool = True, per_expert_scale: bool = True,
-                   root_size: bool = True):
-    """Every MoE router with one step changed (the hooks still fire)."""
-    from lens_det import ops
-
-    def patched(moe):
-        def route(resid):
-            h = moe.router_norm(resid) * moe.w_router_scale
-            h = h * moe.root_size if root_size else h
-            logits = moe.hook_router_logits(ops.linear(h, moe.w_router))
-            probs = moe.hook_expert_weights((softmax or ops.softmax_fp32)(logits))
-            top_w, top_i = torch.topk(probs, k=moe.top_k, dim=-1)
-            top_i = moe.hook_expert_indices(top_i)
-            if renormalise:
-                top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-            if per_expert_scale:
-                top_w = top_w * moe.per_expert_scale[top_i]
-            return moe.hook_top_k_weights(top_w.float()), top_i
-        return route
-    return _patched_all([(block.moe, "route", patched(block.moe)) for block in _moe_blocks(model)])
+def _every_router(model, name: str, value):
+    """Every MoE router (MixtureOfExperts.route) with its step or attribute `name` replaced (the hooks still
+    fire)."""
+    return _patched_all([(block.moe, name, value) for block in _moe_blocks(model)])
 
 
 def router_softmax_in_model_dtype(model):
     """The router's softmax runs in the logits' dtype (bf16) and is upcast afterwards; HF asks for fp32
     (`softmax(..., dtype=torch.float32)`). Invisible in an fp32 model."""
-    return _faulty_router(model, softmax=lambda logits: torch.softmax(logits, dim=-1).float())
+    return _every_router(model, "_probs", lambda logits: torch.softmax(logits, dim=-1).float())
 
 
 def router_without_renormalisation(model):
     """The top-k probabilities are used as they are, not renormalised to sum to 1 over the chosen experts."""
-    return _faulty_router(model, renormalise=False)
+    return _every_router(model, "_renormalise", lambda top_w: top_w)
 
 
 def router_without_per_expert_scale(model):
     """The learned per-expert scale of the routing weights is dropped."""
-    return _faulty_router(model, per_expert_scale=False)
+    return _every_router(model, "_scale", lambda top_w, top_i: top_w)
 
 
 def router_without_root_size(model):
-    """The router input is not multiplied by d_model ** -0.5 (it changes the logits, so the routing)."""
-    return _faulty_router(model, root_size=False)
+    """The router input is not multiplied by d_model ** -0.5 (it changes the logits, so the routing): the factor
+    set to 1.0 (x * 1.0 is x exactly)."""
+    return _every_router(model, "root_size", 1.0)
 
 
 def router_reads_normed_input(model):
     """The router reads the pre-MLP norm's output (as the dense MLP does) instead of the un-normed residual."""
-    def patched(block):
-        def feed_forward(m, mlp_in):
-            dense = block.hook_dense_mlp_out(block.ln2_dense_post(block.mlp(m)))
-            weights, indices = block.moe.route(m)
-            experts = block.moe.experts(block.ln2_moe(mlp_in), weights, indices)
-            return dense + block.hook_moe_out(block.ln2_moe_post(experts))
-        return feed_forward
-    return _patched_all([(block, "_feed_forward", patched(block)) for block in _moe_blocks(model)])
+    return _patched_all([(block, "_router_input", lambda m, mlp_in: m) for block in _moe_blocks(model)])

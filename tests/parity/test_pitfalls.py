@@ -15,7 +15,7 @@ from lens_det.parity import faults
 from lens_det.components.embed import EmbedScale
 from lens_det.config import hf_config_from_name
 from lens_det.model import HookedDecoder
-from tests.conftest import batch
+from tests.helpers import batch
 
 
 def logit_gap(model, hf, tokens, mask) -> float:
@@ -61,12 +61,8 @@ def test_casting_before_the_unit_offset_multiply_fails(model_pair, monkeypatch):
     tokens, mask = batch("left", model.cfg.d_vocab)
     assert logit_gap(model, hf, tokens, mask) == 0.0
 
-    def llama_order(x, weight, eps, unit_offset, mean_sq=None, inv_sqrt="rsqrt"):
-        xf = x.float()
-        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-        return y * (1.0 + weight)
-
-    monkeypatch.setattr(ops, "rms_norm", llama_order)
+    # rms_norm's gain step in Llama's order: the normalised fp32 x cast to the dtype, then times (1 + w) in it
+    monkeypatch.setattr(ops, "times_gain", lambda y, weight, unit_offset, like: y.to(like.dtype) * (1.0 + weight))
     assert logit_gap(model, hf, tokens, mask) > 1e-2
 
 
