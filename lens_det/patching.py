@@ -3,7 +3,8 @@ query/key position of a pattern), sweep layers x positions or layers x heads, an
 the effect persists through the KV cache. `transformer_lens.patching` works on lens_det models as well.
 
 Positions are absolute (padded) indices: with a KV cache, a hook fired on a decode step sees only the new
-positions, and the hooks made here translate (`model.query_start` is the index of the call's first token).
+positions, and the hooks made here translate: `model.query_start` is the absolute index of the first position
+the running hooks see (HookedDecoder's hook protocol; 0 on a model without it, e.g. TransformerLens's).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 from jaxtyping import Float
-from lens_det.components.hooks import QUERY_KEY_HOOKS
+from lens_det.hooks import hook_kind
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 
@@ -52,31 +53,31 @@ def patch_hook(model: Any, clean: torch.Tensor, position: int | Sequence[int] | 
     positions); with `hook_name` (where `clean` came from, e.g. "blocks.3.attn.hook_pattern") it refuses to run on
     any other hook point, which also catches a same-shaped tensor of another layer."""
     def hook(act: torch.Tensor, hook) -> torch.Tensor:
-        keyed = hook.name.endswith(QUERY_KEY_HOOKS)
-        pos_dim, head_dim = (2, 1) if keyed else (1, 2)
-        _check_fits(clean, act, hook.name, hook_name, {pos_dim, 3} if keyed else {pos_dim})
+        kind = hook_kind(hook.name)
+        pos_dim, head_dim, key_dim = kind.pos_axis, kind.head_axis, kind.key_axis
+        _check_fits(clean, act, hook.name, hook_name, set(kind.position_axes))
         start, n = getattr(model, "query_start", 0), act.shape[pos_dim]
         total = clean.shape[pos_dim]  # negative positions count from the end of the clean run
         wanted = range(start, start + n) if position is None else [p % total for p in _as_list(position)]
         local = [p - start for p in wanted if start <= p < start + n]
         if not local:
             return act
-        if head is not None and act.ndim < 4:
+        if head is not None and head_dim is None:
             raise ValueError(f"{hook.name} has no head dimension; patch it by position only")
         index: list[Any] = [slice(None)] * act.ndim
         source: list[Any] = [slice(None)] * act.ndim
         index[pos_dim], source[pos_dim] = local, [p + start for p in local]
         if head is not None:
             index[head_dim] = source[head_dim] = _as_list(head)
-        if keyed:  # this call attends to the last act.shape[3] keys of [0, start + n)
-            key_offset = start + n - act.shape[3]
+        if key_dim is not None:  # this call attends to the last act.shape[key_dim] keys of [0, start + n)
+            key_offset = start + n - act.shape[key_dim]
             keys = range(key_offset, start + n) if key_position is None else \
                 [k % (start + n) for k in _as_list(key_position) if -(start + n) <= k < start + n]
             keys = [k for k in keys if k >= key_offset]  # keys outside this call's window are not attended
             if not keys:
                 return act
-            index[3] = [k - key_offset for k in keys]
-            source[3] = list(keys)
+            index[key_dim] = [k - key_offset for k in keys]
+            source[key_dim] = list(keys)
         out = act.clone()
         out[_expand(index)] = clean.to(act.device, act.dtype)[_expand(source)]
         return out
@@ -119,7 +120,9 @@ def run_patched(model: Any, tokens: torch.Tensor, patches: Sequence[tuple[str, C
 # --- sweeps ---
 @dataclass
 class PatchingResult:
-    """Metric after each patch, normalised so 0 = corrupted run and 1 = clean run (raw values in `raw`)."""
+    """Metric after each patch, normalised so 0 = corrupted run and 1 = clean run (raw values in `raw`).
+    `clean_str_tokens` / `corrupted_str_tokens`: the two prompts' tokens as strings (one-row batches of a model
+    with a tokenizer; None otherwise), which `plot` puts on the position axis."""
 
     values: Float[torch.Tensor, "layer index"]
     raw: Float[torch.Tensor, "layer index"]
@@ -127,6 +130,8 @@ class PatchingResult:
     hook: str
     clean_metric: float
     corrupted_metric: float
+    clean_str_tokens: list[str] | None = None
+    corrupted_str_tokens: list[str] | None = None
 
     def to_frame(self):
         """A tidy pandas table: layer, pos/head, value, raw."""
@@ -138,22 +143,71 @@ class PatchingResult:
                              "value": self.values.flatten().numpy(), "raw": self.raw.flatten().numpy()})
 
     def plot(self, path=None, labels: Sequence[str] | None = None, title: str | None = None):
-        """Heatmap of the normalised metric, layer x pos (or head)."""
-        import matplotlib.pyplot as plt
+        """Heatmap of the normalised metric, layer x position (or head). The colour range is symmetric and holds
+        every value (at least -1..1), so nothing is clipped. By position, the x axis shows the clean prompt's tokens
+        (or `labels`), bold where the corrupted prompt differs, with position indices on top. `title` replaces the
+        first title line; the lines under it give the raw metric of both runs and the two prompts."""
+        from textwrap import shorten
 
-        fig, ax = plt.subplots(figsize=(1.5 + 0.5 * self.values.shape[1], 1.2 + 0.4 * self.values.shape[0]))
-        image = ax.imshow(self.values.numpy(), cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
-        ax.set_xlabel(self.index_name)
+        import matplotlib
+        import matplotlib.pyplot as plt
+        import numpy as np
+
+        values = self.values.numpy()
+        n_layers, n_index = values.shape
+        cell_w, cell_h = min(0.45, max(0.16, 8.5 / n_index)), min(0.45, max(0.16, 5.0 / n_layers))  # inches
+        fig, ax = plt.subplots(figsize=(2.6 + cell_w * n_index, 2.0 + cell_h * n_layers), layout="constrained")
+        limit = max(1.0, float(np.nanmax(np.abs(values), initial=0.0)))
+        cmap = matplotlib.colormaps["RdBu"].with_extremes(bad="0.8")
+        image = ax.imshow(values, cmap=cmap, vmin=-limit, vmax=limit, aspect="auto", interpolation="nearest")
+        ax.set_yticks(range(n_layers), [str(i) for i in range(n_layers)], fontsize=8)
         ax.set_ylabel("layer")
-        if labels is not None:
-            ax.set_xticks(range(len(labels)))
-            ax.set_xticklabels(labels, rotation=60, fontsize=7)
-        ax.set_title(title or f"patching {self.hook} (1 = clean, 0 = corrupted)", fontsize=9)
-        fig.colorbar(image, ax=ax)
+        axis = "position" if self.index_name == "pos" else "head"
+        tokens = labels if labels is not None else self.clean_str_tokens if self.index_name == "pos" else None
+        if tokens is None:
+            ax.set_xticks(range(0, n_index, 1 if n_index <= 20 else 5))
+            ax.set_xlabel(axis)
+        else:
+            shown = [str(t).replace(" ", "\u2423").replace("\n", "\u21b5") for t in tokens]
+            ax.set_xticks(range(n_index), shown, fontsize=8)
+            for label in ax.get_xticklabels():
+                label.set_rotation(90 if len(label.get_text()) > 2 else 0)  # long ones ("<bos>", words) vertical
+            other = self.corrupted_str_tokens if labels is None else None
+            differs = [] if other is None else [i for i, (a, b) in enumerate(zip(tokens, other)) if a != b]
+            for i in differs:
+                ax.get_xticklabels()[i].set(fontweight="bold", color="C3")
+            ax.set_xlabel(axis if labels is not None else
+                          "clean token" + (" (bold red: the corrupted prompt differs)" if differs else ""))
+        if tokens is not None and self.index_name == "pos":
+            top = ax.secondary_xaxis("top")
+            step = 1 if n_index <= 20 else 5
+            top.set_xticks(range(0, n_index, step), [str(i) for i in range(0, n_index, step)], fontsize=7)
+            top.set_xlabel("position", fontsize=8)
+        bar = fig.colorbar(image, ax=ax, shrink=0.9)
+        bar.set_label("patched metric, normalised\n0 = corrupted run, 1 = clean run", fontsize=8)
+        what = "position" if self.index_name == "pos" else "head (all positions)"
+        lines = [title or f"clean {self.hook} patched into the corrupted run, one layer x {what} at a time",
+                 f"metric: clean run {self.clean_metric:.4g}, corrupted run {self.corrupted_metric:.4g}"
+                 + ("; equal, so every cell is 0" if self.clean_metric == self.corrupted_metric else
+                    "; cell = (patched - corrupted) / (clean - corrupted)")]
+        if self.clean_str_tokens and self.corrupted_str_tokens:
+            clean, corrupted = ("".join(t) for t in (self.clean_str_tokens, self.corrupted_str_tokens))
+            lines.append(f"clean: {shorten(clean, 70, placeholder=' …')!r}   "
+                         f"corrupted: {shorten(corrupted, 70, placeholder=' …')!r}")
+        if np.isnan(values).any():
+            lines.append("grey: this layer has no such head or hook")
+        ax.set_title("\n".join(lines), fontsize=9)
         if path is not None:
             fig.savefig(path, dpi=110, bbox_inches="tight")
             plt.close(fig)
         return fig
+
+
+def _str_tokens(model: Any, tokens: torch.Tensor) -> list[str] | None:
+    """A one-row batch's tokens as strings, for the heatmap's position axis; None without a tokenizer."""
+    if tokens.shape[0] != 1 or getattr(model, "tokenizer", None) is None:
+        return None
+    return list(model.to_str_tokens(tokens[0]))
 
 
 def patch_sweep(model: Any, clean_tokens: torch.Tensor, corrupted_tokens: torch.Tensor, metric: Metric,
@@ -180,15 +234,15 @@ def patch_sweep(model: Any, clean_tokens: torch.Tensor, corrupted_tokens: torch.
     first = clean_cache.cache_dict.get(f"blocks.0.{full}")
     if first is None:
         raise ValueError(f"blocks.0.{full} is not a hook point of this model (hook={hook!r})")
-    if by == "head" and first.ndim < 4:
+    head_dim = hook_kind(f"blocks.0.{full}").head_axis
+    if by == "head" and head_dim is None:
         raise ValueError(f"{full} has no head dimension; use by='pos'")
-    keyed = full.endswith(QUERY_KEY_HOOKS)
 
     def size(layer: int) -> int:  # positions, or the layer's heads (kv heads for hook_k/v; per layer on Gemma 4)
         value = clean_cache.cache_dict.get(f"blocks.{layer}.{full}")
         if value is None:  # a layer without this hook (KV-sharing layers have no hook_k / hook_v): a NaN row
             return 0
-        return clean_tokens.shape[1] if by == "pos" else value.shape[1 if keyed else 2]
+        return clean_tokens.shape[1] if by == "pos" else value.shape[head_dim]
 
     sizes = [size(layer) for layer in range(n_layers)]
     raw = torch.full((n_layers, max(sizes)), float("nan"))  # NaN: a head this layer does not have
@@ -200,7 +254,8 @@ def patch_sweep(model: Any, clean_tokens: torch.Tensor, corrupted_tokens: torch.
             raw[layer, i] = metric(run_patched(model, corrupted_tokens, [(name, fn)], **kwargs)).item()
     span = clean_value - corrupted_value
     values = (raw - corrupted_value) / span if span else torch.zeros_like(raw)
-    return PatchingResult(values, raw, by, full, clean_value, corrupted_value)
+    return PatchingResult(values, raw, by, full, clean_value, corrupted_value,
+                          _str_tokens(model, clean_tokens), _str_tokens(model, corrupted_tokens))
 
 
 # --- generation ---

@@ -1,6 +1,6 @@
 """Write notebooks/*.ipynb from the cell sources below (run by hand after editing; the test suite executes the
-committed notebooks). Every notebook runs on a tiny random model by default; set LENS_DET_MODEL to a checkpoint
-(hub name or local directory) to run it on real weights."""
+committed notebooks). Every notebook runs on a tiny random model by default (LENS_DET_TINY picks the tiny
+config); set LENS_DET_MODEL to a checkpoint (hub name or local directory) to run it on real weights."""
 
 from pathlib import Path
 
@@ -12,17 +12,19 @@ import matplotlib.pyplot as plt
 import lens_det
 from lens_det.parity.models import random_hf_model
 
-MODEL = os.environ.get("LENS_DET_MODEL")  # e.g. "bigscience/bloom-560m"; unset: a tiny random model'''
+MODEL = os.environ.get("LENS_DET_MODEL")  # e.g. "bigscience/bloom-560m"; unset: a tiny random model
+TINY = os.environ.get("LENS_DET_TINY", "{default}")  # which tiny config, e.g. "tiny-gemma4"'''
 
 NOTEBOOKS = {
     "01_quickstart": [
-        "# lens_det quickstart\nLoad a model, cache every activation, look at attention patterns and a logit lens.",
-        SETUP,
+        '''# lens_det quickstart
+Load a model, cache every activation, look at attention patterns and a logit lens.''',
+        SETUP.format(default="tiny-gemma2"),
         '''if MODEL:
     model = lens_det.from_pretrained(MODEL)
     tokens, mask = model.to_tokens(["The Eiffel Tower is in the city of", "Hello"])
 else:
-    model = lens_det.from_hf_model(random_hf_model("tiny-gemma2"))
+    model = lens_det.from_hf_model(random_hf_model(TINY))
     tokens = torch.randint(0, model.cfg.d_vocab, (2, 12), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(tokens)
     mask[1, :4] = 0  # left padding
@@ -55,23 +57,28 @@ plt.title("logit lens, first prompt, last position")
 plt.show()''',
     ],
     "02_kv_cache_parity": [
-        "# KV-cache parity\nEvery hook point against Hugging Face, cache off and on; then the TransformerLens 2.8 "
-        "Bloom bug (cached steps used row 0 of the ALiBi bias) injected, caught, and located.",
-        SETUP,
+        '''# KV-cache parity
+Every hook point against Hugging Face, cache off and on; then the TransformerLens 2.8 Bloom bug (cached steps used row 0 of the ALiBi bias) injected, caught, and located.''',
+        SETUP.format(default="tiny-bloom"),
         '''from transformers import AutoModelForCausalLM
 from lens_det.parity import compare, faults
 
 if MODEL:
     hf = AutoModelForCausalLM.from_pretrained(MODEL, attn_implementation="eager").eval()
 else:
-    hf = random_hf_model("tiny-bloom")
+    hf = random_hf_model(TINY)
 model = lens_det.from_hf_model(hf)
 tokens = torch.randint(0, model.cfg.d_vocab, (2, 16), generator=torch.Generator().manual_seed(0))
 mask = torch.ones_like(tokens)
 mask[0, :4] = 0
 report = compare(model, hf, tokens, mask, prefill=8)   # uncached, then prefill 8 + 8 cached steps
 print(report.to_text())''',
-        '''with faults.alibi_row0_on_cached_steps():
+        '''# TransformerLens 2.8's Bloom bug (ALiBi row 0 on cached steps); for a RoPE model its analogue, cached
+# steps rotated at the wrong position
+def injected_bug():
+    return faults.alibi_row0_on_cached_steps() if model.cfg.positional == "alibi" else faults.rope_offset_after_cache()
+
+with injected_bug():
     buggy = compare(model, hf, tokens, mask, prefill=8)
 print(buggy.to_text())
 buggy.first_divergence''',
@@ -81,16 +88,16 @@ plt.show()''',
 on = model.generate(tokens, mask, max_new_tokens=12, stop_tokens=[])
 off = model.generate(tokens, mask, max_new_tokens=12, stop_tokens=[], use_kv_cache=False)
 print("cache on == cache off:", torch.equal(on.tokens, off.tokens))
-with faults.alibi_row0_on_cached_steps():
+with injected_bug():
     broken = model.generate(tokens, mask, max_new_tokens=12, stop_tokens=[])
 gap = max(float((a - b).abs().max()) for a, b in zip(broken.logits, off.logits))
 print(f"with the bug injected the cached logits move by up to {gap:.3g}; same text: "
       f"{torch.equal(broken.tokens, off.tokens)}")''',
     ],
     "03_activation_patching": [
-        "# Activation patching\nWhich layers and positions carry the information that separates a clean from "
-        "a corrupted prompt; then a patch during generation that persists through the KV cache.",
-        SETUP,
+        '''# Activation patching
+Which layers and positions carry the information that separates a clean from a corrupted prompt; then a patch during generation that persists through the KV cache.''',
+        SETUP.format(default="tiny-gemma2"),
         '''from lens_det.patching import generate_with_patches, logit_diff, patch_hook, patch_sweep
 
 if MODEL:
@@ -99,39 +106,50 @@ if MODEL:
     corrupted, _ = model.to_tokens("When Mary and John went to the store, Mary gave a drink to")
     metric = logit_diff(model.to_single_token(" Mary"), model.to_single_token(" John"))
 else:
-    model = lens_det.from_hf_model(random_hf_model("tiny-gemma2"))
+    model = lens_det.from_hf_model(random_hf_model(TINY))
     clean = torch.randint(0, model.cfg.d_vocab, (1, 8), generator=torch.Generator().manual_seed(1))
     corrupted = clean.clone(); corrupted[0, 3] = (clean[0, 3] + 7) % model.cfg.d_vocab
     last = model(clean)[0, -1]
     metric = logit_diff(int(last.argmax()), int(last.argmin()))''',
         '''by_pos = patch_sweep(model, clean, corrupted, metric, hook="resid_pre", by="pos")
-by_pos.plot(title="resid_pre patched clean -> corrupted (1 = clean)")
+by_pos.plot()
 plt.show()
 by_pos.to_frame().head()''',
         '''by_head = patch_sweep(model, clean, corrupted, metric, hook="attn.hook_z", by="head")
-by_head.plot(title="per-head z patched, all positions")
+by_head.plot()
 plt.show()''',
         '''# Patch layer 0's values at the token fed on generation step 2: later steps still see it (it is in the cache),
 # and each step's logits equal one uncached forward over the final text with the same patch.
+PATCHED = 2
 n = clean.shape[1]
 noise = torch.randn(1, n + 8, model.cfg.n_key_value_heads, model.cfg.d_head, generator=torch.Generator().manual_seed(0))
 patch = patch_hook(model, noise, position=n + 1)
 with lens_det.deterministic():
-    out = generate_with_patches(model, clean, patches={2: [("blocks.0.attn.hook_v", patch)]}, max_new_tokens=6, stop_tokens=[])
+    out = generate_with_patches(model, clean, patches={PATCHED: [("blocks.0.attn.hook_v", patch)]}, max_new_tokens=6, stop_tokens=[])
     plain = model.generate(clean, max_new_tokens=6, stop_tokens=[])
     rerun = model.run_with_hooks(out.tokens[:, :-1], position_ids="mask", fwd_hooks=[("blocks.0.attn.hook_v", patch)])
 effect = [float((a - b).abs().max()) for a, b in zip(out.logits, plain.logits)]
 same = [torch.equal(step, rerun[:, n - 1 + i]) for i, step in enumerate(out.logits)]
 print("effect per step:", [f"{e:.3g}" for e in effect]); print("equal to the uncached re-run:", same)
-plt.bar(range(len(effect)), effect); plt.xlabel("generation step"); plt.ylabel("max |logit change|"); plt.show()''',
+fig, ax = plt.subplots(figsize=(6, 3.2), layout="constrained")
+bars = ax.bar(range(len(effect)), effect, color=["C3" if t == PATCHED else "C0" for t in range(len(effect))])
+for t, e in enumerate(effect):
+    if e == 0:
+        ax.text(t, 0, "0", ha="center", va="bottom")  # no bar: the logits are unchanged, bit for bit
+ax.set_ylim(0, 1.45 * max(effect))  # headroom: the legend sits above the bars
+ax.legend([bars[PATCHED], bars[-1]], [f"step {PATCHED}: the patched step", "later steps: the patch read from the KV cache"],
+          loc="upper left", fontsize=8)
+ax.set(title=f"Effect of patching layer 0's hook_v at generation step {PATCHED}", xlabel="generation step (0 = the prompt's forward)",
+       ylabel="max |logit change| vs unpatched")
+plt.show()''',
     ],
     "04_determinism": [
-        "# Determinism\nA prompt's logits move with batch composition, prefill chunking and the cache in the default "
-        "(HF-exact) mode; in deterministic mode they are bitwise identical.",
-        SETUP,
+        '''# Determinism
+A prompt's logits move with batch composition, prefill chunking and the cache in the default (HF-exact) mode; in deterministic mode they are bitwise identical.''',
+        SETUP.format(default="tiny-gemma3"),
         '''from lens_det.determinism import check_all
 
-model = lens_det.from_pretrained(MODEL) if MODEL else lens_det.from_hf_model(random_hf_model("tiny-gemma3"))
+model = lens_det.from_pretrained(MODEL) if MODEL else lens_det.from_hf_model(random_hf_model(TINY))
 prompt = torch.randint(0, model.cfg.d_vocab, (5,), generator=torch.Generator().manual_seed(0))
 results = {}
 for mode in ("default", "deterministic"):
@@ -156,7 +174,6 @@ print("same tokens:", torch.equal(alone.tokens[0], batched.tokens[0, 4:]))
 print("same logits every step:", all(torch.equal(a[0], b[0]) for a, b in zip(alone.logits, batched.logits)))''',
     ],
 }
-
 
 def main() -> None:
     out = Path(__file__).resolve().parent.parent / "notebooks"
