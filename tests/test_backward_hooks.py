@@ -20,11 +20,11 @@ import torch
 from lens_det import ops
 from lens_det.convert import family_for
 from lens_det.parity import reference
-from tests.conftest import ALL, DTYPES, batch
+from tests.helpers import ALL, DTYPES, batch
 
 # name -> (parameter gradients, hook-point gradients): the bound on max |lens - HF| / max |HF| per tensor, the worst
 # measured (left-padded and unpadded batches) x 4. The causes, all outside lens_det/components/norms.py
-# (Bloom is exact since its GELU takes HF's own backward formula, mlp._BloomGelu; it was 6.3e-7 / 7.6e-6):
+# (Bloom is exact since its GELU takes HF's own backward formula, ops._BloomGelu; it was 6.3e-7 / 7.6e-6):
 #   Gemma 4 MoE: HF's router and pre_feedforward_layernorm_2 read one reshaped view of the residual stream, so their
 #     gradients are summed together before the residual's other readers' are added; lens_det's read it directly: the
 #     same terms grouped differently, from the last MoE block down (measured 5.8e-6 / 2.3e-6).

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.conftest import batch
+from tests.helpers import batch
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.conftest import ALL, batch
+from tests.helpers import ALL, batch
 
 COMMON_BLOCK = [
     "hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post",

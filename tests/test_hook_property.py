@@ -23,7 +23,7 @@ import torch
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from tests.conftest import batch
+from tests.helpers import batch
 
 FAMILIES = ["tiny-bloom", "tiny-gemma2", "tiny-gemma4-ple", "tiny-gemma4-moe"]
 DTYPES = [torch.float32, torch.bfloat16]

@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM, Gemma3Config, Gemma3ForConditiona
 
 import lens_det
 from lens_det.config import LensConfig, hf_config_from_name, named_configs
-from tests.conftest import batch, random_hf_model
+from lens_det.hf.random_models import random_hf_model
+from tests.helpers import batch
 
 REAL = ["bloom-560m", "bloom-1b1", "bloom-1b7", "bloom-3b", "bloom-7b1", "bloom", "bloomz-560m", "gemma-2b",
         "gemma-7b", "gemma-2-2b", "gemma-2-9b", "gemma-2-27b", "gemma-3-270m", "gemma-3-1b", "gemma-3-4b",

@@ -6,7 +6,7 @@ import torch
 
 import lens_det
 from lens_det.patching import generate_with_patches, logit_diff, patch_hook, patch_sweep, token_prob
-from tests.conftest import batch
+from tests.helpers import batch
 
 
 @pytest.fixture(params=["tiny-gemma2", "tiny-gemma4", "tiny-gemma4-ple", "tiny-gemma4-moe"])

@@ -12,7 +12,7 @@ import torch
 import transformer_lens.patching as tl_patching
 from transformer_lens import ActivationCache
 
-from tests.conftest import ALL, batch
+from tests.helpers import ALL, batch
 
 CONFIGS = ["tiny-bloom", "tiny-gemma2"]
 # decompose_resid sums to resid_post only when each block adds attn_out / mlp_out to its input; tiny-bloom-resid

@@ -13,7 +13,7 @@ from transformer_lens import SVDInterpreter, evals, utilities
 import lens_det
 from lens_det.loading import from_hf_model
 from lens_det.tokenizer import char_tokenizer
-from tests.conftest import ALL, batch
+from tests.helpers import ALL, batch
 
 # every head result and neuron output is added to the residual as it is (VaultGemma: Gemma 2 without post-norms)
 ADDITIVE = ["tiny-bloom", "tiny-gemma", "tiny-vaultgemma"]

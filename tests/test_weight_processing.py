@@ -19,7 +19,7 @@ import lens_det
 from lens_det.parity import compare
 from lens_det.config import LensConfig
 from lens_det.weight_processing import STEPS, why_not
-from tests.conftest import ALL, BLOOM, batch
+from tests.helpers import ALL, BLOOM, batch
 from tests.test_property import build_hf, config_kwargs
 
 REL = 1e-5

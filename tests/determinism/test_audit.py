@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import lens_det
 from lens_det.determinism.audit import (AUDITED_OPS, CHUNK_SHAPES, EXACT_OPS, RAW_OPS, audit, audit_levels, format_rows,
                                         supported_levels)
-from tests.conftest import ALL, DTYPES
+from tests.helpers import ALL, DTYPES
 
 
 def test_every_deterministic_op_is_invariant_at_every_cpu_level():

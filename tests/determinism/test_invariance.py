@@ -9,7 +9,7 @@ import torch
 import lens_det
 from lens_det.determinism import (batch_invariance, cache_invariance, check_all, chunk_invariance,
                                   thread_invariance)
-from tests.conftest import ALL, DTYPES, batch
+from tests.helpers import ALL, DTYPES, batch
 
 PROMPT = torch.randint(0, 128, (5,), generator=torch.Generator().manual_seed(3))
 

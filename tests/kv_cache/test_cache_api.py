@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lens_det
-from tests.conftest import batch
+from tests.helpers import batch
 
 
 def snapshot(cache):

@@ -10,7 +10,7 @@ import torch
 
 import lens_det
 from lens_det.parity import compare
-from tests.conftest import ALL, DTYPES, batch
+from tests.helpers import ALL, DTYPES, batch
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.conftest import ALL, DTYPES, batch
+from tests.helpers import ALL, DTYPES, batch
 
 
 def hf_generate(hf, tokens, mask, n, use_cache=True):

@@ -14,7 +14,7 @@ import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
 import lens_det
-from tests.conftest import ALL, batch
+from tests.helpers import ALL, batch
 
 PROMPT = 8
 

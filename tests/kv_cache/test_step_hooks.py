@@ -18,7 +18,7 @@ import torch
 import lens_det
 from lens_det.components.hooks import QUERY_KEY_HOOKS
 from lens_det.patching import generate_with_patches, patch_hook
-from tests.conftest import ALL, batch
+from tests.helpers import ALL, batch
 
 PROMPT, STEPS = 8, 6
 

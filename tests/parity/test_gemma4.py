@@ -12,7 +12,7 @@ import lens_det
 from lens_det.config import LensConfig, resolve_name
 from lens_det.parity import compare
 from lens_det.parity.models import random_hf_model_from_config
-from tests.conftest import DTYPES, batch
+from tests.helpers import DTYPES, assert_bit_identical, batch
 
 
 def tiny_fields(**changes) -> dict:
@@ -23,18 +23,6 @@ def tiny_fields(**changes) -> dict:
 def text_config(**changes):
     fields = tiny_fields(**changes)
     return AutoConfig.for_model(fields.pop("model_type"), **fields)
-
-
-def assert_parity(hf, model, chunk=None):
-    """Every hook bit-identical uncached and, with `chunk`, through the KV cache in steps of `chunk`."""
-    tokens, mask = batch("left", model.cfg.d_vocab)
-    positions = lens_det.positions_from_mask(mask)
-    if chunk is None:
-        report = compare(model, hf, tokens, mask, positions, prefill=tokens.shape[1], decode_steps=0)
-    else:
-        report = compare(model, hf, tokens, mask, positions, prefill=5, chunk=chunk)
-    assert report.coverage == 1.0, report.missing
-    assert report.passed and report.max_abs() == 0.0, report.to_text()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -50,8 +38,8 @@ def test_conditional_generation_text_part(dtype, name):
     assert model.cfg.hf_architecture == "Gemma4ForConditionalGeneration" and model.cfg.final_softcap == 8.0
     assert model.cfg.d_head_per_layer is not None
     assert (model.cfg.k_eq_v is not None) == (name == "tiny-gemma4")
-    assert_parity(hf, model)
-    assert_parity(hf, model, chunk=3)
+    assert_bit_identical(hf, model)
+    assert_bit_identical(hf, model, chunk=3)
     tokens, mask = batch("left", model.cfg.d_vocab)
     with torch.no_grad():
         assert torch.equal(model(tokens, attention_mask=mask, logits_to_keep=1),
@@ -73,7 +61,7 @@ def test_without_k_eq_v(dtype, chunk):
     assert c.k_eq_v is None and c.n_key_value_heads_per_layer is None and c.d_head_per_layer[2] == 32
     assert c.rope_rotary_fraction[2] == 0.5 and c.rope_linear_factor[2] == 2.0
     assert model.blocks[2].attn.w_v.shape == (2 * 32, c.d_model)
-    assert_parity(hf, model, chunk)
+    assert_bit_identical(hf, model, chunk)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -87,8 +75,8 @@ def test_gemma4_unified_text(dtype):
     assert type(hf).__name__ == "Gemma4UnifiedForCausalLM"
     model = lens_det.from_hf_model(hf)
     assert model.cfg.architecture == "gemma4_unified_text" and model.cfg.layer_scalar
-    assert_parity(hf, model)
-    assert_parity(hf, model, chunk=2)
+    assert_bit_identical(hf, model)
+    assert_bit_identical(hf, model, chunk=2)
 
 
 def test_proportional_rope_table():

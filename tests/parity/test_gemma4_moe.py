@@ -11,8 +11,8 @@ import lens_det
 from lens_det.config import resolve_name
 from lens_det.parity import compare
 from lens_det.parity.models import random_hf_model, random_hf_model_from_config
-from tests.conftest import DTYPES, batch
-from tests.parity.test_gemma4 import assert_parity
+from tests.helpers import DTYPES, batch
+from tests.helpers import assert_bit_identical
 
 NAME = "tiny-gemma4-moe"
 IMPLEMENTATIONS = ["grouped_mm", "eager"]
@@ -39,7 +39,7 @@ def test_both_experts_implementations_are_bit_identical(pairs, implementation, d
     uncached and through the KV cache."""
     hf, model = pairs(implementation, dtype)
     assert hf.config._experts_implementation == implementation == model.experts_implementation
-    assert_parity(hf, model, chunk)
+    assert_bit_identical(hf, model, chunk)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -54,7 +54,7 @@ def test_other_expert_counts_and_top_k(implementation, dtype, n_experts, top_k, 
     hf = random_hf_model_from_config(hf_cfg, dtype, seed=1, experts_implementation=implementation)
     model = lens_det.from_hf_model(hf)
     assert (model.cfg.n_experts, model.cfg.n_experts_per_token) == (n_experts, top_k)
-    assert_parity(hf, model, chunk=2)
+    assert_bit_identical(hf, model, chunk=2)
 
 
 def test_hf_default_is_grouped_mm_and_is_copied():
@@ -118,7 +118,7 @@ def test_conditional_generation_text_part(implementation):
                                      experts_implementation=implementation)
     model = lens_det.from_hf_model(hf)
     assert model.experts_implementation == implementation and model.cfg.n_experts == 6
-    assert_parity(hf, model, chunk=4)
+    assert_bit_identical(hf, model, chunk=4)
 
 
 def test_router_hooks(pairs):

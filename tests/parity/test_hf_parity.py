@@ -9,7 +9,7 @@ import torch
 
 import lens_det
 from lens_det.parity import capture_reference, compare
-from tests.conftest import ALL, BLOOM, DTYPES, GEMMA, batch
+from tests.helpers import ALL, BLOOM, DTYPES, GEMMA, batch
 
 PADDINGS = ["none", "left", "right", "inner"]
 

@@ -17,7 +17,7 @@ import torch
 import lens_det
 from lens_det.components import attention
 from lens_det.parity.models import random_hf_model
-from tests.conftest import ALL, DTYPES, batch
+from tests.helpers import ALL, DTYPES, batch
 
 SOFTCAPPED = {"tiny-gemma2", "tiny-vaultgemma"}
 

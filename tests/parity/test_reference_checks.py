@@ -13,7 +13,7 @@ import lens_det
 from lens_det.components.attention import SDPA_PATTERN_FALLBACK
 from lens_det.parity import capture_reference, compare
 from lens_det.parity.models import random_hf_model
-from tests.conftest import batch
+from tests.helpers import batch
 
 
 def pair(name, dtype=torch.float32, attn="eager"):

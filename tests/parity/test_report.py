@@ -8,7 +8,7 @@ import torch
 
 from lens_det.parity import Schedule, assert_parity, compare, faults, self_parity
 from lens_det.parity.report import kind_of
-from tests.conftest import batch
+from tests.helpers import batch
 
 
 def first(report):

@@ -11,7 +11,7 @@ from transformers import DynamicCache
 
 import lens_det
 from lens_det.parity.models import random_hf_model
-from tests.conftest import DTYPES, batch
+from tests.helpers import DTYPES, batch
 
 SDPA = ["tiny-gemma", "tiny-gemma3", "tiny-gemma4", "tiny-gemma4-ple", "tiny-gemma4-moe"]
 PATTERN = ("hook_attn_scores", "hook_pattern")
