@@ -102,12 +102,21 @@ def test_heads_match_the_report_table_it_replaced():
         "blocks.attn.hook_attn_scores", "blocks.attn.hook_pattern"}
 
 
-def test_invalidated_by_matches_weight_processing():
+def test_invalidated_by_is_what_each_processing_step_changes():
+    """The registry's invalidated_by, per step, as the processing steps define them (docs: what each step rewrites);
+    changed_hooks (read by compare) is the registry's view."""
     from lens_det.weight_processing import CHANGED_HOOKS, changed_hooks
 
-    for step in CHANGED_HOOKS:
-        assert invalidated_kinds([step]) == changed_hooks([step])
-    assert invalidated_kinds(list(CHANGED_HOOKS)) == changed_hooks(list(CHANGED_HOOKS))
+    assert CHANGED_HOOKS == {
+        "fold_ln": {"ln1.hook_normalized", "ln2.hook_normalized", "ln_final.hook_normalized"},
+        "center_writing_weights": {"hook_embed", "hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_in",
+                                   "hook_mlp_out", "hook_resid_post", "attn.hook_result"},
+        "center_unembed": {"logits"},
+        "fold_value_biases": {"attn.hook_v", "attn.hook_z", "attn.hook_result"},
+        "refactor_factored_attn_matrices": {"attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z",
+                                            "attn.hook_result"},
+    }
+    assert changed_hooks(["fold_value_biases", "refactor_factored_attn_matrices"])["attn.hook_z"] == "fold_value_biases"
 
 
 def test_opt_in_switches(runs):

@@ -15,7 +15,7 @@ import torch
 from lens_det.inputs import check_tokens
 from lens_det.ops import deterministic
 from lens_det.hooks import hook_kind
-from lens_det.parity.compare import _prepare, diff_chunked_run
+from lens_det.parity.compare import diff_chunked_run, prepare_inputs
 from lens_det.parity.report import ParityReport, Schedule, diff_hook
 
 __all__ = [
@@ -86,7 +86,7 @@ def chunk_invariance(model: Any, tokens, attention_mask=None, chunk_sizes=(1, 2,
     """Prefill through the KV cache in chunks of each size (None: all at once) vs one uncached forward."""
     tokens = _tokens(model, tokens)
     n = tokens.shape[1]
-    tokens, mask, positions, schedule = _prepare(model, tokens, attention_mask, position_ids, Schedule(n, 0),
+    tokens, mask, positions, schedule = prepare_inputs(model, tokens, attention_mask, position_ids, Schedule(n, 0),
                                                  None, None, 1)
     report = ParityReport(f"chunked-prefill invariance ({model.cfg.dtype})", schedule, 0.0, 0.0)
     full = _run(model, tokens, mask, positions)

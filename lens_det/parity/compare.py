@@ -19,7 +19,7 @@ from lens_det.components.hooks import QUERY_KEY_HOOKS
 SDPA_NOT_COMPARED = "sdpa computes no attention pattern (a hook on it runs that layer eagerly)"
 
 
-def _prepare(model, tokens, attention_mask, position_ids, schedule, prefill, decode_steps, chunk):
+def prepare_inputs(model, tokens, attention_mask, position_ids, schedule, prefill, decode_steps, chunk):
     """Validate everything before any compute; return (tokens, mask, positions tensor or None, schedule)."""
     if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2:
         raise ValueError("tokens must be a [batch, pos] tensor of token ids")
@@ -92,7 +92,7 @@ def compare(
     if processing and atol == 0 == rtol:
         raise ValueError(f"the model's weights were processed ({', '.join(processing)}), so it equals HF up to float "
                          "rounding, not bit for bit: pass a tolerance, e.g. compare(..., rtol=1e-5)")
-    tokens, mask, positions, schedule = _prepare(model, tokens, attention_mask, position_ids, schedule,
+    tokens, mask, positions, schedule = prepare_inputs(model, tokens, attention_mask, position_ids, schedule,
                                                  prefill, decode_steps, chunk)
     if not processing:  # processed weights differ from HF's by design
         _check_weights(model, hf_model)
@@ -241,7 +241,7 @@ def self_parity(
     different shapes), hence the default rtol 1e-4 of each hook's scale; pass rtol=0 in deterministic mode.
     Left-pad query positions are excluded (a fully masked row spreads evenly over whatever keys are present).
     """
-    tokens, mask, positions, schedule = _prepare(model, tokens, attention_mask, position_ids, schedule,
+    tokens, mask, positions, schedule = prepare_inputs(model, tokens, attention_mask, position_ids, schedule,
                                                  prefill, decode_steps, chunk)
     implementation = getattr(model, "attn_implementation", "eager")
     report = ParityReport(f"lens_det cached vs uncached ({model.cfg.dtype}, {implementation} attention)", schedule,

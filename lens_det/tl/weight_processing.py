@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from lens_det.hooks import invalidated_kinds
 
 STEPS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases",
          "refactor_factored_attn_matrices")  # TransformerLens's order
@@ -216,21 +217,10 @@ STEP_FUNCTIONS = {"fold_ln": _fold_ln, "center_writing_weights": _center_writing
                   "refactor_factored_attn_matrices": _refactor_factored_attn_matrices}
 
 # Hooks whose value means something else after a step (so they have no HF reference any more), by hook kind.
-CHANGED_HOOKS = {
-    "fold_ln": {"ln1.hook_normalized", "ln2.hook_normalized", "ln_final.hook_normalized"},
-    "center_writing_weights": {"hook_embed", "hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_in",
-                               "hook_mlp_out", "hook_resid_post", "attn.hook_result"},
-    "center_unembed": {"logits"},
-    "fold_value_biases": {"attn.hook_v", "attn.hook_z", "attn.hook_result"},
-    "refactor_factored_attn_matrices": {"attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z",
-                                        "attn.hook_result"},
-}
-
-
 def changed_hooks(processing) -> dict[str, str]:
-    """{hook kind (name without "blocks.{i}."): the step that changed its meaning} for the steps applied."""
-    changed: dict[str, str] = {}
-    for step in processing:
-        for kind in CHANGED_HOOKS[step]:
-            changed.setdefault(kind, step)
-    return changed
+    """{hook kind (name without "blocks.{i}."): the first step of `processing` that changed its meaning}, read from
+    the hook-kind registry (each entry's `invalidated_by`)."""
+    return invalidated_kinds(processing)
+
+
+CHANGED_HOOKS = {step: set(changed_hooks([step])) for step in STEPS}  # step -> the hook kinds it changes

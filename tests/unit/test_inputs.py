@@ -11,7 +11,7 @@ import torch
 import lens_det
 from lens_det.components.positions import positions_from_mask
 from lens_det.inputs import check_binary_mask, resolve_positions
-from lens_det.parity.compare import _prepare
+from lens_det.parity.compare import prepare_inputs
 
 LEFT = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])  # a left-padded batch of two rows
 
@@ -45,11 +45,11 @@ def test_check_binary_mask():
 
 
 def test_model_and_parity_resolve_mask_positions_alike():
-    """parity's _prepare and the model's forward share resolve_positions: the positions the parity schedule runs
+    """parity's prepare_inputs and the model's forward share resolve_positions: the positions the parity schedule runs
     are those the model's uncached forward uses for position_ids='mask' (exact: integers)."""
     model = lens_det.from_config("tiny-gemma3")
     tokens = torch.randint(3, model.cfg.d_vocab, LEFT.shape)
-    _, _, positions, _ = _prepare(model, tokens, LEFT, "mask", None, 5, 0, 1)
+    _, _, positions, _ = prepare_inputs(model, tokens, LEFT, "mask", None, 5, 0, 1)
     seen = []
     model.blocks[0].attn.hook_rot_q.add_hook(lambda x, hook: seen.append(x))
     with torch.no_grad():
@@ -64,7 +64,7 @@ def test_parity_prepare_refuses_a_non_binary_mask():
     model = lens_det.from_config("tiny-bloom")
     tokens = torch.randint(3, model.cfg.d_vocab, LEFT.shape)
     with pytest.raises(ValueError, match=r"only 0 \(pad\) and 1 \(real token\)"):
-        _prepare(model, tokens, LEFT * 2, None, None, 5, 0, 1)
+        prepare_inputs(model, tokens, LEFT * 2, None, None, 5, 0, 1)
 
 
 def test_cache_check_compatible_refuses_what_the_forward_refuses():
