@@ -15,7 +15,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from transformer_lens import ActivationCache
 
-from lens_det.components.hooks import position_dim
+from lens_det.hooks import position_dim
 from lens_det.inputs import check_tokens, full_mask
 from lens_det.kv_cache import KVCache, PendingGeneration
 

@@ -59,16 +59,22 @@ def config_from_name(name: str) -> LensConfig:
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 
 
+def hf_class_name(cfg) -> str | None:
+    """The HF class a LensConfig's model is: `hf_architecture`, or, for a config built without `architectures`
+    (AutoConfig.for_model; save_pretrained fills it in later), its family's causal LM (e.g. Gemma3ForCausalLM)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return cfg.hf_architecture or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(cfg.architecture)
+
+
 def sdpa_refusal(cfg) -> str | None:
     """Why a model of this LensConfig cannot run "sdpa" (None: it can). lens_det runs sdpa exactly where HF does:
     HF's model class must support it (`_supports_sdpa`: not Bloom, Gemma 2 or VaultGemma), and HF's sdpa path takes
     no ALiBi bias and no attention soft-cap (it raises on a soft-cap)."""
     import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    # a config built without `architectures` (AutoConfig.for_model) names no class: take the family's causal LM
-    name = cfg.hf_architecture or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(cfg.architecture, "")
-    hf_class = getattr(transformers, name, None)
+    name = hf_class_name(cfg)
+    hf_class = getattr(transformers, name or "", None)
     if hf_class is not None and not getattr(hf_class, "_supports_sdpa", False):
         return (f"HF runs {name} with eager attention only (its _supports_sdpa is False), so there is "
                 "no sdpa reference to match")

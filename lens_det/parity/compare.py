@@ -7,12 +7,12 @@ from typing import Any
 import torch
 
 from lens_det import ops
-from lens_det.convert import hf_attn_implementation
+from lens_det.hf import hf_attn_implementation, hf_class_name
 from lens_det.inputs import check_binary_mask, check_tokens, resolve_positions
 from lens_det.parity.reference import capture_reference
 from lens_det.parity.report import ParityReport, Schedule, diff_hook, kind_of
 from lens_det.weight_processing import changed_hooks
-from lens_det.components.hooks import QUERY_KEY_HOOKS
+from lens_det.hooks import QUERY_KEY_HOOKS
 
 # The pattern hooks (QUERY_KEY_HOOKS) have no value under sdpa (it returns z only): compared under eager, listed as
 # not compared under sdpa. Requesting them would make those layers run eager attention (components/attention.py).
@@ -138,15 +138,10 @@ def _check_architecture(ours: Any, theirs: Any) -> None:
     `hf_architecture` names, where None (a config built in code has no `architectures` until save_pretrained fills
     it in) names the family's causal LM: that bookkeeping, like the config's transformers_version, _name_or_path or
     dtype (which no LensConfig field reads), refuses nothing."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    def hf_class(cfg):
-        return cfg.hf_architecture or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(cfg.architecture)
-
     diff = {k: (v, getattr(theirs, k)) for k, v in ours.to_dict().items()
             if k != "hf_architecture" and getattr(theirs, k) != v}
-    if hf_class(ours) != hf_class(theirs):
-        diff["hf_architecture"] = (hf_class(ours), hf_class(theirs))
+    if hf_class_name(ours) != hf_class_name(theirs):
+        diff["hf_architecture"] = (hf_class_name(ours), hf_class_name(theirs))
     if diff:
         raise ValueError(f"the HF model has a different architecture or vocabulary than the lens_det model: {diff} "
                          "(lens_det's value, the HF model's); compare a lens_det model with the HF model it was "
