@@ -15,7 +15,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from transformer_lens import ActivationCache
 
-from lens_det.hooks import position_dim
+from lens_det.hooks import check_edit, position_dim
 from lens_det.inputs import check_tokens, full_mask
 from lens_det.kv_cache import KVCache, PendingGeneration
 
@@ -168,12 +168,7 @@ def _on_positions(model: Any, fn, start: int, stop: int):
             model.query_start = first
         if edited is None or edited is part:  # an in-place edit of the view is already in `act`
             return None
-        if not isinstance(edited, torch.Tensor) or (edited.shape, edited.dtype, edited.device) != \
-                (part.shape, part.dtype, part.device):  # what HookPoint refuses under the cache
-            got = (tuple(edited.shape), edited.dtype, edited.device) if isinstance(edited, torch.Tensor) else \
-                type(edited).__name__
-            raise ValueError(f"a hook on {hook.name} returned {got}; a hook must return None or a tensor of the "
-                             f"shape, dtype and device it was given, {(tuple(part.shape), part.dtype, part.device)}")
+        check_edit(hook.name, part, edited)  # what HookPoint refuses, checked on the slice the hook was given
         act = act.clone()
         act[tuple(index)] = edited
         return act

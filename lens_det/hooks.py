@@ -8,8 +8,8 @@ hook that caused it.
 from which the position, key-position and head axes follow), the op that computes it, where its Hugging Face
 reference comes from, the call that makes it fire if it is off by default, and the weight-processing steps that
 change its meaning. The parity report, the reference capture's `SOURCES`, patching, determinism and generation read
-it; tests/test_hook_registry.py checks that it matches what every family declares and computes. A new hook point is
-one entry here. Keys are hook names without the layer index: "blocks.attn.hook_q" for "blocks.{i}.attn.hook_q",
+it; tests/hooks/test_hook_registry.py checks that it matches what every family declares and computes. A new hook point
+is one entry here. Keys are hook names without the layer index: "blocks.attn.hook_q" for "blocks.{i}.attn.hook_q",
 and model-level names as they are ("hook_embed"); `kind_of` in lens_det.parity.report drops "blocks.{i}." for
 display.
 
@@ -238,22 +238,27 @@ def is_hooked(hook: _HookPoint) -> bool:
     return bool(hook._forward_hooks or hook._backward_hooks)
 
 
+def check_edit(name: str, given: torch.Tensor, edited) -> None:
+    """Refuse a hook's edit that does not keep the shape, dtype and device it was given (None and the given tensor
+    itself pass), with the fix. An edit of another dtype or device is refused, not cast: a silent cast would hide that
+    an fp32 edit (an SAE reconstruction) is rounded to the model's bf16, or that a bf16 edit dropped bits of an fp32
+    activation (hook_scale); TransformerLens casts nothing either."""
+    if edited is None or edited is given:
+        return
+    if not isinstance(edited, torch.Tensor) or edited.shape != given.shape:
+        got = tuple(edited.shape) if isinstance(edited, torch.Tensor) else type(edited).__name__
+        raise ValueError(f"a hook on {name} returned {got}; a hook must return None or a tensor of the "
+                         f"shape it was given, {tuple(given.shape)}")
+    if edited.device != given.device:
+        raise ValueError(f"a hook on {name} returned a tensor on {edited.device}, but it was given one on "
+                         f"{given.device}: move the edit back, `return edited.to(tensor.device)`")
+    if edited.dtype != given.dtype:
+        raise ValueError(f"a hook on {name} returned a {edited.dtype} tensor, but it was given {given.dtype} (what "
+                         f"the model computes in there): cast the edit back, `return edited.to(tensor.dtype)`")
+
+
 class HookPoint(_HookPoint):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # An edit of another dtype or device is refused, not cast: a silent cast would hide that an fp32 edit (an
-        # SAE reconstruction) is rounded to the model's bf16, or that a bf16 edit dropped bits of an fp32
-        # activation (hook_scale); TransformerLens casts nothing either. The message names the one-line fix.
         out = super().__call__(x)
-        if out is x:
-            return out
-        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"a hook on {self.name} returned {got}; a hook must return None or a tensor of the "
-                             f"shape it was given, {tuple(x.shape)}")
-        if out.device != x.device:
-            raise ValueError(f"a hook on {self.name} returned a tensor on {out.device}, but it was given one on "
-                             f"{x.device}: move the edit back, `return edited.to(tensor.device)`")
-        if out.dtype != x.dtype:
-            raise ValueError(f"a hook on {self.name} returned a {out.dtype} tensor, but it was given {x.dtype} (what "
-                             f"the model computes in there): cast the edit back, `return edited.to(tensor.dtype)`")
+        check_edit(self.name, x, out)
         return out

@@ -6,6 +6,7 @@ import pytest
 import torch
 import lens_det
 from lens_det.parity.models import random_hf_model
+from tests.helpers import MOE
 
 
 @pytest.fixture(scope="session")
@@ -19,4 +20,17 @@ def model_pair():
             built[(name, dtype)] = (hf, lens_det.from_hf_model(hf))
         return built[(name, dtype)]
 
+    return get
+
+
+@pytest.fixture(scope="module")
+def moe_pairs():
+    """(hf_model, lens_model) of tiny-gemma4-moe per (experts implementation, dtype), built once per module."""
+    built = {}
+
+    def get(implementation, dtype):
+        if (implementation, dtype) not in built:
+            hf = random_hf_model(MOE, dtype, experts_implementation=implementation)
+            built[(implementation, dtype)] = hf, lens_det.from_hf_model(hf)
+        return built[(implementation, dtype)]
     return get

@@ -13,6 +13,8 @@ BLOOM = tiny_configs("bloom")
 GEMMA = tiny_configs("gemma")
 ALL = BLOOM + GEMMA
 DTYPES = [torch.float32, torch.bfloat16]
+MOE = "tiny-gemma4-moe"  # Gemma 4 with a mixture of experts
+EXPERTS_IMPLEMENTATIONS = ["grouped_mm", "eager"]  # HF's default first
 
 
 def batch(kind: str, vocab: int, batch_size: int = 3, length: int = 16, seed: int = 1):

@@ -56,6 +56,32 @@ def config_from_name(name: str) -> LensConfig:
     return config_from_hf(hf_config_from_name(name))
 
 
+def module_names(cfg: LensConfig) -> tuple[dict[str, str], dict[str, str]]:
+    """lens_det weight -> the HF module holding it, (under the decoder, under one decoder layer), from the family's
+    lens<->HF tables: e.g. "ln2.w" -> "post_attention_layernorm" (Gemma 1) or "pre_feedforward_layernorm" (Gemma 2-4),
+    "attn.w_o" -> "self_attn.o_proj", "moe.w_router" -> "router.proj". A weightless norm (Gemma 4's v_norm) is
+    listed under the name its weight would have ("attn.v_norm.w"). The parity reference taps HF modules by these."""
+    family = FAMILIES[cfg.architecture]
+    layer = family.layer_weights(cfg.architecture)
+    layer |= {f"{hf}.weight": f"{lens}.w" for hf, lens in getattr(family, "WEIGHTLESS_NORMS", {}).items()}
+    return ({lens: hf.rpartition(".")[0] for hf, lens in family.MODEL_WEIGHTS.items()},
+            {lens: hf.rpartition(".")[0] for hf, lens in layer.items()})
+
+
+def decoder_of(hf_model: Any, cfg: LensConfig) -> Any:
+    """The decoder module of an HF causal LM (or of the text part of a multimodal model): the first of the family's
+    DECODER_PREFIXES that the model has and that holds the decoder layers."""
+    family = FAMILIES[cfg.architecture]
+    for prefix in family.DECODER_PREFIXES:
+        try:
+            decoder = hf_model.get_submodule(prefix.rstrip("."))
+        except AttributeError:
+            continue
+        if hasattr(decoder, family.LAYERS):
+            return decoder
+    raise ValueError(f"{type(hf_model).__name__} has none of {family.DECODER_PREFIXES} holding .{family.LAYERS}")
+
+
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 
 

@@ -59,21 +59,25 @@ MODEL_WEIGHTS = {
     "ln_f.bias": "ln_final.b",
     "lm_head.weight": "unembed.weight",
 }
-# HF weight -> lens_det weight, per decoder layer. The fused per-head [q|k|v] projection is kept as is.
-LAYER_WEIGHTS = {
-    "input_layernorm.weight": "ln1.w",
-    "input_layernorm.bias": "ln1.b",
-    "self_attention.query_key_value.weight": "attn.w_qkv",
-    "self_attention.query_key_value.bias": "attn.b_qkv",
-    "self_attention.dense.weight": "attn.w_o",
-    "self_attention.dense.bias": "attn.b_o",
-    "post_attention_layernorm.weight": "ln2.w",
-    "post_attention_layernorm.bias": "ln2.b",
-    "mlp.dense_h_to_4h.weight": "mlp.w_in",
-    "mlp.dense_h_to_4h.bias": "mlp.b_in",
-    "mlp.dense_4h_to_h.weight": "mlp.w_out",
-    "mlp.dense_4h_to_h.bias": "mlp.b_out",
+# Per decoder layer: HF module -> lens_det module of the norms (LayerNorm: weight and bias), and HF linear -> lens_det
+# weight name pattern ("{}" is "w" for the weight, "b" for the bias). The fused per-head [q|k|v] projection is kept.
+NORMS = {"bloom": {"input_layernorm": "ln1", "post_attention_layernorm": "ln2"}}
+PROJECTIONS = {
+    "self_attention.query_key_value": "attn.{}_qkv",
+    "self_attention.dense": "attn.{}_o",
+    "mlp.dense_h_to_4h": "mlp.{}_in",
+    "mlp.dense_4h_to_h": "mlp.{}_out",
 }
+
+
+def layer_weights(architecture: str = "bloom") -> dict[str, str]:
+    """HF weight under one decoder layer -> lens_det weight (every layer holds all of them)."""
+    tables = (NORMS[architecture], PROJECTIONS)
+    return {f"{hf}.{kind}": (lens + ".{}" if table is NORMS[architecture] else lens).format(kind[0])
+            for table in tables for hf, lens in table.items() for kind in ("weight", "bias")}
+
+
+LAYER_WEIGHTS = layer_weights()
 
 
 def state_dict_from_hf(sd: dict, cfg: LensConfig) -> dict:

@@ -227,7 +227,8 @@ NORMS = {
 }
 NORMS["vaultgemma"] = {"input_layernorm": "ln1", "pre_feedforward_layernorm": "ln2"}
 NORMS["gemma3_text"] = NORMS["gemma2"] | {"self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm"}
-NORMS["gemma4_text"] = NORMS["gemma4_unified_text"] = NORMS["gemma3_text"]  # v_norm has no weight
+NORMS["gemma4_text"] = NORMS["gemma4_unified_text"] = NORMS["gemma3_text"]
+WEIGHTLESS_NORMS = {"self_attn.v_norm": "attn.v_norm"}  # Gemma 4's v_norm (with_scale=False): in no state dict
 # Gemma 4's MoE block (enable_moe_block): its three extra norms, router and 3-D expert weights, per decoder layer.
 EXPERTS = {
     "post_feedforward_layernorm_1.weight": "ln2_dense_post.w",
@@ -254,6 +255,14 @@ KV_MODULES = ("self_attn.k_proj", "self_attn.v_proj", "self_attn.k_norm", "self_
 # Gemma 4 per-layer embeddings, per decoder layer
 PLE_BLOCK = {"per_layer_input_gate.weight": "ple.w_gate", "per_layer_projection.weight": "ple.w_out",
              "post_per_layer_input_norm.weight": "ple.ln.w"}
+
+
+def layer_weights(architecture: str) -> dict[str, str]:
+    """HF weight under one decoder layer -> lens_det weight, every table above (what a layer may hold; which of them
+    a given layer has depends on its config, see state_dict_from_hf)."""
+    out = {f"{hf}.weight": f"{lens}.w" for hf, lens in NORMS[architecture].items()}
+    out |= {f"{hf}.{kind}": lens.format(kind[0]) for hf, lens in PROJECTIONS.items() for kind in ("weight", "bias")}
+    return out | PLE_BLOCK | EXPERTS
 
 
 def strip_prefix(state_dict: dict, prefixes: tuple[str, ...]) -> dict:

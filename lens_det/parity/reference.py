@@ -1,13 +1,13 @@
 """HF reference values for lens_det hook points.
 
 `capture_reference` runs an HF model (BloomForCausalLM, Gemma/Gemma2/VaultGemma/Gemma3/Gemma4 CausalLM or the text
-part of Gemma3/Gemma4ForConditionalGeneration) once and returns, for every lens_det hook point, the value HF computed there:
-read from an HF module's input or output, recorded inside HF's attention call (a recorder put in place of the
-attention function HF looks up for its implementation, calling HF's own `eager_attention_forward` or
-`sdpa_attention_forward`), or derived from HF tensors with HF's
-own operations where HF has no single tensor (the norm divisor, Bloom's pre-softmax scores, per-head results), or
-recorded from the GEMM calls inside HF's MoE experts (a torch function mode while the experts module runs).
-`SOURCES` says which, per hook kind.
+part of Gemma3/Gemma4ForConditionalGeneration) once and returns, for every lens_det hook point, the value HF
+computed there: read from an HF module's input or output (the module found by the lens_det weight it holds, from
+the family's lens<->HF table in lens_det.hf: `module_names`), recorded inside HF's attention call (a recorder put
+in place of the attention function HF looks up for its implementation, calling HF's own `eager_attention_forward`
+or `sdpa_attention_forward`), or derived from HF tensors with HF's own operations where HF has no single tensor
+(the norm divisor, Bloom's pre-softmax scores, per-head results), or recorded from the GEMM calls inside HF's MoE
+experts (a torch function mode while the experts module runs). `SOURCES` says which, per hook kind.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 from lens_det import ops
 from lens_det.config import LensConfig
-from lens_det.convert import hf_attn_implementation
+from lens_det.hf import FAMILIES, decoder_of, hf_attn_implementation, module_names
 from lens_det.hooks import HOOK_KINDS
 
 # How each hook kind's reference is obtained ("module": an HF module's input/output; "attention": recorded in
@@ -29,21 +29,6 @@ from lens_det.hooks import HOOK_KINDS
 # a GEMM call (F.linear, torch._grouped_mm) recorded inside an HF module, for MoE experts, which have no submodules),
 # keyed as lens_det.hooks.HOOK_KINDS is (where it is written, beside each kind's layout and op).
 SOURCES = {key: kind.source for key, kind in HOOK_KINDS.items()}
-
-
-def _decoder(hf_model: Any):
-    """(embedding module, list of decoder layers, final norm) of an HF causal LM."""
-    if hasattr(hf_model, "transformer"):  # Bloom
-        t = hf_model.transformer
-        return t.word_embeddings, list(t.h), t.ln_f, t.word_embeddings_layernorm
-    inner = hf_model.model
-    inner = getattr(inner, "language_model", inner)  # Gemma3ForConditionalGeneration
-    return inner.embed_tokens, list(inner.layers), inner.norm, None
-
-
-def _text_model(hf_model: Any):
-    inner = hf_model.model
-    return getattr(inner, "language_model", inner)
 
 
 def _first(args, kwargs, name):
@@ -75,24 +60,26 @@ class _Recorder:
         self.tap(module, prefix + "hook_normalized", "out", shape)
         self.tap(module, prefix + "hook_scale", "in", lambda x: ops.norm_scale(shape(x), cfg.norm_eps, center))
 
-    def experts(self, layer, prefix: str, cfg: LensConfig, per_token: Callable):
-        """Gemma 4's MoE block of one HF decoder layer (enable_moe_block)."""
-        self.norm(layer.post_feedforward_layernorm_1, prefix + "ln2_dense_post.", cfg)
-        self.tap(layer.post_feedforward_layernorm_1, prefix + "hook_dense_mlp_out", "out")
-        self.norm(layer.pre_feedforward_layernorm_2, prefix + "ln2_moe.", cfg, per_token)
-        self.norm(layer.router.norm, prefix + "moe.router_norm.", cfg, per_token)
-        self.tap(layer.router.proj, prefix + "moe.hook_router_logits", "out", per_token)
+    def experts(self, module: Callable, prefix: str, cfg: LensConfig, per_token: Callable):
+        """Gemma 4's MoE block of one HF decoder layer (enable_moe_block); `module(lens_weight)` is the HF module."""
+        self.norm(module("ln2_dense_post.w"), prefix + "ln2_dense_post.", cfg)
+        self.tap(module("ln2_dense_post.w"), prefix + "hook_dense_mlp_out", "out")
+        self.norm(module("ln2_moe.w"), prefix + "ln2_moe.", cfg, per_token)
+        router = module("moe.w_router_scale")  # HF's router: its norm, its projection, then softmax / top-k
+        self.norm(router.norm, prefix + "moe.router_norm.", cfg, per_token)
+        self.tap(module("moe.w_router"), prefix + "moe.hook_router_logits", "out", per_token)
 
-        def router(mod, args, kwargs, out):
+        def routed(mod, args, kwargs, out):
             probs, weights, indices = out
             self.values |= {prefix + "moe.hook_expert_weights": per_token(probs).detach(),
                             prefix + "moe.hook_top_k_weights": per_token(weights).detach(),
                             prefix + "moe.hook_expert_indices": per_token(indices).detach()}
-        self.handles.append(layer.router.register_forward_hook(router, with_kwargs=True))
-        self.tap(layer.experts, prefix + "moe.hook_out", "out", per_token)
-        self.expert_calls(layer.experts, prefix)
-        self.norm(layer.post_feedforward_layernorm_2, prefix + "ln2_moe_post.", cfg)
-        self.tap(layer.post_feedforward_layernorm_2, prefix + "hook_moe_out", "out")
+        self.handles.append(router.register_forward_hook(routed, with_kwargs=True))
+        experts = module("moe.w_gate_up")
+        self.tap(experts, prefix + "moe.hook_out", "out", per_token)
+        self.expert_calls(experts, prefix)
+        self.norm(module("ln2_moe_post.w"), prefix + "ln2_moe_post.", cfg)
+        self.tap(module("ln2_moe_post.w"), prefix + "hook_moe_out", "out")
 
     def expert_calls(self, experts, prefix: str):
         """Record the GEMMs HF's experts module runs (F.linear or torch._grouped_mm: input, weight, output) while it
@@ -242,7 +229,9 @@ def capture_reference(
 
     `attention_mask` must cover cached + new tokens; `past_key_values` (an HF DynamicCache) is updated.
     """
-    embed, layers, final_norm, embed_ln = _decoder(hf_model)
+    decoder = decoder_of(hf_model, cfg)
+    top, names = module_names(cfg)  # lens_det weight -> HF module, under the decoder / under one layer
+    layers = list(getattr(decoder, FAMILIES[cfg.architecture].LAYERS))
     bloom = cfg.fused_qkv
     h = cfg.n_heads
     rec = _Recorder()
@@ -251,80 +240,67 @@ def capture_reference(
     def per_head(d):  # [b, t, heads * d] -> [b, t, heads, d], d the layer's head dim
         return lambda x: x.view(b, t, -1, d)
     bloom_inputs: dict[int, tuple] = {}
+    embed_ln = decoder.get_submodule(top["embed.ln.w"]) if cfg.embed_norm else None
     if embed_ln is not None:
         rec.norm(embed_ln, "embed.ln.", cfg)
-    rec.tap(embed_ln if embed_ln is not None else embed, "hook_embed", "out")
+    rec.tap(embed_ln if embed_ln is not None else decoder.get_submodule(top["embed.W_E"]), "hook_embed", "out")
     if cfg.d_per_layer_input:
-        _per_layer_embeddings(_text_model(hf_model), rec, cfg, b, t)
+        _per_layer_embeddings(decoder, top, rec, cfg, b, t)
+    norms = ("ln1", "ln2") + (("ln1_post", "ln2_post") if cfg.post_attn_norm else ())
     for i, layer in enumerate(layers):
         p, d = f"blocks.{i}.", cfg.layer_d_head(i)
+
+        def module(lens_weight: str, layer=layer):
+            return layer.get_submodule(names[lens_weight])
         rec.tap(layer, p + "hook_resid_pre", "in")
         n_kv = cfg.layer_n_key_value_heads(i)
-        for name, n in (("attn_in", cfg.n_heads), ("q_input", cfg.n_heads), ("k_input", n_kv), ("v_input", n_kv)):  # TL's per-head copies of the decoder layer's input
+        for name, n in (("attn_in", cfg.n_heads), ("q_input", cfg.n_heads), ("k_input", n_kv), ("v_input", n_kv)):
+            # TL's per-head copies of the decoder layer's input
             rec.tap(layer, f"{p}hook_{name}", "in", lambda x, n=n: x[:, :, None, :].expand(-1, -1, n, -1))
         rec.tap(layer, p + "hook_resid_post", "out")
+        for norm in norms:
+            rec.norm(module(f"{norm}.w"), f"{p}{norm}.", cfg)
+        rec.tap(module("ln2.w"), p + "hook_resid_mid", "in")
+        rec.tap(module("ln2.w"), p + "hook_mlp_in", "in")
+        o_proj, down = module("attn.w_o"), module("mlp.w_out")
+        rec.tap(o_proj, p + "attn.hook_z", "in", per_head(d))
+        rec.tap(down, p + "mlp.hook_post", "in")
+        # the sandwich norms' outputs are what the residual adds (Gemma 2/3/4), else the projections'
+        rec.tap(module("ln1_post.w") if cfg.post_attn_norm else o_proj, p + "hook_attn_out", "out")
+        rec.tap(module("ln2_post.w") if cfg.post_attn_norm else down, p + "hook_mlp_out", "out")
         if bloom:
-            attn, mlp = layer.self_attention, layer.mlp
             bloom_inputs[i] = None
             layer_inputs = lambda mod, args, kwargs, i=i: bloom_inputs.__setitem__(  # noqa: E731
                 i, (kwargs["alibi"], kwargs["attention_mask"])
             )
             rec.handles.append(layer.register_forward_pre_hook(layer_inputs, with_kwargs=True))
-            rec.norm(layer.input_layernorm, p + "ln1.", cfg)
-            rec.norm(layer.post_attention_layernorm, p + "ln2.", cfg)
-            rec.tap(layer.post_attention_layernorm, p + "hook_resid_mid", "in")
-            rec.tap(layer.post_attention_layernorm, p + "hook_mlp_in", "in")
             for j, name in enumerate("qkv"):
-                rec.tap(attn.query_key_value, f"{p}attn.hook_{name}", "out",
+                rec.tap(module("attn.w_qkv"), f"{p}attn.hook_{name}", "out",
                         lambda x, j=j, d=d: x.view(b, t, h, 3, d)[..., j, :])
-            rec.tap(attn.dense, p + "attn.hook_z", "in", per_head(d))
-            rec.tap(attn.dense, p + "hook_attn_out", "out")
-            rec.tap(mlp.dense_h_to_4h, p + "mlp.hook_pre", "out")
-            rec.tap(mlp.dense_4h_to_h, p + "mlp.hook_post", "in")
-            rec.tap(mlp.dense_4h_to_h, p + "hook_mlp_out", "out")
-        else:
-            attn, mlp = layer.self_attn, layer.mlp
-            sandwich = cfg.post_attn_norm
-            rec.norm(layer.input_layernorm, p + "ln1.", cfg)
-            # Gemma 1's post_attention_layernorm is the pre-MLP norm; Gemma 2/3/4 and VaultGemma have a
-            # pre_feedforward_layernorm (VaultGemma without the post-norms)
-            pre_mlp = getattr(layer, "pre_feedforward_layernorm", None)
-            pre_mlp = layer.post_attention_layernorm if pre_mlp is None else pre_mlp
-            rec.norm(pre_mlp, p + "ln2.", cfg)
-            rec.tap(pre_mlp, p + "hook_resid_mid", "in")
-            rec.tap(pre_mlp, p + "hook_mlp_in", "in")
-            own_kv = cfg.layer_kv_source(i) is None  # KV-sharing consumers have no k/v projections or norms
-            for name in "qk" if own_kv else "q":
-                rec.tap(getattr(attn, f"{name}_proj"), f"{p}attn.hook_{name}", "out", per_head(d))
-            # K = V layers (Gemma 4 attention_k_eq_v) have no v_proj: their values are k_proj's output
-            if own_kv:
-                rec.tap(attn.k_proj if cfg.layer_k_eq_v(i) else attn.v_proj, f"{p}attn.hook_v", "out", per_head(d))
-            # Gemma 3 norms q/k as [batch, head, pos, d]; Gemma 4 norms q/k/v as [batch, pos, head, d] (before the
-            # transpose), lens_det's layout
-            to_tl = (lambda x: x) if cfg.v_norm else (lambda x: x.transpose(1, 2))
-            norms = ("q", "k") if cfg.qk_norm else ()
-            for name in (norms + (("v",) if cfg.v_norm else ()) if own_kv else ("q",) if cfg.qk_norm else ()):
-                norm = getattr(attn, f"{name}_norm")
-                rec.tap(norm, f"{p}attn.{name}_norm.hook_normalized", "out", to_tl)
-                rec.tap(norm, f"{p}attn.{name}_norm.hook_scale", "in",
-                        lambda x: ops.norm_scale(to_tl(x), cfg.norm_eps, center=False))
-            rec.tap(attn.o_proj, p + "attn.hook_z", "in", per_head(d))
-            rec.tap(mlp.gate_proj, p + "mlp.hook_pre", "out")
-            rec.tap(mlp.up_proj, p + "mlp.hook_pre_linear", "out")
-            rec.tap(mlp.down_proj, p + "mlp.hook_post", "in")
-            if cfg.d_per_layer_input:
-                _per_layer_block(layer, rec, cfg, p)
-            if getattr(layer, "enable_moe_block", False):
-                rec.experts(layer, p, cfg, lambda x: x.view(b, t, *x.shape[1:]))
-            if sandwich:
-                rec.norm(layer.post_attention_layernorm, p + "ln1_post.", cfg)
-                rec.norm(layer.post_feedforward_layernorm, p + "ln2_post.", cfg)
-                rec.tap(layer.post_attention_layernorm, p + "hook_attn_out", "out")
-                rec.tap(layer.post_feedforward_layernorm, p + "hook_mlp_out", "out")
-            else:
-                rec.tap(attn.o_proj, p + "hook_attn_out", "out")
-                rec.tap(mlp.down_proj, p + "hook_mlp_out", "out")
-    rec.norm(final_norm, "ln_final.", cfg)
+            rec.tap(module("mlp.w_in"), p + "mlp.hook_pre", "out")
+            continue
+        own_kv = cfg.layer_kv_source(i) is None  # KV-sharing consumers have no k/v projections or norms
+        for name in "qk" if own_kv else "q":
+            rec.tap(module(f"attn.w_{name}"), f"{p}attn.hook_{name}", "out", per_head(d))
+        # K = V layers (Gemma 4 attention_k_eq_v) have no v_proj: their values are k_proj's output
+        if own_kv:
+            rec.tap(module("attn.w_k" if cfg.layer_k_eq_v(i) else "attn.w_v"), f"{p}attn.hook_v", "out", per_head(d))
+        # Gemma 3 norms q/k as [batch, head, pos, d]; Gemma 4 norms q/k/v as [batch, pos, head, d] (before the
+        # transpose), lens_det's layout
+        to_tl = (lambda x: x) if cfg.v_norm else (lambda x: x.transpose(1, 2))
+        qk = ("q", "k") if cfg.qk_norm else ()
+        for name in (qk + (("v",) if cfg.v_norm else ()) if own_kv else ("q",) if cfg.qk_norm else ()):
+            norm = module(f"attn.{name}_norm.w")
+            rec.tap(norm, f"{p}attn.{name}_norm.hook_normalized", "out", to_tl)
+            rec.tap(norm, f"{p}attn.{name}_norm.hook_scale", "in",
+                    lambda x: ops.norm_scale(to_tl(x), cfg.norm_eps, center=False))
+        rec.tap(module("mlp.w_gate"), p + "mlp.hook_pre", "out")
+        rec.tap(module("mlp.w_in"), p + "mlp.hook_pre_linear", "out")
+        if cfg.d_per_layer_input:
+            _per_layer_block(layer, module, rec, cfg, p)
+        if cfg.n_experts and getattr(layer, "enable_moe_block", False):
+            rec.experts(module, p, cfg, lambda x: x.view(b, t, *x.shape[1:]))
+    rec.norm(decoder.get_submodule(top["ln_final.w"]), "ln_final.", cfg)
     if cfg.kv_source_layer:  # HF's attention receives the source layer's keys: no hook_rot_k of their own
         rec.skip |= {f"blocks.{i}.attn.hook_rot_k" for i in range(cfg.n_layers) if cfg.layer_kv_source(i) is not None}
 
@@ -350,41 +326,41 @@ def capture_reference(
             _bloom_attention(values, out.attentions, cfg, bloom_inputs, past_key_values)
         if with_result:
             for i, layer in enumerate(layers):
-                o = layer.self_attention.dense if bloom else layer.self_attn.o_proj
+                o = layer.get_submodule(names["attn.w_o"])
                 z = values[f"blocks.{i}.attn.hook_z"]
                 w_o = o.weight.view(cfg.d_model, h, cfg.layer_d_head(i))
                 values[f"blocks.{i}.attn.hook_result"] = torch.einsum("bqhd,mhd->bqhm", z, w_o)
     return out.logits, values
 
 
-def _per_layer_embeddings(text_model: Any, rec: _Recorder, cfg: LensConfig, b: int, t: int) -> None:
+def _per_layer_embeddings(decoder: Any, top: dict, rec: _Recorder, cfg: LensConfig, b: int, t: int) -> None:
     """Gemma 4 PLE, model level: the scaled token table, the projection before its norm, the norm, and what
     project_per_layer_inputs returns (recorded by wrapping that method on this instance for the call)."""
     shape = (b, t, cfg.n_layers, cfg.d_per_layer_input)
-    rec.tap(text_model.embed_tokens_per_layer, "ple.hook_tokens", "out", lambda x: x.reshape(shape))
-    rec.tap(text_model.per_layer_projection_norm, "ple.hook_proj", "in")
-    rec.norm(text_model.per_layer_projection_norm, "ple.ln.", cfg)
-    original = text_model.project_per_layer_inputs
+    rec.tap(decoder.get_submodule(top["ple.W_E"]), "ple.hook_tokens", "out", lambda x: x.reshape(shape))
+    rec.tap(decoder.get_submodule(top["ple.ln.w"]), "ple.hook_proj", "in")
+    rec.norm(decoder.get_submodule(top["ple.ln.w"]), "ple.ln.", cfg)
+    original = decoder.project_per_layer_inputs
 
     def project(*args, **kwargs):
         out = original(*args, **kwargs)
         rec.values["hook_per_layer_inputs"] = out.detach()
         return out
 
-    text_model.project_per_layer_inputs = project
-    rec.restore.append(lambda: delattr(text_model, "project_per_layer_inputs"))
+    decoder.project_per_layer_inputs = project
+    rec.restore.append(lambda: delattr(decoder, "project_per_layer_inputs"))
 
 
-def _per_layer_block(layer: Any, rec: _Recorder, cfg: LensConfig, p: str) -> None:
+def _per_layer_block(layer: Any, module: Callable, rec: _Recorder, cfg: LensConfig, p: str) -> None:
     """Gemma 4 PLE, per decoder layer: its per_layer_input argument and the gated sub-block at its end."""
     def layer_input(mod, args, kwargs):
         value = args[1] if len(args) > 1 else kwargs["per_layer_input"]
         rec.values[p + "hook_per_layer_input"] = value.detach()
     rec.handles.append(layer.register_forward_pre_hook(layer_input, with_kwargs=True))
-    rec.tap(layer.per_layer_input_gate, p + "ple.hook_pre", "out")
-    rec.tap(layer.per_layer_projection, p + "ple.hook_post", "in")
-    rec.norm(layer.post_per_layer_input_norm, p + "ple.ln.", cfg)
-    rec.tap(layer.post_per_layer_input_norm, p + "hook_ple_out", "out")
+    rec.tap(module("ple.w_gate"), p + "ple.hook_pre", "out")
+    rec.tap(module("ple.w_out"), p + "ple.hook_post", "in")
+    rec.norm(module("ple.ln.w"), p + "ple.ln.", cfg)
+    rec.tap(module("ple.ln.w"), p + "hook_ple_out", "out")
 
 
 def _bloom_attention(values, attentions, cfg: LensConfig, inputs: dict, cache) -> None:

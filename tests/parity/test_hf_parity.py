@@ -37,7 +37,7 @@ def test_hook_attn_in_bit_identical(model_pair, name):
     layer input per head, and firing it leaves every other hook bit-identical; cache on and off."""
     hf, model = model_pair(name)
     if model.cfg.n_rep > 1:
-        pytest.skip("GQA: hook_attn_in is refused (tests/test_tl_compat.py)")
+        pytest.skip("GQA: hook_attn_in is refused (tests/tl/test_tl_compat.py)")
     tokens, mask = batch("left", model.cfg.d_vocab)
     model.set_use_attn_in(True)
     try:

@@ -20,7 +20,7 @@ from lens_det.parity import compare
 from lens_det.config import LensConfig
 from lens_det.weight_processing import STEPS, why_not
 from tests.helpers import ALL, BLOOM, batch
-from tests.test_property import build_hf, config_kwargs
+from tests.strategies import build_hf, config_kwargs
 
 REL = 1e-5
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "lens_det"
+PACKAGE = Path(__file__).resolve().parents[2] / "lens_det"
 
 # layer -> (the modules in it, the layers its modules may import). Lower layers never import higher ones. The
 # patterns are fnmatch patterns on dotted module names; a layer's modules may import each other (no cycles).
@@ -30,7 +30,7 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "tokenizer": (("lens_det.tokenizer",), ("config",)),
     # everything that knows HF's names; lens_det.convert is its old path (a re-export)
     "hf": (("lens_det.hf", "lens_det.hf.*", "lens_det.convert", "lens_det.convert.*"), ("config", "presets")),
-    "devices": (("lens_det.devices",), ("hf",)),
+    "devices": (("lens_det.devices", "lens_det.placement"), ("hf",)),
     # HookedDecoder and what it is made of: its argument checks (inputs), its TransformerLens surface (tl mixins,
     # weight processing); within the layer only lens_det.model imports nothing back (see test_no_module_imports_model)
     "model": (("lens_det.model", "lens_det.inputs", "lens_det.tl", "lens_det.tl.*", "lens_det.weight_processing"),
@@ -128,8 +128,8 @@ EDGES = {module: _imports(module) for module in MODULES}
 
 def test_every_module_has_a_layer():
     unplaced = sorted(m for m in MODULES if _layer(m) is None)
-    assert not unplaced, (f"{unplaced} belong to no layer: add them to LAYERS in tests/test_import_layers.py and to "
-                          "the Layers section of docs/architecture.md")
+    assert not unplaced, (f"{unplaced} belong to no layer: add them to LAYERS in tests/api/test_import_layers.py and "
+                          "to the Layers section of docs/architecture.md")
 
 
 def test_imports_follow_the_layer_rules():

@@ -401,7 +401,8 @@ def test_to_tokens_tl_idiom_fails_with_what_to_write():
         tokens[:, 1:]
     ids, mask = tokens  # the lens_det idiom still unpacks
     assert ids.shape == mask.shape
-    assert torch.equal(model(tokens), model("Hello"))  # and the pair runs with its mask (tests/test_padded_inputs.py)
+    # and the pair runs with its mask (tests/api/test_padded_inputs.py)
+    assert torch.equal(model(tokens), model("Hello"))
 
 
 def test_decompose_resid_refuses_a_scaled_residual_stream(model_pair):

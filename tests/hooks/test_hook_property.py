@@ -13,7 +13,7 @@ equal the hook-free forward's, and every value a reading hook saw equals that ho
 run_with_cache. With grad mode on, the backward then runs, and every backward hook drawn on a norm's hook_scale
 fires (hook_scale is on the autograd graph).
 
-The default suite runs a bounded, derandomized set; `pytest -m slow tests/test_hook_property.py` runs many more.
+The default suite runs a bounded, derandomized set; `pytest -m slow tests/hooks/test_hook_property.py` runs many more.
 """
 
 from __future__ import annotations

@@ -144,7 +144,7 @@ def test_named_configs_ship_in_the_installed_package(tmp_path):
             "print(json.dumps(sorted(p.name for p in d.iterdir() if p.name.endswith('.json'))))")
     shipped = json.loads(subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                                         check=True).stdout)
-    checkout = sorted(p.name for p in (Path(__file__).parent.parent / "model_configs").glob("*.json"))
+    checkout = sorted(p.name for p in (Path(__file__).resolve().parents[2] / "model_configs").glob("*.json"))
     assert shipped == checkout and len(shipped) == len(named_configs()) >= len(REAL)
 
 
@@ -195,7 +195,7 @@ def test_pyproject_installs_every_subpackage_and_the_configs():
     import tomllib
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(root).parts) for p in (root / "lens_det").rglob("__init__.py")}
     assert found | {"lens_det.model_configs"} == listed
