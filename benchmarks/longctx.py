@@ -135,7 +135,6 @@ def worker(args) -> dict:
     from transformers import AutoModelForCausalLM
 
     import lens_det
-    from lens_det.config import hf_config_from_name
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -432,7 +431,8 @@ def main():
     load_before = os.getloadavg()
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     print("command:", " ".join(shlex.quote(a) for a in ["python"] + sys.argv), flush=True)
-    print(f"config {config_line(args.config, args.layers)}; dtype {args.dtype}; batch 1; logits_to_keep {args.logits_to_keep}; "
+    print(f"config {config_line(args.config, args.layers)}; dtype {args.dtype}; batch 1; "
+          f"logits_to_keep {args.logits_to_keep}; "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}; CPU {cpu_model()} "
           f"({os.cpu_count()} logical CPUs); load average before {' '.join(f'{x:.2f}' for x in load_before)}; "
           f"{args.repeats} fresh-process run(s) per (variant, T), order rotated; started {started}", flush=True)

@@ -200,8 +200,8 @@ def place(model, device_map: dict[str, Any]) -> None:
                        "placement, load again with lens_det.from_pretrained(directory, device_map=<new map>)")
         if empty:
             why.append(f"{empty} have weights on the meta device (never loaded), and moving them would leave them "
-                       "uninitialised; load weights first (model.to_empty(device=...) then model.load_state_dict(...)), "
-                       "or load with lens_det.from_pretrained(directory, device_map=...)")
+                       "uninitialised; load weights first (model.to_empty(device=...) then "
+                       "model.load_state_dict(...)), or load with lens_det.from_pretrained(directory, device_map=...)")
         raise ValueError("cannot place this model: " + "; ".join(why))
     model.embed.to(devices["embed"])
     if getattr(model, "ple", None) is not None:  # per-layer embeddings read the token ids and the embedding

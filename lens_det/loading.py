@@ -2,8 +2,8 @@
 
 from_pretrained builds the model on the meta device (shapes only, no memory), reads the checkpoint's tensors one
 at a time (safetensors headers first, each tensor when it is placed) and assigns each straight onto its device; a
-`device_map` may also offload parts to the CPU or disk through accelerate (lens_det.placement, lens_det.devices). docs/architecture.md,
-"Loading", describes the whole path.
+`device_map` may also offload parts to the CPU or disk through accelerate (lens_det.placement, lens_det.devices).
+docs/architecture.md, "Loading", describes the whole path.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ HF_KEYWORDS = {
     "trust_remote_code": ("lens_det never runs a checkpoint's code: it has its own implementation of the supported "
                           "families (Bloom, Gemma 1-4, VaultGemma); drop it"),
     "quantization_config": _QUANTIZED, "load_in_8bit": _QUANTIZED, "load_in_4bit": _QUANTIZED,
-    "gguf_file": "GGUF is not supported: convert it to safetensors (HF from_pretrained + save_pretrained) and pass that",
+    "gguf_file": ("GGUF is not supported: convert it to safetensors (HF from_pretrained + save_pretrained) "
+                  "and pass that"),
     "tp_plan": _TENSOR_PARALLEL, "tp_size": _TENSOR_PARALLEL, "device_mesh": _TENSOR_PARALLEL,
     "distributed_config": _TENSOR_PARALLEL,
     "offload_buffers": "lens_det keeps buffers in memory (at most one scalar per layer); drop it",
@@ -62,7 +63,8 @@ HF_KEYWORDS = {
     "state_dict": ("load weights into the model with model.load_state_dict(state_dict), or convert an HF model: "
                    "lens_det.from_hf_model(hf_model)"),
     "key_mapping": ("checkpoints with renamed weights are not read directly: load with HF "
-                    "(AutoModelForCausalLM.from_pretrained(directory, key_mapping=...)) and use lens_det.from_hf_model"),
+                    "(AutoModelForCausalLM.from_pretrained(directory, key_mapping=...)) and use "
+                    "lens_det.from_hf_model"),
     "ignore_mismatched_sizes": "not supported: every tensor must have the shape its config gives",
     "output_loading_info": "not supported: loading raises when a tensor is missing or unexpected",
     "adapter_name": "merge the adapter first (peft: model.merge_and_unload(), then save_pretrained) and pass that",
@@ -327,10 +329,12 @@ def _build(hf_cfg: Any, hf_state_dict: dict, dtype: torch.dtype, device, copy: b
     if empty:
         raise ValueError(f"the weights of {source} are on the meta device (no data: offloaded by accelerate, or built "
                          f"under init_empty_weights / torch.device('meta')), e.g. {empty[0]}; load lens_det from the "
-                         "checkpoint instead: lens_det.from_pretrained(directory, device_map=...) offloads the same way")
+                         "checkpoint instead: lens_det.from_pretrained(directory, device_map=...) "
+                         "offloads the same way")
     if target.type == "meta":
         raise ValueError("device='meta' would drop the weights this call converts; for an empty model use "
-                         "lens_det.from_config(name, device='meta'), or HookedDecoder(config) under torch.device('meta')")
+                         "lens_det.from_config(name, device='meta'), or HookedDecoder(config) under "
+                         "torch.device('meta')")
     with torch.device("meta"):
         model = HookedDecoder(cfg)
     state = {k: v.to(dtype, copy=copy) for k, v in state.items()}

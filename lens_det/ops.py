@@ -190,7 +190,8 @@ def attention_scores(
     if _DETERMINISTIC.get():  # float32 GEMMs of one KEY_BLOCK of keys each, one rounding to the dtype
         n_q, n_k = q.shape[2], k.shape[2]
         qp, kp = _pad(q.float(), 2, ROW_TILE), _pad(k.float(), 2, KEY_BLOCK)
-        blocks = [torch.matmul(qp, kp[:, :, s : s + KEY_BLOCK].transpose(2, 3)) for s in range(0, kp.shape[2], KEY_BLOCK)]
+        blocks = [torch.matmul(qp, kp[:, :, s : s + KEY_BLOCK].transpose(2, 3))
+                  for s in range(0, kp.shape[2], KEY_BLOCK)]
         scores = (torch.cat(blocks, dim=-1)[:, :, :n_q, :n_k] * scale).to(q.dtype)
         return scores if bias is None else scores + bias.view(q.shape[0], q.shape[1], 1, n_k)
     if bias is None:

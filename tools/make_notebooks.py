@@ -58,7 +58,8 @@ plt.show()''',
     ],
     "02_kv_cache_parity": [
         '''# KV-cache parity
-Every hook point against Hugging Face, cache off and on; then the TransformerLens 2.8 Bloom bug (cached steps used row 0 of the ALiBi bias) injected, caught, and located.''',
+Every hook point against Hugging Face, cache off and on; then the TransformerLens 2.8 Bloom bug (cached steps used
+row 0 of the ALiBi bias) injected, caught, and located.''',
         SETUP.format(default="tiny-bloom"),
         '''from transformers import AutoModelForCausalLM
 from lens_det.parity import compare, faults
@@ -96,7 +97,8 @@ print(f"with the bug injected the cached logits move by up to {gap:.3g}; same te
     ],
     "03_activation_patching": [
         '''# Activation patching
-Which layers and positions carry the information that separates a clean from a corrupted prompt; then a patch during generation that persists through the KV cache.''',
+Which layers and positions carry the information that separates a clean from a corrupted prompt; then a patch during
+generation that persists through the KV cache.''',
         SETUP.format(default="tiny-gemma2"),
         '''from lens_det.patching import generate_with_patches, logit_diff, patch_hook, patch_sweep
 
@@ -118,14 +120,16 @@ by_pos.to_frame().head()''',
         '''by_head = patch_sweep(model, clean, corrupted, metric, hook="attn.hook_z", by="head")
 by_head.plot()
 plt.show()''',
-        '''# Patch layer 0's values at the token fed on generation step 2: later steps still see it (it is in the cache),
-# and each step's logits equal one uncached forward over the final text with the same patch.
+        '''# Patch layer 0's values at the token fed on generation step 2: later steps still see it
+# (it is in the cache), and each step's logits equal one uncached forward over the final text with the same patch.
 PATCHED = 2
 n = clean.shape[1]
-noise = torch.randn(1, n + 8, model.cfg.n_key_value_heads, model.cfg.d_head, generator=torch.Generator().manual_seed(0))
+noise = torch.randn(1, n + 8, model.cfg.n_key_value_heads, model.cfg.d_head,
+                    generator=torch.Generator().manual_seed(0))
 patch = patch_hook(model, noise, position=n + 1)
 with lens_det.deterministic():
-    out = generate_with_patches(model, clean, patches={PATCHED: [("blocks.0.attn.hook_v", patch)]}, max_new_tokens=6, stop_tokens=[])
+    out = generate_with_patches(model, clean, patches={PATCHED: [("blocks.0.attn.hook_v", patch)]}, max_new_tokens=6,
+                                stop_tokens=[])
     plain = model.generate(clean, max_new_tokens=6, stop_tokens=[])
     rerun = model.run_with_hooks(out.tokens[:, :-1], position_ids="mask", fwd_hooks=[("blocks.0.attn.hook_v", patch)])
 effect = [float((a - b).abs().max()) for a, b in zip(out.logits, plain.logits)]
@@ -137,15 +141,17 @@ for t, e in enumerate(effect):
     if e == 0:
         ax.text(t, 0, "0", ha="center", va="bottom")  # no bar: the logits are unchanged, bit for bit
 ax.set_ylim(0, 1.45 * max(effect))  # headroom: the legend sits above the bars
-ax.legend([bars[PATCHED], bars[-1]], [f"step {PATCHED}: the patched step", "later steps: the patch read from the KV cache"],
+ax.legend([bars[PATCHED], bars[-1]],
+          [f"step {PATCHED}: the patched step", "later steps: the patch read from the KV cache"],
           loc="upper left", fontsize=8)
-ax.set(title=f"Effect of patching layer 0's hook_v at generation step {PATCHED}", xlabel="generation step (0 = the prompt's forward)",
-       ylabel="max |logit change| vs unpatched")
+ax.set(title=f"Effect of patching layer 0's hook_v at generation step {PATCHED}",
+       xlabel="generation step (0 = the prompt's forward)", ylabel="max |logit change| vs unpatched")
 plt.show()''',
     ],
     "04_determinism": [
         '''# Determinism
-A prompt's logits move with batch composition, prefill chunking and the cache in the default (HF-exact) mode; in deterministic mode they are bitwise identical.''',
+A prompt's logits move with batch composition, prefill chunking and the cache in the default (HF-exact) mode; in
+deterministic mode they are bitwise identical.''',
         SETUP.format(default="tiny-gemma3"),
         '''from lens_det.determinism import check_all
 

@@ -60,7 +60,9 @@ class ForwardContext:
         offsets, lengths, window and padding mask as HF's create_causal_mask / create_sliding_window_causal_mask."""
         if self.rows_of is not None:
             full = self.rows_of.sdpa_mask(key_start, n_key, window, device)
-            return None if full is None else full[:, :, self.query_start - self.rows_of.query_start :][:, :, :self.n_query]
+            if full is None:
+                return None
+            return full[:, :, self.query_start - self.rows_of.query_start :][:, :, :self.n_query]
 
         def build():
             from transformers.masking_utils import causal_mask_function, sdpa_mask, sliding_window_causal_mask_function

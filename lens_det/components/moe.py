@@ -59,7 +59,8 @@ class MixtureOfExperts(nn.Module):
         self.hook_pre = HookPoint()  # [batch, pos, n_experts_per_token, d_mlp_expert]: gate projection
         self.hook_pre_linear = HookPoint()  # [batch, pos, n_experts_per_token, d_mlp_expert]: up projection
         self.hook_post = HookPoint()  # [batch, pos, n_experts_per_token, d_mlp_expert]: act(gate) * up
-        self.hook_out = HookPoint()  # [batch, pos, d_model]: the experts' combined output (before the block's post-norm)
+        # [batch, pos, d_model]: the experts' combined output (before the block's post-norm)
+        self.hook_out = HookPoint()
 
     def forward(self, resid: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         weights, indices = self.route(resid)
@@ -118,7 +119,8 @@ class MixtureOfExperts(nn.Module):
         if not torch.equal(edited, original):
             return [edited[token, slot] for token, slot in groups]
         if edited.requires_grad:
-            return [value + (edited[token, slot] - original[token, slot]) for (token, slot), value in zip(groups, values)]
+            return [value + (edited[token, slot] - original[token, slot])
+                    for (token, slot), value in zip(groups, values)]
         return values
 
     def _gated(self, gate_up: list, groups: list, lead: torch.Size) -> list:

@@ -87,7 +87,8 @@ AUDITED_OPS = {
     "rms_norm (w)": lambda x: ops.rms_norm(x, _norm_weight(x.shape[-1], x.dtype), 1e-6, False),
     "rms_norm (pow, w)": lambda x: ops.rms_norm(x, _norm_weight(x.shape[-1], x.dtype), 1e-6, False, inv_sqrt="pow"),
     "rms_norm (pow, no weight)": lambda x: ops.rms_norm(x, None, 1e-6, False, inv_sqrt="pow"),
-    "layer_norm": lambda x: ops.layer_norm(x, _norm_weight(x.shape[-1], x.dtype), _norm_weight(x.shape[-1], x.dtype), 1e-5),
+    "layer_norm": lambda x: ops.layer_norm(x, _norm_weight(x.shape[-1], x.dtype), _norm_weight(x.shape[-1], x.dtype),
+                                           1e-5),
     "norm_scale": lambda x: ops.norm_scale(x, 1e-5, center=True),
     "attention_scores": _attention(_scores),
     "softmax": _attention(_softmax),
@@ -202,8 +203,10 @@ def audit_query_chunks(threads=THREADS, dtypes=DTYPES, seed: int = 0) -> list[Au
                     for rows in query_chunks(n, min(EAGER_QUERY_CHUNK, n // 2)):
                         part = ops.softmax(ops.attention_scores(q[:, :, rows], k, d**-0.5) + mask[:, :, rows])
                         if "softmax, probs @ V" not in failure and not (
-                                torch.equal(part, probs[:, :, rows]) and torch.equal(ops.attend(part, v), whole[:, :, rows])):
-                            failure["softmax, probs @ V"] = f"rows {rows.start}:{rows.stop} of {n}, {threads_now} threads"
+                                torch.equal(part, probs[:, :, rows])
+                                and torch.equal(ops.attend(part, v), whole[:, :, rows])):
+                            failure["softmax, probs @ V"] = (f"rows {rows.start}:{rows.stop} of {n}, "
+                                                             f"{threads_now} threads")
                 for name in ("scores", "scores (ALiBi)", "softmax, probs @ V"):
                     out.append(AuditRow(f"eager query chunks: {name}", str(dtype).replace("torch.", ""), d,
                                         name not in failure, failure.get(name, "")))
@@ -253,7 +256,8 @@ def format_rows(rows: list[AuditRow]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--raw", action="store_true", help="audit the plain torch ops instead (shows the audit's teeth)")
+    parser.add_argument("--raw", action="store_true",
+                        help="audit the plain torch ops instead (shows the audit's teeth)")
     parser.add_argument("--json", action="store_true", help="print the environment and rows as JSON")
     args = parser.parse_args(argv)
     rows = audit(RAW_OPS) if args.raw else audit() + audit_query_chunks()

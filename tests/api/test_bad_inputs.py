@@ -45,7 +45,8 @@ def _other_batch(kv):
 
 
 CACHE_CASES = {  # name: (call with the cache, error type, message pattern)
-    "wrong-shaped hook_k edit": (_wrong_shape_hook, ValueError, r"hook on blocks\.1\.attn\.hook_k returned \(2, 2, 1, 16\).*\(2, 2, 2, 16\)"),
+    "wrong-shaped hook_k edit": (_wrong_shape_hook, ValueError,
+                                 r"hook on blocks\.1\.attn\.hook_k returned \(2, 2, 1, 16\).*\(2, 2, 2, 16\)"),
     "mask shorter than cached + new": (_short_mask, ValueError, "pass the mask for all 6"),
     "another batch size": (_other_batch, ValueError, "batch"),
     "generate max_new_tokens=2.5": (lambda kv: MODEL.generate(TOKENS[:, 4:], kv_cache=kv, max_new_tokens=2.5),
@@ -73,7 +74,8 @@ CASES = {
     "generate(top_k=-5)": (lambda: MODEL.generate(TOKENS, do_sample=True, top_k=-5), ValueError, "top_k must be"),
     "sampling knobs without do_sample": (lambda: MODEL.generate(TOKENS, temperature=0.7, top_k=5), ValueError,
                                          "only apply when sampling: pass do_sample=True"),
-    "from_hf_model(object())": (lambda: lens_det.from_hf_model(object()), TypeError, "PreTrainedModel.*from_pretrained"),
+    "from_hf_model(object())": (lambda: lens_det.from_hf_model(object()), TypeError,
+                                "PreTrainedModel.*from_pretrained"),
     "dtype='float33'": (lambda: lens_det.from_config("tiny-gemma", dtype="float33"), ValueError, "torch.bfloat16"),
     "place(n_devices=2) without GPUs": (lambda: MODEL.place(n_devices=torch.cuda.device_count() + 1), ValueError,
                                         "CUDA device.*device_map"),

@@ -74,7 +74,8 @@ def test_unsupported_config_values_raise_not_implemented():
     from lens_det.config import LensConfig
 
     with pytest.raises(NotImplementedError, match="rope_type='yarn'"):
-        LensConfig.from_hf_config(Gemma3TextConfig(num_hidden_layers=6, rope_scaling={"rope_type": "yarn", "factor": 2.0}))
+        LensConfig.from_hf_config(Gemma3TextConfig(num_hidden_layers=6,
+                                                   rope_scaling={"rope_type": "yarn", "factor": 2.0}))
     with pytest.raises(NotImplementedError, match="use_bidirectional_attention"):
         LensConfig.from_hf_config(Gemma3TextConfig(num_hidden_layers=2, use_bidirectional_attention=True))
     cfg = GemmaConfig(num_hidden_layers=2)

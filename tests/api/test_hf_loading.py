@@ -206,7 +206,8 @@ def test_a_device_map_reads_each_tensor_lazily(saved, monkeypatch):
     monkeypatch.setattr(safetensors.torch, "load_file", refuse)
     read = []
     original = checkpoint.Checkpoint.load
-    monkeypatch.setattr(checkpoint.Checkpoint, "load", lambda self, key, *a: read.append(key) or original(self, key, *a))
+    monkeypatch.setattr(checkpoint.Checkpoint, "load",
+                        lambda self, key, *a: read.append(key) or original(self, key, *a))
     directory = saved("tiny-gemma3")
     n = hf_config_from_name("tiny-gemma3").num_hidden_layers
     lens_det.from_pretrained(directory, device_map=_half_cpu_half_disk(n))
@@ -219,7 +220,8 @@ def test_a_converter_that_computes_tensors_falls_back_to_reading_them(saved, mon
     directory = saved("tiny-gemma3")
     plain = lens_det.from_pretrained(directory)
     convert = gemma.state_dict_from_hf
-    monkeypatch.setattr(gemma, "state_dict_from_hf", lambda sd, cfg: {k: v.clone() for k, v in convert(sd, cfg).items()})
+    monkeypatch.setattr(gemma, "state_dict_from_hf",
+                        lambda sd, cfg: {k: v.clone() for k, v in convert(sd, cfg).items()})
     assert_same_weights(lens_det.from_pretrained(directory), plain)
 
 

@@ -1,12 +1,12 @@
 """A left-padded batch without its mask (issue 19, item 7).
 
 `tokens, mask = model.to_tokens(texts)` pads on the left; `model(tokens)` without the mask used to attend to the pads
-(here the padded row's real-token logits move by ~1 on tiny-bloom and ~5.6 on tiny-gemma2). The rule: with no attention_mask and nothing cached, a
-batch of two or more rows where some, but not all, rows start with the pad token (and the pad token is not BOS) is
-refused with what to pass. Nothing is inferred, so real tokens equal to the pad id are never masked (TransformerLens
-2.x's mask inference masks them): a single row, or rows that all start with the pad id, run unmasked, and
-`attention_mask=torch.ones_like(tokens)` says so explicitly. The pair to_tokens returns carries its mask, so
-`model(model.to_tokens(texts))` runs as `model(texts)` does (the mask, and positions from the mask).
+(here the padded row's real-token logits move by ~1 on tiny-bloom and ~5.6 on tiny-gemma2). The rule: with no
+attention_mask and nothing cached, a batch of two or more rows where some, but not all, rows start with the pad token
+(and the pad token is not BOS) is refused with what to pass. Nothing is inferred, so real tokens equal to the pad id are
+never masked (TransformerLens 2.x's mask inference masks them): a single row, or rows that all start with the pad id,
+run unmasked, and `attention_mask=torch.ones_like(tokens)` says so explicitly. The pair to_tokens returns carries its
+mask, so `model(model.to_tokens(texts))` runs as `model(texts)` does (the mask, and positions from the mask).
 
 Numbers are compared with HF's at tolerance 0.0: the same ops on the same inputs (docs/numerics.md).
 """

@@ -23,7 +23,8 @@ MOE = ["hook_dense_mlp_out", "hook_moe_out", "ln2_dense_post.hook_scale", "ln2_d
        "moe.hook_expert_weights", "moe.hook_expert_indices", "moe.hook_top_k_weights", "moe.hook_out",
        "moe.hook_pre", "moe.hook_pre_linear", "moe.hook_post"]
 GLOBAL = ["hook_embed", "ln_final.hook_scale", "ln_final.hook_normalized"]
-PLE_GLOBAL = ["hook_per_layer_inputs", "ple.hook_tokens", "ple.hook_proj", "ple.ln.hook_scale", "ple.ln.hook_normalized"]
+PLE_GLOBAL = ["hook_per_layer_inputs", "ple.hook_tokens", "ple.hook_proj", "ple.ln.hook_scale",
+              "ple.ln.hook_normalized"]
 PLE_BLOCK = ["hook_per_layer_input", "ple.hook_pre", "ple.hook_post", "ple.ln.hook_scale", "ple.ln.hook_normalized",
              "hook_ple_out"]
 # KV-sharing consumer layers project no keys / values: these hooks are absent there (their source layer has them)
@@ -102,7 +103,8 @@ def test_per_layer_geometry_shapes(model_pair):
             assert acts[a + name].shape == (2, 7, h_kv, d), (i, name)
         assert acts[a + "v_norm.hook_scale"].shape == (2, 7, h_kv, 1)
         assert acts[a + "hook_result"].shape == (2, 7, c.n_heads, c.d_model)
-        assert cache.layers[i].keys.shape[1:] == cache.layers[i].values.shape[1:] and cache.layers[i].keys.shape[1] == h_kv
+        assert cache.layers[i].keys.shape[1:] == cache.layers[i].values.shape[1:]
+        assert cache.layers[i].keys.shape[1] == h_kv
         assert cache.layers[i].keys.shape[-1] == d
         assert model.blocks[i].attn.W_Q.shape == (c.n_heads, c.d_model, d)
         assert model.blocks[i].attn.W_O.shape == (c.n_heads, d, c.d_model)

@@ -71,7 +71,8 @@ def check_hooks_change_nothing(model_pair, data, name: str, dtype: torch.dtype, 
         model.zero_grad(set_to_none=True)
     assert (logits.float() - free_logits.float()).abs().max().item() == 0.0
     for n, value in seen.items():
-        assert torch.equal(value, free_cache[n]), f"{n}: max |diff| {(value.float() - free_cache[n].float()).abs().max()}"
+        assert torch.equal(value, free_cache[n]), (
+            f"{n}: max |diff| {(value.float() - free_cache[n].float()).abs().max()}")
     if grad:
         scales = {n for n, _ in bwd_hooks if n.endswith("hook_scale")}
         assert scales <= fired, f"backward hooks that did not fire: {sorted(scales - fired)}"

@@ -10,7 +10,6 @@ from transformers import AutoConfig, Gemma4Config, Gemma4ForConditionalGeneratio
 
 import lens_det
 from lens_det.config import LensConfig, resolve_name
-from lens_det.parity import compare
 from lens_det.parity.models import random_hf_model_from_config
 from tests.helpers import DTYPES, assert_bit_identical, batch
 

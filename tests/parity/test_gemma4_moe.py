@@ -12,8 +12,7 @@ import lens_det
 from lens_det.config import resolve_name
 from lens_det.parity import compare
 from lens_det.parity.models import random_hf_model_from_config
-from tests.helpers import DTYPES, EXPERTS_IMPLEMENTATIONS, MOE, batch
-from tests.helpers import assert_bit_identical
+from tests.helpers import DTYPES, EXPERTS_IMPLEMENTATIONS, MOE, assert_bit_identical, batch
 
 NAME = MOE
 IMPLEMENTATIONS = EXPERTS_IMPLEMENTATIONS

@@ -76,7 +76,8 @@ def test_gemma_every_hook_bit_identical(model_pair, name, padding, positions, dt
 
 @pytest.mark.parametrize("name", ALL)
 def test_pad_rows_are_finite_and_equal_hf(model_pair, name):
-    """Left-pad query rows are fully masked: HF eager gives uniform attention there (docs/numerics.md §1.3); never NaN."""
+    """Left-pad query rows are fully masked: HF eager gives uniform attention there (docs/numerics.md §1.3);
+    never NaN."""
     hf, model = model_pair(name, torch.float32)
     tokens, mask = batch("left", model.cfg.d_vocab)
     mask[2] = 0  # a row with no real token at all

@@ -1,18 +1,18 @@
 """The contract "equal to HF", property-based (hypothesis).
 
-Drawn: random VALID HF configs of every supported family (BloomConfig, GemmaConfig, Gemma2Config,
-Gemma3TextConfig, VaultGemmaConfig, Gemma4TextConfig without MoE: per-layer embeddings, KV sharing, double-wide MLP, per-layer
-head dims and kv heads, K = V, proportional RoPE, layer scalars): 1-3 layers, small hidden sizes (odd ones and non-multiples of 8 included), MQA/GQA/MHA,
-head_dim independent of hidden/heads (Gemma), odd intermediate sizes, vocab and pad id, attention biases, sliding
-windows (1 to longer than the sequence) and random layer_types, soft-caps, query_pre_attn_scalar, RoPE theta and
-linear scaling (per layer type for Gemma 3), Bloom's apply_residual_connection_post_layernorm and pretraining_tp,
-tie_word_embeddings, the MLP activation ("gelu" is the exact erf GELU for Gemma 2/3 and rewritten to the tanh form
-by Gemma 1's config); float32, bfloat16 and float16 weights drawn N(0, std) from a seed (norm weights and biases
-too); random paddings (none, left, right, inner holes, single-token rows; real tokens whose id is the pad id);
-position ids (HF forward's arange, HF generate's cumsum(mask) - 1, raw cumsum with negative pad positions, an
-offset arange, a [1, pos] tensor); ragged chunk schedules for the cached run; and the attention implementation
-both models run (eager, or sdpa where `lens_det.convert.sdpa_refusal` allows it: Gemma 1, 3 and 4 configs without
-an attention soft-cap; under sdpa hook_attn_scores / hook_pattern do not exist and are not compared).
+Drawn: random VALID HF configs of every supported family (BloomConfig, GemmaConfig, Gemma2Config, Gemma3TextConfig,
+VaultGemmaConfig, Gemma4TextConfig without MoE: per-layer embeddings, KV sharing, double-wide MLP, per-layer head dims
+and kv heads, K = V, proportional RoPE, layer scalars): 1-3 layers, small hidden sizes (odd ones and non-multiples of 8
+included), MQA/GQA/MHA, head_dim independent of hidden/heads (Gemma), odd intermediate sizes, vocab and pad id,
+attention biases, sliding windows (1 to longer than the sequence) and random layer_types, soft-caps,
+query_pre_attn_scalar, RoPE theta and linear scaling (per layer type for Gemma 3), Bloom's
+apply_residual_connection_post_layernorm and pretraining_tp, tie_word_embeddings, the MLP activation ("gelu" is the
+exact erf GELU for Gemma 2/3 and rewritten to the tanh form by Gemma 1's config); float32, bfloat16 and float16 weights
+drawn N(0, std) from a seed (norm weights and biases too); random paddings (none, left, right, inner holes, single-token
+rows; real tokens whose id is the pad id); position ids (HF forward's arange, HF generate's cumsum(mask) - 1, raw cumsum
+with negative pad positions, an offset arange, a [1, pos] tensor); ragged chunk schedules for the cached run; and the
+attention implementation both models run (eager, or sdpa where `lens_det.convert.sdpa_refusal` allows it: Gemma 1, 3 and
+4 configs without an attention soft-cap; under sdpa hook_attn_scores / hook_pattern do not exist and are not compared).
 
 Checked at tolerance 0.0: logits and every hook point, uncached and through both KV caches (lens_det KVCache vs
 HF DynamicCache) on the same schedule (`lens_det.parity.compare`); logits against a plain HF forward (no reference

@@ -144,8 +144,9 @@ def test_a_pattern_hook_runs_that_layer_eagerly(sdpa_pair):
     with torch.no_grad():
         _, plain = model.run_with_cache(tokens, attention_mask=mask, names_filter=lambda n: not n.endswith(PATTERN))
         with pytest.warns(UserWarning, match="ran eager attention"):
-            _, hooked = model.run_with_cache(tokens, attention_mask=mask,
-                                             names_filter=lambda n: not n.endswith(PATTERN) or n.startswith("blocks.1."))
+            _, hooked = model.run_with_cache(
+                tokens, attention_mask=mask,
+                names_filter=lambda n: not n.endswith(PATTERN) or n.startswith("blocks.1."))
         # eager from layer 1's input on: start the eager model at layer 1 with the sdpa model's residual
         _, eager_l1 = eager.run_with_cache(hooked["blocks.1.hook_resid_pre"], start_at_layer=1, attention_mask=mask,
                                            stop_at_layer=2)
@@ -184,7 +185,8 @@ def test_kv_sharing_tail_cut_follows_hf_under_sdpa(sdpa_pair, kind, keep):
         cache, hf_cache = model.new_cache(), DynamicCache(config=hf.config)
         hf(tokens[:, :6], attention_mask=mask[:, :6], past_key_values=hf_cache, use_cache=True)
         model(tokens[:, :6], attention_mask=mask[:, :6], kv_cache=cache)
-        ref = hf(tokens[:, 6:], attention_mask=mask, past_key_values=hf_cache, use_cache=True, logits_to_keep=keep).logits
+        ref = hf(tokens[:, 6:], attention_mask=mask, past_key_values=hf_cache, use_cache=True,
+                 logits_to_keep=keep).logits
         assert torch.equal(model(tokens[:, 6:], attention_mask=mask, kv_cache=cache, logits_to_keep=keep), ref)
     cut = keep == 1 or kind == "left"  # with padding both layer types have a mask, so HF cuts
     assert seen == [keep if cut else tokens.shape[1]]

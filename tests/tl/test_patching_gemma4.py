@@ -35,7 +35,8 @@ def test_patching_a_kv_source_reaches_its_consumers(model_pair, chunk):
             from lens_det.parity.reference import capture_reference
             ref_logits, ref = capture_reference(hf, model.config, tokens[:, a:b], mask[:, :b], pos[:, a:b],
                                                 past_key_values=hf_cache)
-            for name in ("blocks.5.attn.hook_pattern", "blocks.6.attn.hook_z", "blocks.7.attn.hook_z", "ln_final.hook_normalized"):
+            for name in ("blocks.5.attn.hook_pattern", "blocks.6.attn.hook_z", "blocks.7.attn.hook_z",
+                         "ln_final.hook_normalized"):
                 assert torch.equal(ours[name], ref[name]), (a, name)
         if plain is not None:
             assert not torch.equal(plain, ref_logits)  # the edit mattered

@@ -360,7 +360,8 @@ def test_stop_and_start_at_layer_are_bit_exact_pieces_of_the_forward(model_pair,
     assert torch.equal(embedded, cache["hook_embed"]) and same_tokens is tokens and shortformer is None
     assert same_mask is mask and torch.equal(model(embedded, start_at_layer=0, **kw, **ids), logits)
     _, partial = model.run_with_cache(tokens, stop_at_layer=1, **kw)  # harvesting stops at layer 1
-    assert {k for k in partial.keys() if k.startswith("blocks.")} == {k for k in cache.keys() if k.startswith("blocks.0.")}
+    assert ({k for k in partial.keys() if k.startswith("blocks.")}
+            == {k for k in cache.keys() if k.startswith("blocks.0.")})
     with pytest.raises(ValueError, match="freeze"):
         model(tokens, stop_at_layer=1, kv_cache=model.new_cache(), **kw)
     with pytest.raises(ValueError, match="must be an int in"):

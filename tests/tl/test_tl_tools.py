@@ -202,7 +202,8 @@ def test_split_qkv_input_edits_reach_only_their_head(model_pair, name):
     try:
         logits_on, cache = model.run_with_cache(tokens, attention_mask=mask)
         assert torch.equal(logits_on, logits) and all(torch.equal(plain[k], cache[k]) for k in plain.keys())
-        for kind, n in (("q", model.cfg.n_heads), ("k", model.cfg.n_key_value_heads), ("v", model.cfg.n_key_value_heads)):
+        for kind, n in (("q", model.cfg.n_heads), ("k", model.cfg.n_key_value_heads),
+                        ("v", model.cfg.n_key_value_heads)):
             resid = plain["blocks.1.hook_resid_pre"]
             assert torch.equal(cache[f"blocks.1.hook_{kind}_input"], resid[:, :, None].expand(-1, -1, n, -1))
         with model.hooks(fwd_hooks=[_replace_head("blocks.1.hook_v_input", head, other)]):
