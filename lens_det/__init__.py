@@ -11,6 +11,7 @@ from lens_det.loading import from_config, from_hf_model, from_pretrained
 from lens_det.memory import keep_freed_memory
 from lens_det.model import HookedDecoder
 from lens_det.ops import deterministic
+from lens_det.sae import SAE, SAEConfig, load_sae, save_sae
 
 __all__ = [
     "HookedDecoder",
@@ -24,4 +25,8 @@ __all__ = [
     "keep_freed_memory",
     "named_configs",
     "positions_from_mask",
+    "SAE",
+    "SAEConfig",
+    "load_sae",
+    "save_sae",
 ]

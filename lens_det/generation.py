@@ -15,7 +15,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from transformer_lens import ActivationCache
 
-from lens_det.hooks import check_edit, position_dim
+from lens_det.hooks import QUERY_KEY_HOOKS, check_edit, hook_kind, position_dim
 from lens_det.inputs import check_tokens, full_mask
 from lens_det.kv_cache import KVCache, PendingGeneration
 
@@ -147,6 +147,37 @@ def _first_key(model: Any, name: str, start: int) -> int:
     return max(0, start - model.config.sliding_window + 1)
 
 
+class _StepRecorder:
+    """generate(return_activations="steps"): each forward's last `n_new` positions of every recorded hook. Score /
+    pattern hooks are left out: their key axis is each step's keys (a sliding-window layer's cache holds the window
+    only), so the rows of different steps share no key axis."""
+
+    def __init__(self, model, names_filter):
+        names = [names_filter] if isinstance(names_filter, str) else names_filter
+        if names is not None and not callable(names):
+            names = list(names)
+            unknown = [n for n in names if n not in model.hook_dict]
+            if unknown:
+                raise ValueError(f"names_filter names {unknown}, which are no hook points of this model")
+            qk = [n for n in names if hook_kind(n).key_axis is not None]
+            if qk:
+                raise ValueError(f"return_activations='steps' records no score / pattern hooks ({qk}): their key "
+                                 "axis differs from step to step; use return_activations=True for them")
+        self.accept = (lambda name: name in names) if isinstance(names, list) else names or (lambda name: True)
+        self.n_new = 0
+        self.parts: dict[str, list[torch.Tensor]] = {}
+
+    def wants(self, name: str) -> bool:
+        return not name.endswith(QUERY_KEY_HOOKS) and self.accept(name)
+
+    def hook(self, act: torch.Tensor, hook) -> None:
+        dim = position_dim(hook.name)
+        self.parts.setdefault(hook.name, []).append(act.narrow(dim, act.shape[dim] - self.n_new, self.n_new).clone())
+
+    def stacked(self) -> dict[str, torch.Tensor]:
+        return {name: torch.cat(parts, dim=position_dim(name)) for name, parts in self.parts.items()}
+
+
 def _on_positions(model: Any, fn, start: int, stop: int):
     """`fn` as a hook that runs on the absolute positions [start, stop) only, what it gets at that step with the
     cache: the slice of those positions, `model.query_start` = its first position, and for scores / patterns the
@@ -193,7 +224,8 @@ def generate(
     fwd_hooks: list | tuple = (),
     step_hooks: dict[int, list] | None = None,
     return_cache: bool = False,
-    return_activations: bool = False,
+    return_activations: bool | str = False,
+    names_filter=None,
     verbose: bool = False,
 ) -> GenerationOutput:
     """Generate up to `max_new_tokens` tokens for a (left-padded) batch.
@@ -235,8 +267,16 @@ def generate(
             patterns, the keys the cached step attends to) with `model.query_start` = their first absolute index,
             so lens_det.patching.patch_hook works in both.
         return_cache: return the final KVCache.
-        return_activations: return an ActivationCache of one uncached forward over the final sequence (with
-            `fwd_hooks` active), i.e. every hook over the whole generated text.
+        return_activations: True: an ActivationCache of one uncached forward over the final sequence (with
+            `fwd_hooks` active), i.e. every hook over the whole generated text, recomputed. "steps": the
+            activations the generating forwards computed (after every hook's edit: fwd_hooks, step_hooks, spliced
+            SAEs), each step's new positions concatenated along the position axis: the prompt, then each generated
+            token but the last (which no forward has read). With the cache that is what each cached step computed;
+            without it, each step's new positions of that step's forward. Score / pattern hooks are not recorded
+            (each step has its own key axis; a sliding-window layer's cache holds the window only). Refused on a
+            model whose last layers share KV (their prompt step computes the last position only).
+        names_filter: with return_activations, which hooks to keep (a name, a list of names or a predicate on
+            names; default every hook that fires).
         verbose: show a progress bar.
     """
     _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p, freq_penalty)
@@ -245,6 +285,13 @@ def generate(
     if kv_cache is not None and (return_activations or kv_cache.frozen):
         raise ValueError("continuing from a kv_cache supports neither return_activations nor a frozen cache "
                          "(generation must grow it); clone() a frozen prefix first")
+    if return_activations not in (False, True, "steps"):
+        raise ValueError(f"return_activations must be False, True or 'steps', got {return_activations!r}")
+    if return_activations == "steps" and model.kv_consumer_tail is not None:
+        raise NotImplementedError("return_activations='steps' on a model whose last layers share KV: their prompt "
+                                  "forward computes the last position only, so the steps hold no activations for "
+                                  "the other prompt positions; use return_activations=True (one forward over the "
+                                  "final sequence)")
     step_hooks = step_hooks or {}
     _check_steps(step_hooks)
     tokens = check_tokens(model, tokens)
@@ -286,6 +333,7 @@ def generate(
         return [(name, _on_positions(model, fn, *new_positions(s)))
                 for s in sorted(step_hooks) if s <= step for name, fn in step_hooks[s]]
 
+    recorder = _StepRecorder(model, names_filter) if return_activations == "steps" else None
     steps = range(max_new_tokens)
     if verbose:
         from tqdm.auto import tqdm
@@ -295,7 +343,10 @@ def generate(
         for step in steps:
             if finished.all():
                 break
-            with model.hooks(fwd_hooks=hooks_at(step)):
+            recording = [(recorder.wants, recorder.hook)] if recorder is not None else []
+            if recorder is not None:
+                recorder.n_new = new_input.shape[1]  # what is new in this forward (uncached too: the prompt, then 1)
+            with model.hooks(fwd_hooks=hooks_at(step) + recording):
                 if cache is None:
                     logits = model(sequence, attention_mask=mask, position_ids="mask", logits_to_keep=1)
                 else:
@@ -324,7 +375,11 @@ def generate(
         cache.pending = PendingGeneration(sequence[:, -1:], finished.clone())
     if return_cache:
         out.kv_cache = cache
-    if return_activations:
+    if recorder is not None:
+        from lens_det.tl.activation_cache import LensActivationCache
+
+        out.activations = LensActivationCache(recorder.stacked(), model, has_batch_dim=True)
+    elif return_activations:
         with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
             _, out.activations = model.run_with_cache(sequence, attention_mask=mask, position_ids="mask")
     return out

@@ -15,7 +15,7 @@ display.
 
 Axis names: batch, pos (query positions), key_pos, head (query heads), kv_head (key/value heads), layer (one slot
 per decoder layer), expert, top_k (the experts a token is routed to), one (a kept size-1 axis), and the widths
-d_model, d_head, d_mlp, d_expert, d_ple (Gemma 4's per-layer input width), d_vocab.
+d_model, d_head, d_mlp, d_expert, d_ple (Gemma 4's per-layer input width), d_vocab, and an SAE's d_in, d_sae, d_out.
 """
 
 from __future__ import annotations
@@ -182,6 +182,17 @@ _ENTRIES = [
     # model level, after the blocks
     *_norm("ln_final", _RESID, ("fold_ln",)),
 ]
+_SAE = "none: lens_det's spliced SAE (lens_det.sae), no HF counterpart"
+# An SAE's hook points, under the hook it reads ("blocks.3.hook_resid_post.hook_sae_acts_post"); attn.hook_z's heads
+# arrive concatenated (d_in = n_heads * d_head)
+_ENTRIES += [
+    HookKind("sae.hook_sae_input", ("batch", "pos", "d_in"), "cast (SAE dtype)", _SAE),
+    HookKind("sae.hook_sae_acts_pre", ("batch", "pos", "d_sae"), "linear (SAE encoder)", _SAE),
+    HookKind("sae.hook_sae_acts_post", ("batch", "pos", "d_sae"), "SAE activation (relu / jumprelu / topk)", _SAE),
+    HookKind("sae.hook_sae_recons", ("batch", "pos", "d_out"), "linear (SAE decoder)", _SAE),
+    HookKind("sae.hook_sae_error", ("batch", "pos", "d_out"), "activation - clean reconstruction", _SAE),
+    HookKind("sae.hook_sae_output", ("batch", "pos", "d_out"), "what flows on at the SAE's output hook", _SAE),
+]
 HOOK_KINDS: dict[str, HookKind] = {kind.key: kind for kind in _ENTRIES}
 
 # Outputs the parity report and the invariance checks compare beside the hook points (no HookPoint).
@@ -198,6 +209,8 @@ QUERY_KEY_HOOKS = tuple(dict.fromkeys(k.key.rsplit(".", 1)[-1] for k in _ENTRIES
 
 def registry_key(name: str) -> str:
     """The `HOOK_KINDS` key of a hook name: "blocks.3.attn.hook_q" -> "blocks.attn.hook_q" (keys pass through)."""
+    if ".hook_sae_" in name:  # an SAE's hook point, under the hook it reads
+        return "sae." + name.rsplit(".", 1)[-1]
     return re.sub(r"^blocks\.\d+\.", "blocks.", name)
 
 
@@ -258,7 +271,16 @@ def check_edit(name: str, given: torch.Tensor, edited) -> None:
 
 
 class HookPoint(_HookPoint):
+    """TransformerLens's HookPoint with the edit check, and `splices`: callables applied in order to what the hooks
+    left (an SAE spliced here, lens_det.sae); empty, the hook point returns what its hooks returned."""
+
+    def __init__(self):
+        super().__init__()
+        self.splices: list = []
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = super().__call__(x)
         check_edit(self.name, x, out)
+        for splice in self.splices:
+            out = splice(out)
         return out

@@ -29,6 +29,7 @@ from lens_det.config import LensConfig
 from lens_det.inputs import (check_dtype, check_residual, check_tokens, coerce_text, full_mask, kv_cache_argument,
                              layer_range, resolve_positions, tokens_for_residual)
 from lens_det.kv_cache import KVCache
+from lens_det.sae.splice import SAEMixin
 from lens_det.tl.config_view import TLConfigView
 from lens_det.tl.interface import TLInterface
 from lens_det.tl.tokens import TLTokens, TokensAndMask
@@ -43,7 +44,7 @@ from lens_det.tl.tokens import NO_TOKENIZER, TO_TOKENS_IDIOM  # noqa: F401
 PositionIds = Int[torch.Tensor, "batch pos"] | Literal["arange", "mask"] | None
 
 
-class HookedDecoder(TLWeights, TLTokens, TLInterface, HookedRootModule):
+class HookedDecoder(SAEMixin, TLWeights, TLTokens, TLInterface, HookedRootModule):
     """A decoder-only transformer whose every activation is a TransformerLens-named HookPoint.
 
     The forward pass reproduces the HF eager model of the same config bit for bit (docs/numerics.md).

@@ -73,15 +73,20 @@ def compare(
     make those layers run eager) and listed in `report.not_compared`.
 
     Default tolerance 0.0: lens_det's contract is bit-identity with HF (eager or sdpa, whichever both run). A model
-    with processed weights (`model.processing`, e.g. fold_ln) needs a tolerance, and its hooks whose meaning the processing changed are
-    listed in `report.not_compared` instead of compared (after center_unembed, log-probs replace logits). `position_ids` (RoPE models):
-    None (HF forward's arange), "mask" (HF generate's), or a tensor; both models get the same positions.
+    with processed weights (`model.processing`, e.g. fold_ln) needs a tolerance, and its hooks whose meaning the
+    processing changed are listed in `report.not_compared` instead of compared (after center_unembed, log-probs
+    replace logits). `position_ids` (RoPE models): None (HF forward's arange), "mask" (HF generate's), or a tensor;
+    both models get the same positions.
     """
     from transformers import DynamicCache
 
     from lens_det.config import LensConfig
 
     _check_architecture(model.config, LensConfig.from_hf_config(hf_model.config))
+    if getattr(model, "acts_to_saes", None):
+        raise ValueError(f"SAEs are spliced in at {sorted(model.acts_to_saes)}: HF has no counterpart of their hooks "
+                         "(and without the error term the model is no longer HF's); compare without them "
+                         "(model.reset_saes(), or outside `with model.saes(...)`)")
     implementation = _check_attn_implementation(model, hf_model)
     _check_experts_implementation(model, hf_model)
     _check_dtype(model, hf_model)

@@ -31,16 +31,18 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # everything that knows HF's names; lens_det.convert is its old path (a re-export)
     "hf": (("lens_det.hf", "lens_det.hf.*", "lens_det.convert", "lens_det.convert.*"), ("config", "presets")),
     "devices": (("lens_det.devices", "lens_det.placement"), ("hf",)),
+    # SAEs and transcoders: their weights, file formats, splice sites (HF paths through hf's tables), model methods
+    "sae": (("lens_det.sae", "lens_det.sae.*"), ("hooks", "ops", "blas", "config", "presets", "hf")),
     # HookedDecoder and what it is made of: its argument checks (inputs), its TransformerLens surface (tl mixins,
     # weight processing); within the layer only lens_det.model imports nothing back (see test_no_module_imports_model)
     "model": (("lens_det.model", "lens_det.inputs", "lens_det.tl", "lens_det.tl.*", "lens_det.weight_processing"),
               ("components", "kv_cache", "config", "presets", "ops", "blas", "hooks", "hf", "devices", "tokenizer",
-               "memory")),
+               "memory", "sae")),
     # the features built on the model; nothing below imports them. lens_det (the package) is the public API.
     "top": (("lens_det", "lens_det.generation", "lens_det.patching", "lens_det.loading", "lens_det.parity",
              "lens_det.parity.*", "lens_det.determinism", "lens_det.determinism.*", "lens_det.cli"),
             ("model", "components", "kv_cache", "config", "presets", "ops", "blas", "hooks", "hf", "devices",
-             "tokenizer", "memory")),
+             "tokenizer", "memory", "sae")),
 }
 
 # (importer pattern, imported module): imports that break the rules above and must stay, each inside a function

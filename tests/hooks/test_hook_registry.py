@@ -9,23 +9,32 @@ import pytest
 import torch
 
 import lens_det
-from lens_det.hooks import HOOK_KINDS, OUTPUT_KINDS, hook_kind, invalidated_kinds, opt_in_switch, registry_key
+from lens_det.hooks import HOOK_KINDS, OUTPUT_KINDS, hook_kind, opt_in_switch, registry_key
 from lens_det.parity.models import random_hf_model
 from tests.helpers import ALL
 
 BATCH, POS = 2, 5
 
 
+D_SAE = 24  # a width no other axis has, so a wrong layout axis cannot match by accident
+
+
 def _switch_on(model, switches):
     for switch in switches:
-        getattr(model, switch)(True)
+        if switch == "add_sae":  # an SAE's hook points exist once one is spliced in
+            from lens_det.sae import SAE, SAEConfig
+
+            model.add_sae(SAE(SAEConfig(d_in=model.cfg.d_model, d_sae=D_SAE, hook_name="blocks.1.hook_resid_post")),
+                          use_error_term=True)  # hook_sae_error fires with the error term only
+        else:
+            getattr(model, switch)(True)
     return model
 
 
 # every family with the opt-in hooks on; hook_attn_in (an alternative to the split q/k/v inputs, refused with
 # grouped-query attention) separately on a model whose query and key/value heads match
 RUNS = [(name, ("set_use_attn_result", "set_use_hook_mlp_in", "set_use_split_qkv_input")) for name in ALL] + [
-    ("tiny-bloom", ("set_use_attn_in",)), ("tiny-vaultgemma", ("set_use_attn_in",))]
+    ("tiny-bloom", ("set_use_attn_in",)), ("tiny-vaultgemma", ("set_use_attn_in",)), ("tiny-gemma2", ("add_sae",))]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +55,8 @@ def _sizes(model, name: str) -> dict[str, int]:
     cfg = model.config
     sizes = {"batch": BATCH, "pos": POS, "key_pos": POS, "one": 1, "d_model": cfg.d_model, "d_vocab": cfg.d_vocab,
              "head": cfg.n_heads, "layer": cfg.n_layers, "d_ple": cfg.d_per_layer_input,
-             "expert": cfg.n_experts, "top_k": cfg.n_experts_per_token, "d_expert": cfg.d_mlp_expert}
+             "expert": cfg.n_experts, "top_k": cfg.n_experts_per_token, "d_expert": cfg.d_mlp_expert,
+             "d_in": cfg.d_model, "d_sae": D_SAE, "d_out": cfg.d_model}
     if name.startswith("blocks."):
         layer = int(name.split(".")[1])
         attn = model.blocks[layer].attn
@@ -142,7 +152,7 @@ def test_sources_cover_every_hook_kind():
     from lens_det.parity import SOURCES
 
     assert set(SOURCES) == set(HOOK_KINDS)
-    assert all(source.split(":")[0] in ("module", "derived", "attention", "attention/derived", "call")
+    assert all(source.split(":")[0] in ("module", "derived", "attention", "attention/derived", "call", "none")
                for source in SOURCES.values())
 
 
