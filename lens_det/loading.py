@@ -166,6 +166,7 @@ def from_hf_model(hf_model: Any, dtype: torch.dtype | str | None = None, device=
     if model.config.n_experts:
         model.experts_implementation = hf_experts_implementation(hf_model)
     model.attn_implementation = attn_implementation or hf_attn_implementation(hf_model)
+    model.name = getattr(hf_model, "name_or_path", "") or None  # the checkpoint it was loaded from, if any
     return _process(model, processing)
 
 

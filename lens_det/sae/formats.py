@@ -57,8 +57,9 @@ def _tensors(path: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     floating = {k: v for k, v in tensors.items() if v.is_floating_point()}
     dtypes = {v.dtype for v in floating.values()}
     if dtype is None and len(dtypes) > 1:
-        raise ValueError(f"{path} stores tensors of several dtypes ({', '.join(f'{k}: {v.dtype}' for k, v in floating.items())}): "
-                         "pass dtype=torch.float32 (or the dtype you want) to load_sae")
+        stored = ", ".join(f"{k}: {v.dtype}" for k, v in floating.items())
+        raise ValueError(f"{path} stores tensors of several dtypes ({stored}): pass dtype=torch.float32 (or the dtype "
+                         "you want) to load_sae")
     return {k: v.to(dtype) if dtype is not None else v for k, v in tensors.items()}
 
 
@@ -109,7 +110,7 @@ def load_saelens(directory: str | Path, dtype=None, device=None) -> SAE:
     cfg = SAEConfig(d_in=raw["d_in"], d_sae=raw["d_sae"], hook_name=hook, architecture=architecture,
                     hook_name_out=hook_out, d_out=raw.get("d_out") if transcoder else None, k=k, skip=skip,
                     apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", False)),
-                    model_name=meta.get("model_name", raw.get("model_name")),
+                    input_scale=meta.get("input_scale"), model_name=meta.get("model_name", raw.get("model_name")),
                     source=f"SAELens directory {directory}", metadata=raw)
     tensors = _tensors(directory / "sae_weights.safetensors", dtype)
     if "log_threshold" in tensors and "threshold" not in tensors:
@@ -249,7 +250,9 @@ def load_sae(path_or_repo: str | Path, sae_id: str | None = None, model: Any = N
 
 def save_sae(sae: SAE, directory: str | Path, fmt: str = "saelens") -> Path:
     """Write an SAE in one of the formats above ("saelens", "gemma_scope_1", "gemma_scope_2"); Gemma Scope 2 needs
-    HF hook paths, taken from `sae.cfg.metadata["hf_hook_point_in"/"_out"]`."""
+    HF hook paths, taken from `sae.cfg.metadata["hf_hook_point_in"/"_out"]`. What a format cannot hold is refused
+    (Gemma Scope 1: JumpReLU only, stored as float32 like the release; Gemma Scope 2: no apply_b_dec_to_input or
+    input scale); SAELens' cfg.json carries an embedding SAE's input scale under metadata.input_scale."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cfg = sae.cfg
@@ -259,12 +262,18 @@ def save_sae(sae: SAE, directory: str | Path, fmt: str = "saelens") -> Path:
     if fmt == "saelens":
         if "W_skip" in weights:
             weights["W_skip"] = weights["W_skip"].T.contiguous()
-        arch = {v: k for k, v in SAELENS_ARCHITECTURES.items() if k != "standard"}[
-            (cfg.architecture, cfg.is_transcoder, cfg.skip)]
-        raw = {"architecture": arch, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": str(sae.dtype).removeprefix("torch."),
+        names = {v: k for k, v in SAELENS_ARCHITECTURES.items() if k != "standard"}
+        arch = names.get((cfg.architecture, cfg.is_transcoder, cfg.skip))
+        if arch is None:
+            raise ValueError(f"SAELens has no architecture for a {cfg.architecture} "
+                             f"{'transcoder' if cfg.is_transcoder else 'SAE'}{' with skip' if cfg.skip else ''}")
+        raw = {"architecture": arch, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
+               "dtype": str(sae.dtype).removeprefix("torch."),
                "apply_b_dec_to_input": cfg.apply_b_dec_to_input, "normalize_activations": "none",
                "reshape_activations": "hook_z" if cfg.hook_name.endswith("hook_z") else "none",
                "metadata": {"hook_name": cfg.hook_name, "model_name": cfg.model_name}}
+        if cfg.input_scale is not None:  # not SAELens' own field: lens_det reads it back (Gemma Scope's embedding)
+            raw["metadata"]["input_scale"] = cfg.input_scale
         if cfg.k is not None:
             raw["k"] = cfg.k
         if cfg.is_transcoder:
@@ -273,10 +282,16 @@ def save_sae(sae: SAE, directory: str | Path, fmt: str = "saelens") -> Path:
         (directory / "cfg.json").write_text(json.dumps(raw, indent=2))
         save_file(weights, str(directory / "sae_weights.safetensors"))
     elif fmt == "gemma_scope_1":
+        if cfg.architecture != "jumprelu" or cfg.skip or cfg.apply_b_dec_to_input:
+            raise ValueError("Gemma Scope 1's format holds JumpReLU SAEs without skip or apply_b_dec_to_input; "
+                             "save this one as 'saelens'")
         import numpy as np
 
         np.savez(directory / "params.npz", **{k: v.float().numpy() for k, v in weights.items()})
     elif fmt == "gemma_scope_2":
+        if cfg.apply_b_dec_to_input or cfg.input_scale is not None:
+            raise ValueError("Gemma Scope 2's format has no apply_b_dec_to_input or input scale; save this one as "
+                             "'saelens'")
         names = {"W_enc": "w_enc", "W_dec": "w_dec", "W_skip": "affine_skip_connection"}
         save_file({names.get(k, k): v for k, v in weights.items()}, str(directory / "params.safetensors"))
         raw = {"hf_hook_point_in": cfg.metadata["hf_hook_point_in"],
@@ -284,6 +299,8 @@ def save_sae(sae: SAE, directory: str | Path, fmt: str = "saelens") -> Path:
                "architecture": "jump_relu" if cfg.architecture == "jumprelu" else cfg.architecture,
                "type": "transcoder" if cfg.is_transcoder else "sae", "affine_connection": cfg.skip,
                "model_name": cfg.model_name, "width": cfg.d_sae}
+        if cfg.k is not None:
+            raw["k"] = cfg.k
         (directory / "config.json").write_text(json.dumps(raw, indent=2))
     else:
         raise ValueError(f"fmt must be 'saelens', 'gemma_scope_1' or 'gemma_scope_2', got {fmt!r}")

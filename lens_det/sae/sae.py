@@ -6,16 +6,17 @@ An `SAE` reads one activation `x` (its input hook, `cfg.hook_name`) and writes a
     pre   = (x - b_dec if apply_b_dec_to_input else x) @ W_enc + b_enc          hook_sae_acts_pre
     acts  = relu(pre)                          "relu" (SAELens "standard")
           = relu(pre) * (pre > threshold)      "jumprelu" (strictly greater: a value at the threshold is off)
-          = relu of the k largest of pre, 0 elsewhere  "topk" (ties at the k-th value go to the lower feature index)
+          = relu of the k largest of pre, 0 elsewhere  "topk" (ties at the k-th value: the lower feature index)
                                                                                  hook_sae_acts_post
     recon = acts @ W_dec + b_dec (+ x @ W_skip, a transcoder's affine skip)      hook_sae_recons
 
-The matmuls are lens_det.ops.linear (F.linear; batch-invariant in deterministic mode, so cached and uncached
-feature activations agree bit for bit there). Shapes: W_enc [d_in, d_sae], W_dec [d_sae, d_out], W_skip [d_in, d_out] (Gemma Scope 2's orientation; SAELens
-stores its transpose and the loader transposes it). An SAE keeps its own dtype: the activation is cast to it on the
-way in and the reconstruction back to the model's dtype on the way out (lens_det.sae.splice). An embedding SAE of
-Gemma Scope 1 reads hook_embed divided by `input_scale` (sqrt(d_model): it was trained on the unscaled table rows)
-and writes its reconstruction multiplied by it.
+The matmuls are lens_det.ops.linear (F.linear; batch-invariant in deterministic mode, so cached and uncached feature
+activations agree bit for bit there). Shapes: W_enc [d_in, d_sae], W_dec [d_sae, d_out], W_skip [d_in, d_out] (Gemma
+Scope 2's orientation; SAELens stores its transpose and the loader transposes it). An SAE keeps its own dtype: the
+activation is cast to it on the way in and the reconstruction back to the model's dtype on the way out
+(lens_det.sae.splice). An embedding SAE of Gemma Scope 1 reads hook_embed divided by `input_scale` (sqrt(d_model):
+lens_det's reading is that it was trained on the unscaled table rows; README's Known limits) and writes its
+reconstruction multiplied by it.
 """
 
 from __future__ import annotations

@@ -29,7 +29,9 @@ LAYER_SITES = {
     ("mlp.w_out", "input"): "mlp.hook_post",
 }
 UNNORMED_SITES = {("attn.w_o", "output"): "hook_attn_out", ("mlp.w_out", "output"): "hook_mlp_out"}
-MODEL_SITES = {("embed.W_E", "output"): "hook_embed", ("ln_final.w", "output"): "ln_final.hook_normalized"}
+# hook_embed is the embedding LayerNorm's output where there is one (Bloom), else the (scaled) embedding's
+MODEL_SITES = {("embed.ln.w", "output"): "hook_embed", ("ln_final.w", "output"): "ln_final.hook_normalized"}
+UNNORMED_EMBED = {("embed.W_E", "output"): "hook_embed"}
 
 
 def hook_for_hf_path(cfg: LensConfig, path: str) -> str:
@@ -59,7 +61,8 @@ def hook_for_hf_path(cfg: LensConfig, path: str) -> str:
             return f"blocks.{i}.{by_module[sub, io]}"
         known = sorted(f"{family.LAYERS}.{{i}}.{m}.{where}" for m, where in by_module)
     else:
-        by_module = {(top[w], where): hook for (w, where), hook in MODEL_SITES.items() if w in top}
+        sites = MODEL_SITES | ({} if cfg.embed_norm else UNNORMED_EMBED)
+        by_module = {(top[w], where): hook for (w, where), hook in sites.items() if w in top}
         if (module, io) in by_module:
             return by_module[module, io]
         known = sorted(f"{m}.{where}" for m, where in by_module)

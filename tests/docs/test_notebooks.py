@@ -11,8 +11,8 @@ ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
-def test_all_four_notebooks_exist():
-    assert [p.stem[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04"]
+def test_all_five_notebooks_exist():
+    assert [p.stem[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05"]
 
 
 @pytest.mark.parametrize("tiny", [None, "tiny-gemma4"], ids=["default", "gemma4"])
@@ -41,3 +41,10 @@ def test_notebook_executes_and_renders_figures(path, tiny, monkeypatch):
         assert "equal to the uncached re-run: [True, True, True, True, True, True]" in text
     if path.stem.startswith("04"):
         assert "same tokens: True" in text and "same logits every step: True" in text
+    if path.stem.startswith("05"):
+        assert text.count("equal to the original: True") == 6 and "equal to the original: False" not in text
+        assert "use_error_term=True, all three spliced: logits bit-identical: True" in text
+        assert text.count("logits equal: False") == 3  # without the error term each SAE changes the logits
+        assert "steered tokens, cache on == cache off: True" in text and "steering changed the text: True" in text
+        assert "steered logits, cache on == cache off: True" in text
+        assert "same tokens: True ; same feature activations every step: True" in text

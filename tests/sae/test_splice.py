@@ -298,7 +298,7 @@ def test_feature_gradients_equal_hf_and_finite_differences(model_pair):
                                                    fwd_hooks=[(f"{hook_name}.hook_sae_acts_post", hook)]))
         hook_name = hook
         fd = (shifted(eps) - shifted(-eps)) / (2 * eps)
-        assert abs(float(fd) - float(grad[row, pos, feat])) < 2e-3, (row, pos, feat, float(fd), float(grad[row, pos, feat]))
+        assert abs(float(fd) - float(grad[row, pos, feat])) < 2e-3, (row, pos, feat, float(fd))
 
 
 def test_attribution_patching_is_acts_difference_times_gradient(model_pair):
