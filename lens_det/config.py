@@ -90,6 +90,22 @@ class LensConfig:
     n_experts: int = 0
     n_experts_per_token: int = 0  # TransformerLens's name for top-k
     d_mlp_expert: int = 0  # each expert's gated-MLP width (HF moe_intermediate_size)
+    # AltUp (Gemma 3n; 1: one residual stream): the residual is n_streams parallel streams [stream, batch, pos, d]; each
+    # block predicts all of them from a learned per-token mix, computes on stream 0's prediction, and corrects every
+    # stream by the innovation; the streams come from projections of the embedding and are averaged before ln_final
+    n_streams: int = 1
+    altup_correct_scale: bool = False  # the per-layer gate reads corrected stream 0 times a learned [d] scale
+    laurel_rank: int = 0  # LAuReL (Gemma 3n): a low-rank residual beside attention; (x + attn + laurel) / sqrt(2)
+    # per layer (None: no layer): gaussian top-k sparsity of the gated MLP's gate, relu(g - (mean + std * icdf(p)))
+    gate_sparsity: tuple[float, ...] | None = None
+    per_layer_oov_to_zero: bool = False  # per-layer table: ids >= d_vocab_per_layer_input read row 0 (Gemma 3n)
+    # the per-layer scales and AltUp's router scale are model-dtype tensors (Gemma 3n's buffers), not Python floats
+    scales_in_model_dtype: bool = False
+    # with logits_to_keep, the KV-sharing tail runs on the kept positions only (Gemma 4's _maybe_slice_kv_shared_inputs;
+    # Gemma 3n has no such cut)
+    cut_kv_tail: bool = True
+    # nn.Embedding's padding_idx (HF's Gemma embeddings): that row's gradient is zero (the forward is unchanged)
+    embed_padding_idx: int | None = None
     tie_word_embeddings: bool = True
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -121,7 +137,8 @@ class LensConfig:
             raise ValueError("rope_rotary_fraction needs positional='rope'")
         optional = {"rope_rotary_fraction": self.rope_rotary_fraction, "d_head_per_layer": self.d_head_per_layer,
                     "n_key_value_heads_per_layer": self.n_key_value_heads_per_layer, "k_eq_v": self.k_eq_v,
-                    "kv_source_layer": self.kv_source_layer, "d_mlp_per_layer": self.d_mlp_per_layer}
+                    "kv_source_layer": self.kv_source_layer, "d_mlp_per_layer": self.d_mlp_per_layer,
+                    "gate_sparsity": self.gate_sparsity}
         per_layer |= {name: values for name, values in optional.items() if values is not None}
         for name, values in per_layer.items():
             if len(values) != self.n_layers:

@@ -28,7 +28,17 @@ def part_of(key: str) -> str:
     head = key.split(".")[0]
     if head == "blocks":
         return ".".join(key.split(".")[:2])
-    return "embed" if head == "ple" else head
+    return _FOLLOWERS.get(head, head)
+
+
+# model-level modules that live with a part: the per-layer embeddings and AltUp's stream projections (Gemma 3n) with
+# the embedding, the streams' collapse with the final norm
+_FOLLOWERS = {"ple": "embed", "streams_in": "embed", "streams_out": "ln_final"}
+
+
+def _followers(model, part: str) -> list[nn.Module]:
+    return [getattr(model, name) for name, home in _FOLLOWERS.items() if home == part
+            and getattr(model, name, None) is not None]
 
 
 def _module_names() -> tuple[dict[str, str], dict[str, str], set[str], set[str], set[str]]:
@@ -37,7 +47,7 @@ def _module_names() -> tuple[dict[str, str], dict[str, str], set[str], set[str],
     word_embeddings_layernorm or Gemma 4's per-layer embeddings), block-list names, containers (HF's names of the
     whole decoder), stateless HF modules)."""
     exact = {"embed": "embed", "ln_final": "ln_final", "unembed": "unembed"}
-    aux = {"ple": "embed"}
+    aux = dict(_FOLLOWERS)
     lists, containers, stateless = {"blocks"}, set(), set()
     for family in set(FAMILIES.values()):
         for hf_key, lens_key in family.MODEL_WEIGHTS.items():
@@ -156,11 +166,9 @@ def balanced_device_map(n_layers: int, n_devices: int, device_type: str = "cuda"
 
 def part_modules(model, part: str) -> list[nn.Module]:
     """The modules that hold a part's weights."""
-    if part == "embed":
-        return [model.embed] + ([model.ple] if getattr(model, "ple", None) is not None else [])
     if part.startswith("blocks."):
         return [model.blocks[int(part.split(".")[1])]]
-    return [getattr(model, part)]
+    return [getattr(model, part)] + _followers(model, part)
 
 
 def meta_parts(model) -> dict[str, bool]:
@@ -203,12 +211,12 @@ def place(model, device_map: dict[str, Any]) -> None:
                        "uninitialised; load weights first (model.to_empty(device=...) then "
                        "model.load_state_dict(...)), or load with lens_det.from_pretrained(directory, device_map=...)")
         raise ValueError("cannot place this model: " + "; ".join(why))
-    model.embed.to(devices["embed"])
-    if getattr(model, "ple", None) is not None:  # per-layer embeddings read the token ids and the embedding
-        model.ple.to(devices["embed"])
+    for module in part_modules(model, "embed"):  # per-layer embeddings read the token ids and the embedding
+        module.to(devices["embed"])
     for i, block in enumerate(model.blocks):
         block.to(devices[f"blocks.{i}"])
-    model.ln_final.to(devices["ln_final"])
+    for module in part_modules(model, "ln_final"):
+        module.to(devices["ln_final"])
     if not tied:
         model.unembed.to(devices["unembed"])
 

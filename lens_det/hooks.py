@@ -15,7 +15,8 @@ display.
 
 Axis names: batch, pos (query positions), key_pos, head (query heads), kv_head (key/value heads), layer (one slot
 per decoder layer), expert, top_k (the experts a token is routed to), one (a kept size-1 axis), and the widths
-d_model, d_head, d_mlp, d_expert, d_ple (Gemma 4's per-layer input width), d_vocab, and an SAE's d_in, d_sae, d_out.
+d_model, d_head, d_mlp, d_expert, d_ple (Gemma 4's per-layer input width), d_vocab, and an SAE's d_in, d_sae, d_out;
+Gemma 3n adds stream / stream_from (AltUp's residual streams; a stream stack's batch axis is 1) and d_laurel.
 """
 
 from __future__ import annotations
@@ -57,9 +58,11 @@ class HookKind:
 
 
 _RESID = ("batch", "pos", "d_model")
+_STREAMS = ("stream", "batch", "pos", "d_model")  # AltUp's residual streams (Gemma 3n)
 _SCALE = "derived: sqrt(var + eps) of the HF norm module's input"
 _NORMED = "module: the HF norm module's output"
-_PER_HEAD_INPUT = "module: the HF decoder layer's input, repeated per {} (only with set_use_{})"
+_PER_HEAD_INPUT = ("module: the HF decoder layer's input (Gemma 3n: input_layernorm's), repeated per {} (only with "
+                   "set_use_{})")
 _SLOT = "placed at each row's (token, slot) by HF's own indexing"
 _SPLIT_QKV = ("model.set_use_split_qkv_input(True)", "use_split_qkv_input")
 
@@ -179,6 +182,27 @@ _ENTRIES = [
     HookKind("blocks.hook_resid_post", _RESID, "residual add",
              "module: the HF decoder layer's output (Gemma 4: after its in-place layer_scalar multiply)",
              invalidated_by=("center_writing_weights",)),
+    # AltUp streams and LAuReL (Gemma 3n; components/streams.py): [stream, batch, pos, d_model] stacks
+    HookKind("streams_in.hook_streams", _STREAMS, "projection, magnitude match",
+             "module: the first HF decoder layer's input (the stacked streams)"),
+    HookKind("blocks.hook_streams_pre", _STREAMS, "altup correct (previous block)",
+             "module: the HF decoder layer's input"),
+    HookKind("blocks.altup.hook_predict_coefs", ("batch", "pos", "stream", "stream_from"), "linear (router)",
+             "module: altup.prediction_coefs's output, reshaped [.., S, S]"),
+    HookKind("blocks.altup.hook_predictions", _STREAMS, "matmul (stream mix)", "call: altup.predict's return"),
+    HookKind("blocks.laurel.hook_low", ("batch", "pos", "d_laurel"), "linear", "module: laurel.linear_left's output"),
+    *_norm("blocks.laurel.ln", _RESID),
+    HookKind("blocks.hook_laurel_out", _RESID, "residual add", "module: the laurel block's output"),
+    HookKind("blocks.mlp.hook_sparse_gate", ("batch", "pos", "d_mlp"), "gaussian top-k",
+             "module: the MLP act_fn's input (sparse layers only)"),
+    HookKind("blocks.altup.hook_correct_coefs", ("batch", "pos", "stream"), "linear (router) + 1",
+             "derived: altup.correction_coefs's output + 1.0"),
+    HookKind("blocks.altup.hook_corrected", _STREAMS, "altup correct", "call: altup.correct's return (cloned)"),
+    HookKind("blocks.hook_streams_post", _STREAMS, "per-layer add (streams 1..)",
+             "module: the HF decoder layer's output"),
+    HookKind("streams_out.hook_streams", _STREAMS, "projection, magnitude match",
+             "derived: HF's collapse ops on the last layer's output and altup_unembed_projections' outputs"),
+    HookKind("streams_out.hook_mean", _RESID, "mean over streams", "module: the final norm's input"),
     # model level, after the blocks
     *_norm("ln_final", _RESID, ("fold_ln",)),
 ]

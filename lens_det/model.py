@@ -25,6 +25,7 @@ from lens_det.components.context import ForwardContext
 from lens_det.components.embed import Embed, Unembed
 from lens_det.components.norms import make_norm
 from lens_det.components.per_layer import PerLayerEmbed
+from lens_det.components.streams import StreamsIn, StreamsOut
 from lens_det.config import LensConfig
 from lens_det.inputs import (check_dtype, check_residual, check_tokens, coerce_text, full_mask, kv_cache_argument,
                              layer_range, resolve_positions, tokens_for_residual)
@@ -69,8 +70,10 @@ class HookedDecoder(SAEMixin, TLWeights, TLTokens, TLInterface, HookedRootModule
         # integer logits_to_keep they run on the kept positions only (None: no such tail)
         sources = config.kv_source_layer or (None,) * config.n_layers
         consumers = [i for i, j in enumerate(sources) if j is not None]
-        self.kv_consumer_tail = consumers[0] if consumers and consumers == list(range(consumers[0],
-                                                                                      config.n_layers)) else None
+        tail = consumers and consumers == list(range(consumers[0], config.n_layers)) and config.cut_kv_tail
+        self.kv_consumer_tail = consumers[0] if tail else None
+        if config.n_streams > 1:  # AltUp (Gemma 3n): streams from the embedding, averaged before ln_final
+            self.streams_in, self.streams_out = StreamsIn(config), StreamsOut(config)
         self.ln_final = make_norm(config)
         self.unembed = Unembed(config, self.embed)
         self.tokenizer = None
@@ -239,6 +242,9 @@ class HookedDecoder(SAEMixin, TLWeights, TLTokens, TLInterface, HookedRootModule
         if logits_to_keep and return_type in ("loss", "both"):
             raise ValueError("the loss needs every position's logits; use logits_to_keep=0 with return_type='loss'")
         kv_cache = kv_cache_argument(kv_cache, past_kv_cache)
+        if self.config.n_streams > 1 and (start_at_layer is not None or stop_at_layer is not None):
+            raise NotImplementedError("start_at_layer / stop_at_layer on a multi-stream (AltUp) model are not "
+                                      "implemented: the residual between blocks is all streams, not one")
         start, stop = layer_range(self.config, start_at_layer, stop_at_layer, kv_cache, return_type)
         pair = isinstance(tokens, TokensAndMask)
         tokens, attention_mask, text = coerce_text(self, tokens, attention_mask, prepend_bos, padding_side)
@@ -273,6 +279,8 @@ class HookedDecoder(SAEMixin, TLWeights, TLTokens, TLInterface, HookedRootModule
     def _forward_layers(self, tokens, ctx, kv_cache, return_type, logits_to_keep, start, stop, resid):
         x = self.hook_embed(self.embed(tokens)) if resid is None else resid
         per_layer = self._per_layer_inputs(tokens, x if resid is None else self.embed(tokens))
+        if self.config.n_streams > 1:
+            x = self.streams_in(x)
         for i in range(start, stop):
             if i == self.kv_consumer_tail and stop == self.cfg.n_layers and 0 < logits_to_keep < x.shape[1] \
                     and self._can_cut_kv_tail(ctx, logits_to_keep):
@@ -284,6 +292,8 @@ class HookedDecoder(SAEMixin, TLWeights, TLTokens, TLInterface, HookedRootModule
                       None if per_layer is None else per_layer[:, :, i])
         if stop < self.cfg.n_layers:
             return x
+        if self.config.n_streams > 1:
+            x = self.streams_out(x.to(self.ln_final.w.device))
         x = self.ln_final(x.to(self.ln_final.w.device))
         return None if return_type is None else self.unembed(x[:, -logits_to_keep:] if logits_to_keep else x)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lens_det.devices import DISK, attach_offload, check_device, check_map_devices, offloaded_keys, part_of, parts, \
-    resolve_device_map
+from lens_det.devices import DISK, attach_offload, check_device, check_map_devices, offloaded_keys, part_modules, \
+    part_of, parts, resolve_device_map
 from lens_det.hf.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -31,9 +31,9 @@ def _parts_module(model) -> nn.Module:
     """The model's parts as direct children of one module, in forward order, so accelerate allocates them as
     lens_det places them (the per-layer embeddings with the embedding)."""
     parts = nn.Module()
-    parts.embed = _Part([model.embed] + ([model.ple] if getattr(model, "ple", None) is not None else []))
+    parts.embed = _Part(part_modules(model, "embed"))
     parts.blocks = model.blocks
-    parts.ln_final = _Part([model.ln_final])
+    parts.ln_final = _Part(part_modules(model, "ln_final"))
     if model.unembed.weight is not None:
         parts.unembed = _Part([model.unembed])
     return parts

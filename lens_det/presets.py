@@ -14,7 +14,7 @@ from typing import Any, Literal
 # The tiny random-weight configs (model_configs/tiny-*.json), Bloom first, then Gemma by generation: what
 # `lens-det parity` / `lens-det determinism` run without --model, and what the test suite parametrises over.
 _TINY = ("tiny-bloom", "tiny-bloom-resid", "tiny-gemma", "tiny-gemma2", "tiny-vaultgemma", "tiny-gemma3",
-         "tiny-gemma4", "tiny-gemma4-ple", "tiny-gemma4-moe")
+         "tiny-gemma4", "tiny-gemma4-ple", "tiny-gemma4-moe", "tiny-gemma3n")
 
 
 def tiny_configs(family: Literal["bloom", "gemma"] | None = None) -> list[str]:

@@ -16,7 +16,7 @@ from lens_det.config import LensConfig
 from lens_det.convert import sdpa_refusal
 from lens_det.parity.report import Schedule
 
-FAMILIES = ["bloom", "gemma", "gemma2", "gemma3_text", "vaultgemma", "gemma4_text"]
+FAMILIES = ["bloom", "gemma", "gemma2", "gemma3_text", "vaultgemma", "gemma4_text", "gemma3n_text"]
 ACTIVATIONS = ["gelu_pytorch_tanh", "gelu"]
 
 
@@ -55,6 +55,24 @@ def _gemma4(draw, n_layers: int, n_heads: int, vocab: int) -> dict:
                 # KV sharing only with PLE: HF 5.23 fails without (lens_det refuses it, tests/parity/test_gemma4.py)
                 num_kv_shared_layers=_kv_shared(draw, layer_types) if ple else 0,
                 use_double_wide_mlp=draw(st.booleans()), enable_moe_block=False)
+
+
+def _gemma3n(draw, n_layers: int, vocab: int, pad: int) -> dict:
+    """Gemma 3n text: 2-4 AltUp streams (with or without correct_output_scale), LAuReL, per-layer MLP widths and
+    gate sparsity, per-layer embeddings from a table that may be smaller than the vocabulary, KV sharing."""
+    layer_types = draw(st.lists(st.sampled_from(["sliding_attention", "full_attention"]), min_size=n_layers,
+                                max_size=n_layers))
+    return dict(hidden_activation=draw(st.sampled_from(ACTIVATIONS)), layer_types=layer_types,
+                sliding_window=draw(st.integers(1, 12)),
+                final_logit_softcapping=draw(st.sampled_from([0.5, 5.0, 30.0])),  # Gemma3nTextConfig: a float
+                rope_parameters={"full_attention": _rope(draw), "sliding_attention": _rope(draw)},
+                altup_num_inputs=draw(st.integers(2, 4)), altup_correct_scale=draw(st.booleans()),
+                laurel_rank=draw(st.integers(1, 4)), hidden_size_per_layer_input=draw(st.sampled_from([1, 3, 8])),
+                vocab_size_per_layer_input=draw(st.integers(pad + 1, vocab)),  # HF: padding_idx must fit
+                intermediate_size=draw(st.lists(st.integers(1, 24), min_size=n_layers, max_size=n_layers)),
+                activation_sparsity_pattern=draw(st.lists(st.sampled_from([0.0, 0.3, 0.95]), min_size=n_layers,
+                                                          max_size=n_layers)),
+                num_kv_shared_layers=_kv_shared(draw, layer_types))
 
 
 def _kv_shared(draw, layer_types: list[str]) -> int:
@@ -98,6 +116,8 @@ def config_kwargs(draw, families=tuple(FAMILIES)):
         return family, kw | dict(hidden_act=draw(st.sampled_from(ACTIVATIONS)), rope_parameters=_rope(draw))
     if family == "gemma4_text":
         return family, kw | _gemma4(draw, n_layers, n_heads, vocab)
+    if family == "gemma3n_text":
+        return family, kw | _gemma3n(draw, n_layers, vocab, pad)
     kw |= dict(hidden_activation=draw(st.sampled_from(ACTIVATIONS)),
                sliding_window=draw(st.integers(1, 12)),
                query_pre_attn_scalar=draw(st.sampled_from([1, 4, 8, 20, 256])),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from lens_det.hooks import HookPoint
@@ -12,6 +14,7 @@ from lens_det.components.mlp import make_mlp
 from lens_det.components.moe import MixtureOfExperts
 from lens_det.components.norms import make_norm, make_optional_norm
 from lens_det.components.per_layer import PerLayerInputBlock
+from lens_det.components.streams import AltUp, Laurel
 from lens_det.config import LensConfig
 
 
@@ -73,6 +76,14 @@ class Block(nn.Module):
             self._add_per_layer_input = self._add_per_layer
         else:
             self._add_per_layer_input = self._no_per_layer
+        if cfg.n_streams > 1:  # AltUp (Gemma 3n): the block reads and writes all streams (components.streams)
+            self.altup = AltUp(cfg)
+            self.laurel = Laurel(cfg)
+            self.altup_correct_scale = cfg.altup_correct_scale
+            self.hook_streams_pre = HookPoint()  # [stream, batch, pos, d_model]: the streams this block reads
+            self.hook_laurel_out = HookPoint()  # [batch, pos, d_model]: LAuReL's output (its input included)
+            self.hook_streams_post = HookPoint()  # [stream, batch, pos, d_model]: the streams it writes
+            self.forward = self._forward_streams
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, cache_entry=None,
                 per_layer_input: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,6 +92,44 @@ class Block(nn.Module):
         x = self._attention_sublayer(self.hook_resid_pre(x), ctx, cache_entry)
         x = self._mlp_sublayer(x)
         return self.hook_resid_post(self._apply_layer_scalar(self._add_per_layer_input(x, per_layer_input)))
+
+    def _forward_streams(self, streams: torch.Tensor, ctx: ForwardContext, cache_entry=None,
+                         per_layer_input: torch.Tensor | None = None) -> torch.Tensor:
+        """Gemma3nTextDecoderLayer: predict the streams, compute on prediction 0 (attention and LAuReL beside it,
+        (x + attn) + laurel over sqrt(2), then the MLP), correct every stream by the innovation, and add the
+        per-layer sub-block, gated by corrected stream 0 (times correct_output_scale), to streams 1.. only.
+        hook_resid_pre / hook_resid_post are stream 0 of the input / output and fire first (an edit replaces that
+        stream); hook_streams_pre / _post then see the whole stack the block reads / writes, edits included."""
+        streams = self.hook_streams_pre(self._stream0(streams, self.hook_resid_pre))
+        predictions = self.altup.predict(streams)
+        active = predictions[0]
+        a = self.ln1(active)
+        laurel = self.hook_laurel_out(self.laurel(a))
+        # TL's per-head inputs here are copies of what ln1 reads, AltUp's stream-0 prediction
+        per_head = self._per_head_inputs(active) if self.use_attn_in or self.use_split_qkv_input else None
+        attn_out = self.hook_attn_out(self.ln1_post(self.attn(a, ctx, cache_entry, per_head)))
+        mid = self.hook_resid_mid(((active + attn_out) + laurel) / math.sqrt(2))
+        mlp_in = self.hook_mlp_in(mid.clone()) if self.use_hook_mlp_in else mid
+        output = mid + self.hook_mlp_out(self.ln2_post(self.mlp(self.ln2(mlp_in))))
+        corrected = self.altup.correct(predictions, output)
+        first = corrected[0]
+        gate_input = self.altup.scale_for_gate(first) if self.altup_correct_scale else first
+        per_layer_input = self.hook_per_layer_input(per_layer_input.to(first.device))
+        added = self.hook_ple_out(self.ple(gate_input, per_layer_input))
+        return self.hook_streams_post(self._stream0(self._add_to_streams(corrected, added), self.hook_resid_post))
+
+    @staticmethod
+    def _add_to_streams(corrected: torch.Tensor, added: torch.Tensor) -> torch.Tensor:
+        """The per-layer sub-block's output goes to streams 1.. only (HF: `corrected[1:] += ...`), in a new tensor
+        (a fault, lens_det.parity.faults.per_layer_input_on_every_stream, swaps it)."""
+        return torch.cat([corrected[:1], corrected[1:] + added], dim=0)
+
+    @staticmethod
+    def _stream0(streams: torch.Tensor, hook) -> torch.Tensor:
+        """Fire `hook` on stream 0; an edit of it replaces stream 0 in a new stack (the others unchanged)."""
+        first = streams[0]
+        edited = hook(first)
+        return streams if edited is first else torch.cat([edited[None], streams[1:]], dim=0)
 
     # Each sub-layer is its own function so that its temporaries (the norm's output, the branch's output) are freed
     # when it returns, as in HF's decoder layer: held in forward's frame, two [batch, pos, d_model] tensors stayed

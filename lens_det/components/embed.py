@@ -21,9 +21,10 @@ class Embed(nn.Module):
         self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))  # [d_vocab, d_model]
         self.ln = make_optional_norm(cfg, cfg.embed_norm)
         self.scale = EmbedScale(cfg.d_model) if cfg.embed_scale else nn.Identity()
+        self.padding_idx = cfg.embed_padding_idx  # no gradient for that row (HF's nn.Embedding padding_idx)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.scale(self.ln(F.embedding(tokens, self.W_E)))
+        return self.scale(self.ln(F.embedding(tokens, self.W_E, padding_idx=self.padding_idx)))
 
 
 class Unembed(nn.Module):

@@ -43,11 +43,28 @@ class GatedMLP(MLP):
         self.w_gate = nn.Parameter(torch.empty(d_mlp, cfg.d_model))
         self.b_gate = nn.Parameter(torch.zeros(d_mlp)) if cfg.mlp_bias else None
         self.hook_pre_linear = HookPoint()  # [batch, pos, d_mlp]
+        self.sparsity = 0.0  # gaussian top-k of the gate (Gemma 3n's activation_sparsity; set by make_mlp)
+
+    def _sparsify(self, gate: torch.Tensor) -> torch.Tensor:
+        """HF's _gaussian_topk: relu(g - (mean + std * icdf(p))), std without Bessel's correction, the icdf in
+        float32 on g's device then cast to g's dtype; layers with sparsity 0 skip it."""
+        if not self.sparsity:
+            return gate
+        p = torch.tensor(self.sparsity, dtype=torch.float32, device=gate.device)
+        multiplier = torch.distributions.normal.Normal(0, 1).icdf(p).type(gate.dtype)
+        mean = torch.mean(gate, dim=-1, keepdim=True)
+        return self.hook_sparse_gate(torch.relu(gate - (mean + self._std(gate) * multiplier)))
+
+    @staticmethod
+    def _std(gate: torch.Tensor) -> torch.Tensor:
+        """The population std (no Bessel correction), as HF (a fault, lens_det.parity.faults.gate_std_unbiased,
+        swaps it)."""
+        return torch.std(gate, dim=-1, keepdim=True, unbiased=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # HF's order, act(gate_proj(x)) * up_proj(x): the gate's pre-activation is freed before up_proj runs, so the
         # peak holds three [pos, d_mlp] tensors, not four (+1 x T x d_mlp at long prompts otherwise)
-        gate = self.act(self.hook_pre(ops.linear(x, self.w_gate, self.b_gate)))
+        gate = self.act(self._sparsify(self.hook_pre(ops.linear(x, self.w_gate, self.b_gate))))
         pre_linear = self.hook_pre_linear(ops.linear(x, self.w_in, self.b_in))
         return ops.linear(self.hook_post(gate * pre_linear), self.w_out, self.b_out)
 
@@ -58,4 +75,8 @@ class GatedMLP(MLP):
 
 def make_mlp(cfg: LensConfig, layer: int = 0) -> MLP:
     """Layer `layer`'s MLP, cfg.layer_d_mlp(layer) wide (hooks: [batch, pos, that width])."""
-    return (GatedMLP if cfg.gated_mlp else MLP)(cfg, cfg.layer_d_mlp(layer))
+    mlp = (GatedMLP if cfg.gated_mlp else MLP)(cfg, cfg.layer_d_mlp(layer))
+    if cfg.gate_sparsity and cfg.gate_sparsity[layer]:
+        mlp.sparsity = cfg.gate_sparsity[layer]
+        mlp.hook_sparse_gate = HookPoint()  # [batch, pos, d_mlp]: the gate after the sparsification (these layers)
+    return mlp

@@ -33,15 +33,26 @@ class PerLayerEmbed(nn.Module):
         self.w_proj = nn.Parameter(torch.empty(cfg.n_layers * self.d, cfg.d_model))
         self.proj_scale = cfg.d_model**-0.5  # python floats, as HF's per_layer_model_projection_scale
         self.combine_scale = 2.0**-0.5  # HF's per_layer_input_scale
+        self.oov_to_zero = cfg.d_vocab_per_layer_input if cfg.per_layer_oov_to_zero else None
+        pad = cfg.embed_padding_idx  # HF builds the per-layer table with the main embedding's padding_idx
+        self.padding_idx = pad if pad is not None and pad < cfg.d_vocab_per_layer_input else None
+        # Gemma 3n: float32 buffers tensor(d ** -0.5) and rsqrt(tensor(2.)) cast with the model (rounded to its dtype)
+        self.scale_tensors = (torch.tensor(cfg.d_model**-0.5, dtype=torch.float32, device="cpu"),
+                              torch.rsqrt(torch.tensor(2.0, dtype=torch.float32, device="cpu"))) \
+            if cfg.scales_in_model_dtype else None
         self.ln = make_norm(cfg, dim=self.d)
         self.hook_tokens = HookPoint()  # [batch, pos, n_layers, d_per_layer_input]: the scaled token table rows
         self.hook_proj = HookPoint()  # [batch, pos, n_layers, d_per_layer_input]: the projection, before ln
 
     def forward(self, tokens: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         shape = (*tokens.shape, self.n_layers, self.d)
-        table = self.hook_tokens(self.scale(F.embedding(tokens, self.W_E)).reshape(shape))
-        proj = self.hook_proj((ops.linear(embedding, self.w_proj) * self.proj_scale).reshape(shape))
-        return (self.ln(proj) + table) * self.combine_scale
+        if self.oov_to_zero is not None:  # Gemma 3n: ids outside the per-layer table read its row 0
+            tokens = torch.where((tokens >= 0) & (tokens < self.oov_to_zero), tokens, 0)
+        table = self.hook_tokens(self.scale(F.embedding(tokens, self.W_E, padding_idx=self.padding_idx)).reshape(shape))
+        proj_scale, combine_scale = (self.proj_scale, self.combine_scale) if self.scale_tensors is None else \
+            (t.to(embedding.device, embedding.dtype) for t in self.scale_tensors)
+        proj = self.hook_proj((ops.linear(embedding, self.w_proj) * proj_scale).reshape(shape))
+        return (self.ln(proj) + table) * combine_scale
 
 
 class PerLayerInputBlock(nn.Module):

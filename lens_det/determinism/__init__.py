@@ -49,9 +49,10 @@ def _diff_runs(report: ParityReport, step: str, ours: dict, ref: dict, row: int 
     positions start at `pad`) against the one-row reference."""
     for hook, mine in ours.items():
         if row is not None:
-            mine = mine[row : row + 1]
+            kind = hook_kind(hook)
+            mine = mine.narrow(kind.layout.index("batch"), row, 1)  # batch is axis 1 of AltUp's stream stacks
             cut: list[slice] = [slice(None)] * mine.ndim  # the padding off every position axis (query and key)
-            for axis in hook_kind(hook).position_axes:
+            for axis in kind.position_axes:
                 cut[axis] = slice(pad, None)
             mine = mine[tuple(cut)]
         report.rows.append(diff_hook(step, hook, mine, ref[hook], report.atol, report.rtol, 0))

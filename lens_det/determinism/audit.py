@@ -94,6 +94,11 @@ AUDITED_OPS = {
     "softmax": _attention(_softmax),
     "softmax_fp32 (MoE router)": ops.softmax_fp32,
     "attend": _attention(_attend),
+    # Gemma 3n: the gate's gaussian top-k (mean and population std over the row) and AltUp's magnitude match
+    "gaussian top-k": lambda x: torch.relu(x - (torch.mean(x, -1, keepdim=True)
+                                                + torch.std(x, -1, keepdim=True, unbiased=False) * 1.6)),
+    "magnitude match": lambda x: (x * torch.mean(x**2, -1, keepdim=True) ** 0.5)
+    / torch.sqrt(torch.mean(x**2, -1, keepdim=True).clamp(min=1e-5)),
 }
 
 # aten ops a deterministic forward runs besides those AUDITED_OPS exercises; exact whatever the layout: data
@@ -106,6 +111,9 @@ EXACT_OPS = frozenset({
     "aten.clamp", "aten.sum", "aten.argmax", "aten.item",
     # MoE routing and dispatch (deterministic mode): selection and data movement
     "aten.topk", "aten.nonzero", "aten.index_put_", "aten._unique2", "aten.unbind", "aten.aminmax", "aten.permute",
+    # Gemma 3n: relu (exact), AltUp's stream repeat, and the icdf of the 0-d sparsity constant (erfinv on one
+    # scalar, its argument check _is_all_true)
+    "aten.relu", "aten.repeat", "aten.erfinv", "aten._is_all_true",
 })
 
 RAW_OPS = {

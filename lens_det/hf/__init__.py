@@ -33,22 +33,13 @@ FAMILIES: dict[str, ModuleType] = {
     "gemma4": gemma,
     "gemma4_unified_text": gemma,
     "gemma4_unified": gemma,
+    "gemma3n_text": gemma,
+    "gemma3n": gemma,
 }
-
-
-# Families HF has that lens_det does not run yet, with what is missing (a clearer refusal than "not supported")
-NOT_YET = {
-    "gemma3n": "Gemma 3n's AltUp multi-stream residual, LAuReL, gaussian top-k gate sparsity and stream-targeted "
-               "per-layer inputs are not implemented in lens_det's decoder yet",
-}
-NOT_YET["gemma3n_text"] = NOT_YET["gemma3n"]
 
 
 def family_for(hf_config: Any) -> ModuleType:
     model_type = getattr(hf_config, "model_type", None)
-    if model_type in NOT_YET:
-        raise NotImplementedError(f"model_type {model_type!r}: {NOT_YET[model_type]}; lens_det supports "
-                                  f"{sorted(FAMILIES)}")
     if model_type not in FAMILIES:
         raise NotImplementedError(
             f"model_type {model_type!r} is not supported; lens_det supports {sorted(FAMILIES)}"

@@ -15,7 +15,9 @@ SUPPORTED_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_erf"}
 ACTIVATION_FIELD = {"gemma": "hidden_act"}
 # Which Gemma generation's mechanisms each HF model_type uses (VaultGemma is Gemma 2 without the two post-norms).
 # Gemma 4 "unified" (12B) is Gemma 4 text without per-layer embeddings or MoE, under its own model_type.
-GENERATION = {"gemma": 1, "gemma2": 2, "vaultgemma": 2, "gemma3_text": 3, "gemma4_text": 4, "gemma4_unified_text": 4}
+GENERATION = {"gemma": 1, "gemma2": 2, "vaultgemma": 2, "gemma3_text": 3, "gemma4_text": 4, "gemma4_unified_text": 4,
+              "gemma3n_text": 4}  # Gemma 3n: Gemma 4's norms and attention, plus AltUp streams and LAuReL (ALTUP)
+ALTUP = ("gemma3n_text",)
 # Fields of Gemma 4 that change the computation; a Gemma 1-3 config carrying them is refused (not silently ignored).
 GEMMA4_ONLY_FIELDS = ("hidden_size_per_layer_input", "num_kv_shared_layers", "global_head_dim", "attention_k_eq_v",
                       "enable_moe_block")
@@ -114,6 +116,7 @@ def config_from_hf(hf: Any) -> LensConfig:
     architecture = (getattr(hf, "architectures", None) or [None])[0]
     if getattr(hf, "text_config", None) is not None:  # Gemma3Config / Gemma4Config (multimodal): the text part
         default = {"gemma3": "Gemma3ForConditionalGeneration", "gemma4": "Gemma4ForConditionalGeneration",
+                   "gemma3n": "Gemma3nForConditionalGeneration",
                    "gemma4_unified": "Gemma4UnifiedForConditionalGeneration"}
         architecture = architecture or default.get(hf.model_type)
         hf = hf.text_config
@@ -144,13 +147,20 @@ def config_from_hf(hf: Any) -> LensConfig:
     k_eq_v = tuple(bool(getattr(hf, "attention_k_eq_v", False)) and t == "full_attention" and j is None
                    for t, j in zip(layer_types, consumer))
     ple = (getattr(hf, "hidden_size_per_layer_input", 0) or 0) if generation == 4 else 0
+    altup = model_type in ALTUP
+    widths = hf.intermediate_size if isinstance(hf.intermediate_size, (list, tuple)) else None
+    d_mlp = widths[0] if widths else hf.intermediate_size
+    if altup and hf.altup_active_idx != 0:
+        raise NotImplementedError(f"altup_active_idx={hf.altup_active_idx} is not implemented (HF itself reads stream "
+                                  "0 as the embedding's and adds the per-layer inputs to streams 1..)")
+    sparsity = tuple(float(p) for p in hf.activation_sparsity_pattern) if altup else None
     return LensConfig(
         architecture=model_type,
         d_model=hf.hidden_size,
         n_layers=n_layers,
         n_heads=hf.num_attention_heads,
         d_head=d_head,
-        d_mlp=hf.intermediate_size,
+        d_mlp=d_mlp,
         d_vocab=hf.vocab_size,
         n_key_value_heads=n_kv,
         positional="rope",
@@ -174,15 +184,23 @@ def config_from_hf(hf: Any) -> LensConfig:
         post_mlp_norm=generation >= 2 and model_type != "vaultgemma",
         qk_norm=generation >= 3,
         v_norm=generation == 4,
-        layer_scalar=generation == 4,
+        layer_scalar=generation == 4 and not altup,
+        n_streams=hf.altup_num_inputs if altup else 1,
+        altup_correct_scale=bool(altup and hf.altup_correct_scale),
+        laurel_rank=hf.laurel_rank if altup else 0,
+        gate_sparsity=sparsity if sparsity and any(sparsity) else None,
+        per_layer_oov_to_zero=altup,
+        scales_in_model_dtype=altup,
+        cut_kv_tail=not altup,  # Gemma 3n has no _maybe_slice_kv_shared_inputs
         d_per_layer_input=ple,
         d_vocab_per_layer_input=hf.vocab_size_per_layer_input if ple else None,
         kv_source_layer=kv_source,
-        d_mlp_per_layer=_mlp_widths(hf, kv_source),
+        d_mlp_per_layer=tuple(widths) if widths and len(set(widths)) > 1 else _mlp_widths(hf, kv_source),
         attn_softcap=getattr(hf, "attn_logit_softcapping", None) if generation == 2 else None,  # §5: G3 ignores it
         final_softcap=final_softcap,
         attn_bias=hf.attention_bias,
         mlp_bias=False,
+        embed_padding_idx=hf.pad_token_id,  # HF's embed_tokens(_per_layer) are nn.Embedding(..., padding_idx)
         tie_word_embeddings=getattr(hf, "tie_word_embeddings", True),
         pad_token_id=hf.pad_token_id,
         bos_token_id=hf.bos_token_id,
@@ -227,7 +245,7 @@ NORMS = {
 }
 NORMS["vaultgemma"] = {"input_layernorm": "ln1", "pre_feedforward_layernorm": "ln2"}
 NORMS["gemma3_text"] = NORMS["gemma2"] | {"self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm"}
-NORMS["gemma4_text"] = NORMS["gemma4_unified_text"] = NORMS["gemma3_text"]
+NORMS["gemma4_text"] = NORMS["gemma4_unified_text"] = NORMS["gemma3n_text"] = NORMS["gemma3_text"]
 WEIGHTLESS_NORMS = {"self_attn.v_norm": "attn.v_norm"}  # Gemma 4's v_norm (with_scale=False): in no state dict
 # Gemma 4's MoE block (enable_moe_block): its three extra norms, router and 3-D expert weights, per decoder layer.
 EXPERTS = {
@@ -252,6 +270,18 @@ PROJECTIONS = {
 }
 # the key/value modules, which a KV-sharing consumer layer does not have
 KV_MODULES = ("self_attn.k_proj", "self_attn.v_proj", "self_attn.k_norm", "self_attn.v_norm")
+# Gemma 3n's AltUp and LAuReL, per decoder layer; AltUp's stream projections, model level ("{}": the stream - 1)
+ALTUP_BLOCK = {
+    "altup.correct_output_scale": "altup.correct_output_scale",
+    "altup.correction_coefs.weight": "altup.w_correct",
+    "altup.prediction_coefs.weight": "altup.w_predict",
+    "altup.modality_router.weight": "altup.w_router",
+    "altup.router_norm.weight": "altup.w_router_norm",
+    "laurel.linear_left.weight": "laurel.w_left",
+    "laurel.linear_right.weight": "laurel.w_right",
+    "laurel.post_laurel_norm.weight": "laurel.ln.w",
+}
+ALTUP_MODEL = {"altup_projections.{}.weight": "streams_in.w.{}", "altup_unembed_projections.{}.weight": "streams_out.w.{}"}
 # Gemma 4 per-layer embeddings, per decoder layer
 PLE_BLOCK = {"per_layer_input_gate.weight": "ple.w_gate", "per_layer_projection.weight": "ple.w_out",
              "post_per_layer_input_norm.weight": "ple.ln.w"}
@@ -262,7 +292,7 @@ def layer_weights(architecture: str) -> dict[str, str]:
     a given layer has depends on its config, see state_dict_from_hf)."""
     out = {f"{hf}.weight": f"{lens}.w" for hf, lens in NORMS[architecture].items()}
     out |= {f"{hf}.{kind}": lens.format(kind[0]) for hf, lens in PROJECTIONS.items() for kind in ("weight", "bias")}
-    return out | PLE_BLOCK | EXPERTS
+    return out | PLE_BLOCK | EXPERTS | ALTUP_BLOCK
 
 
 def strip_prefix(state_dict: dict, prefixes: tuple[str, ...]) -> dict:
@@ -286,6 +316,8 @@ def state_dict_from_hf(sd: dict, cfg: LensConfig) -> dict:
     if cfg.tie_word_embeddings:
         absent.add("lm_head.weight")
     out = {new: sd[old] for old, new in MODEL_WEIGHTS.items() if old not in absent}
+    for k in range(cfg.n_streams - 1):
+        out |= {new.format(k): sd[old.format(k)] for old, new in ALTUP_MODEL.items()}
     for i in range(cfg.n_layers):
         h, b = f"{LAYERS}.{i}.", f"blocks.{i}."
         consumer = cfg.layer_kv_source(i) is not None  # HF ignores a checkpoint's k/v weights of such layers
@@ -298,6 +330,8 @@ def state_dict_from_hf(sd: dict, cfg: LensConfig) -> dict:
             out |= {b + new: sd[h + old] for old, new in PLE_BLOCK.items()}
         if cfg.n_experts:
             out |= {b + name: sd[h + hf_name] for hf_name, name in EXPERTS.items()}
+        if cfg.n_streams > 1:
+            out |= {b + name: sd[h + hf_name] for hf_name, name in ALTUP_BLOCK.items()}
         for hf_name, name in PROJECTIONS.items():
             if hf_name == "self_attn.v_proj" and cfg.layer_k_eq_v(i) or consumer and hf_name in KV_MODULES:
                 continue

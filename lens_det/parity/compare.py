@@ -12,7 +12,7 @@ from lens_det.inputs import check_binary_mask, check_tokens, resolve_positions
 from lens_det.parity.reference import capture_reference
 from lens_det.parity.report import ParityReport, Schedule, diff_hook, kind_of
 from lens_det.weight_processing import changed_hooks
-from lens_det.hooks import QUERY_KEY_HOOKS
+from lens_det.hooks import QUERY_KEY_HOOKS, hook_kind
 
 # The pattern hooks (QUERY_KEY_HOOKS) have no value under sdpa (it returns z only): compared under eager, listed as
 # not compared under sdpa. Requesting them would make those layers run eager attention (components/attention.py).
@@ -283,12 +283,14 @@ def diff_chunked_run(report, model, tokens, mask, positions, bounds, full, full_
         rows_real = real[:, a:b]
         for hook in [*ours.keys(), "logits"]:
             mine, whole = (logits, full_logits) if hook == "logits" else (ours[hook], full[hook])
-            if hook.endswith(QUERY_KEY_HOOKS):  # keys attended in this step: the last mine.shape[-1] of [0, b)
-                whole = whole[:, :, a:b, b - mine.shape[-1] : b]
-                keep = rows_real[:, None, :, None]
-            else:
-                whole = whole[:, a:b]
-                keep = rows_real.view(*rows_real.shape, *[1] * (mine.ndim - 2))
+            kind = hook_kind(hook)  # the axes from the registry (AltUp's stream stacks have batch at 1, pos at 2)
+            whole = whole.narrow(kind.pos_axis, a, b - a)
+            if kind.key_axis is not None:  # keys attended in this step: the last mine.shape[key] of [0, b)
+                n_keys = mine.shape[kind.key_axis]
+                whole = whole.narrow(kind.key_axis, b - n_keys, n_keys)
+            shape = [1] * mine.ndim
+            shape[kind.layout.index("batch")], shape[kind.pos_axis] = rows_real.shape
+            keep = rows_real.view(shape)
             mine, whole = torch.where(keep, mine, 0), torch.where(keep, whole, 0)
             report.rows.append(diff_hook(f"{step}:{i}", hook, mine, whole, report.atol, report.rtol, a))
 

@@ -213,3 +213,33 @@ def router_without_root_size(model):
 def router_reads_normed_input(model):
     """The router reads the pre-MLP norm's output (as the dense MLP does) instead of the un-normed residual."""
     return _patched_all([(block, "_router_input", lambda m, mlp_in: m) for block in _moe_blocks(model)])
+
+
+def _altup_blocks(model):
+    if model.config.n_streams == 1:
+        raise ValueError("this model has one residual stream (no AltUp)")
+    return list(model.blocks)
+
+
+def stream_magnitude_not_matched(model):
+    """AltUp's streams 1.. are the embedding's projections (and, at the end, the unembed projections) as they are,
+    not rescaled to stream 0's root-mean-square."""
+    from lens_det.components import streams
+
+    _altup_blocks(model)
+    return _patched(streams, "match_magnitude", lambda x, target: x)
+
+
+def gate_std_unbiased(model):
+    """The gaussian top-k cutoff uses the sample std (Bessel's correction, torch.std's default) instead of HF's
+    population std."""
+    mlps = [block.mlp for block in model.blocks if getattr(block.mlp, "sparsity", 0.0)]
+    if not mlps:
+        raise ValueError("this model has no gate sparsity")
+    return _patched_all([(mlp, "_std", lambda g: torch.std(g, dim=-1, keepdim=True)) for mlp in mlps])
+
+
+def per_layer_input_on_every_stream(model):
+    """The per-layer sub-block's output is added to every AltUp stream, stream 0 included (HF: streams 1.. only)."""
+    return _patched_all([(block, "_add_to_streams", lambda corrected, added: corrected + added)
+                         for block in _altup_blocks(model)])

@@ -23,6 +23,8 @@ from lens_det import ops
 from lens_det.config import LensConfig
 from lens_det.hf import FAMILIES, decoder_of, hf_attn_implementation, module_names
 from lens_det.hooks import HOOK_KINDS
+from lens_det.parity.reference_blocks import _altup_block, _collapse_streams, _per_layer_block, _per_layer_embeddings, \
+    _streams_model
 
 # How each hook kind's reference is obtained ("module": an HF module's input/output; "attention": recorded in
 # HF's eager attention call; "derived": computed from HF tensors with HF's operations; "call": the input or output of
@@ -252,12 +254,15 @@ def capture_reference(
 
         def module(lens_weight: str, layer=layer):
             return layer.get_submodule(names[lens_weight])
-        rec.tap(layer, p + "hook_resid_pre", "in")
-        n_kv = cfg.layer_n_key_value_heads(i)
-        for name, n in (("attn_in", cfg.n_heads), ("q_input", cfg.n_heads), ("k_input", n_kv), ("v_input", n_kv)):
-            # TL's per-head copies of the decoder layer's input
-            rec.tap(layer, f"{p}hook_{name}", "in", lambda x, n=n: x[:, :, None, :].expand(-1, -1, n, -1))
-        rec.tap(layer, p + "hook_resid_post", "out")
+        if cfg.n_streams > 1:  # the decoder layer reads and returns the stream stack; stream 0 is the residual
+            _altup_block(layer, rec, cfg, p, b, t)
+        else:
+            rec.tap(layer, p + "hook_resid_pre", "in")
+            n_kv = cfg.layer_n_key_value_heads(i)
+            for name, n in (("attn_in", cfg.n_heads), ("q_input", cfg.n_heads), ("k_input", n_kv),
+                            ("v_input", n_kv)):  # TL's per-head copies of the decoder layer's input
+                rec.tap(layer, f"{p}hook_{name}", "in", lambda x, n=n: x[:, :, None, :].expand(-1, -1, n, -1))
+            rec.tap(layer, p + "hook_resid_post", "out")
         for norm in norms:
             rec.norm(module(f"{norm}.w"), f"{p}{norm}.", cfg)
         rec.tap(module("ln2.w"), p + "hook_resid_mid", "in")
@@ -301,6 +306,8 @@ def capture_reference(
         if cfg.n_experts and getattr(layer, "enable_moe_block", False):
             rec.experts(module, p, cfg, lambda x: x.view(b, t, *x.shape[1:]))
     rec.norm(decoder.get_submodule(top["ln_final.w"]), "ln_final.", cfg)
+    if cfg.n_streams > 1:
+        _streams_model(decoder, layers, rec, cfg)
     if cfg.kv_source_layer:  # HF's attention receives the source layer's keys: no hook_rot_k of their own
         rec.skip |= {f"blocks.{i}.attn.hook_rot_k" for i in range(cfg.n_layers) if cfg.layer_kv_source(i) is not None}
 
@@ -319,6 +326,8 @@ def capture_reference(
         rec.remove()
     values = {k: v for k, v in rec.values.items() if k not in rec.skip}
     with torch.no_grad():
+        if cfg.n_streams > 1:
+            _collapse_streams(values, cfg)
         for i in range(len(layers)):
             if f"blocks.{i}.moe.calls" in values:
                 _expert_activations(values, f"blocks.{i}.", cfg.n_experts, (b, t, cfg.n_experts_per_token))
@@ -331,36 +340,6 @@ def capture_reference(
                 w_o = o.weight.view(cfg.d_model, h, cfg.layer_d_head(i))
                 values[f"blocks.{i}.attn.hook_result"] = torch.einsum("bqhd,mhd->bqhm", z, w_o)
     return out.logits, values
-
-
-def _per_layer_embeddings(decoder: Any, top: dict, rec: _Recorder, cfg: LensConfig, b: int, t: int) -> None:
-    """Gemma 4 PLE, model level: the scaled token table, the projection before its norm, the norm, and what
-    project_per_layer_inputs returns (recorded by wrapping that method on this instance for the call)."""
-    shape = (b, t, cfg.n_layers, cfg.d_per_layer_input)
-    rec.tap(decoder.get_submodule(top["ple.W_E"]), "ple.hook_tokens", "out", lambda x: x.reshape(shape))
-    rec.tap(decoder.get_submodule(top["ple.ln.w"]), "ple.hook_proj", "in")
-    rec.norm(decoder.get_submodule(top["ple.ln.w"]), "ple.ln.", cfg)
-    original = decoder.project_per_layer_inputs
-
-    def project(*args, **kwargs):
-        out = original(*args, **kwargs)
-        rec.values["hook_per_layer_inputs"] = out.detach()
-        return out
-
-    decoder.project_per_layer_inputs = project
-    rec.restore.append(lambda: delattr(decoder, "project_per_layer_inputs"))
-
-
-def _per_layer_block(layer: Any, module: Callable, rec: _Recorder, cfg: LensConfig, p: str) -> None:
-    """Gemma 4 PLE, per decoder layer: its per_layer_input argument and the gated sub-block at its end."""
-    def layer_input(mod, args, kwargs):
-        value = args[1] if len(args) > 1 else kwargs["per_layer_input"]
-        rec.values[p + "hook_per_layer_input"] = value.detach()
-    rec.handles.append(layer.register_forward_pre_hook(layer_input, with_kwargs=True))
-    rec.tap(module("ple.w_gate"), p + "ple.hook_pre", "out")
-    rec.tap(module("ple.w_out"), p + "ple.hook_post", "in")
-    rec.norm(module("ple.ln.w"), p + "ple.ln.", cfg)
-    rec.tap(module("ple.ln.w"), p + "hook_ple_out", "out")
 
 
 def _bloom_attention(values, attentions, cfg: LensConfig, inputs: dict, cache) -> None:

@@ -31,7 +31,31 @@ class LensActivationCache(ActivationCache):
                              "difference")
         return super().get_full_resid_decomposition(*args, **kwargs)
 
+    def _refuse_streams(self, what: str) -> None:
+        n = self.model.config.n_streams
+        if n > 1:
+            raise ValueError(f"{what} reads the residual stream through ln_final, but on this multi-stream (AltUp) "
+                             f"model the final norm reads the mean of {n} magnitude-matched streams, not stream 0 "
+                             "(hook_resid_pre / _post); read cache['streams_out.hook_mean'] or the stream stacks "
+                             "(blocks.{i}.hook_streams_post) instead")
+
+    def apply_ln_to_stack(self, *args, **kwargs):
+        self._refuse_streams("apply_ln_to_stack")
+        return super().apply_ln_to_stack(*args, **kwargs)
+
+    def logit_lens(self, *args, **kwargs):
+        self._refuse_streams("logit_lens")
+        return super().logit_lens(*args, **kwargs)
+
+    def accumulated_resid(self, *args, **kwargs):
+        if kwargs.get("apply_ln") or (len(args) > 2 and args[2]):
+            self._refuse_streams("accumulated_resid(apply_ln=True)")
+        return super().accumulated_resid(*args, **kwargs)
+
     def decompose_resid(self, *args, **kwargs):
+        if self.model.config.n_streams > 1:
+            raise ValueError(f"decompose_resid would not sum to the residual stream here: "
+                             f"{self.model.why_residual_not_additive()}")
         if self.model.config.layer_scalar:
             raise ValueError("decompose_resid would not sum to the residual stream here: each block multiplies the "
                              "whole residual stream by its layer_scalar (blocks.{i}.layer_scalar), so the stream is "
@@ -44,6 +68,9 @@ def why_residual_not_additive(config: LensConfig) -> str | None:
     """None when every head's result and every neuron's output is added to the residual stream as it is (so TL's
     per-head / per-neuron decompositions sum to it); otherwise why not."""
     c = config
+    if c.n_streams > 1:
+        return (f"the residual is AltUp's {c.n_streams} streams, mixed by a learned per-token router in every block "
+                "(hook_resid_pre / _post are stream 0), so it is not embed + the sum of the attention and MLP outputs")
     if c.layer_scalar:
         return ("each block multiplies the whole residual stream by its layer_scalar, so the residual stream is not "
                 "embed + the sum of the attention and MLP outputs")

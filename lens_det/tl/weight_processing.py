@@ -25,6 +25,9 @@ STEPS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_bias
 def why_not(config, step: str) -> str | None:
     """Why `step` would change what a model of `config` (a LensConfig) computes, or None where it is valid."""
     c = config
+    if c.n_streams > 1:
+        return (f"{step} is not implemented on a multi-stream (AltUp) model: its residual is {c.n_streams} streams "
+                "mixed by a router, and ln1's output also feeds LAuReL")
     if step == "fold_ln" and c.residual_from_norm:
         return ("the norm's output is also the residual stream (residual_from_norm), so its gain and bias cannot move "
                 "into the next layer's weights")

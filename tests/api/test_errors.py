@@ -89,13 +89,3 @@ def test_unsupported_config_values_raise_not_implemented():
 
         LensConfig.from_hf_config(LlamaConfig())
 
-
-def test_gemma3n_is_refused_naming_what_is_missing():
-    """Gemma 3n is HF's one Gemma decoder lens_det does not run yet: the refusal names its missing mechanisms."""
-    from transformers import Gemma3nConfig, Gemma3nTextConfig
-
-    from lens_det.config import LensConfig
-
-    for config in (Gemma3nTextConfig(), Gemma3nConfig()):
-        with pytest.raises(NotImplementedError, match="AltUp multi-stream residual, LAuReL"):
-            LensConfig.from_hf_config(config)

@@ -39,6 +39,9 @@ GRAD_TOL = {
     "tiny-gemma4": (0.0, 0.0),
     "tiny-gemma4-ple": (0.0, 0.0),
     "tiny-gemma4-moe": (2.5e-5, 1e-5),
+    # Gemma 3n: every parameter gradient within 6.0e-7 of HF's, hook-free too (AltUp's stream stack is read through
+    # permuted views and a K=4 matmul whose backward HF's graph groups differently; cause not isolated further)
+    "tiny-gemma3n": (1e-6, 1e-6),
 }
 # Gemma 4's q_norm / k_norm weight gradients: HF rotates [batch, pos, head, d] before its transpose, lens_det after
 # it ([batch, head, pos, d]), so the gradient reaching the norm has another memory layout and the weight gradient's
@@ -148,7 +151,8 @@ def test_gradients_with_every_hook_cached_match_hf(model_pair, name):
     if cfg.d_per_layer_input:  # the embedding also feeds the per-layer inputs (hook_embed has both roles)
         hf_acts.pop("blocks.0.hook_resid_pre")
     off = model.disabled_hook_points()  # opt-in hooks (hook_mlp_in, hook_attn_in, ...), off by default
-    acts = {n: cache[n + "_grad"] for n in hf_acts if n not in off}
+    acts = {n: cache[n + "_grad"] for n in hf_acts if n not in off and n in model.hook_dict}  # (not the taps' parts)
+    hf_acts = {n: g for n, g in hf_acts.items() if n in acts}
     assert "hook_embed" in acts and len(acts) > 10 * cfg.n_layers
     param_tol, act_tol = GRAD_TOL[name]
     qk_tol = QK_NORM_TOL if cfg.v_norm else param_tol  # Gemma 4
@@ -245,7 +249,7 @@ def test_hook_scale_is_on_the_autograd_graph(model_pair, name, norm):
     assert kept["scale"].grad is not None, "retain_grad() on hook_scale gave no gradient: it is off the graph"
     assert "grad" in from_bwd, "a backward hook on hook_scale did not fire"
     assert torch.equal(kept["scale"].grad, from_bwd["grad"])
-    x = cache[_input_name(model, norm)].double()
+    x = _norm_input(model, cache, norm).double()
     if model.cfg.norm == "layernorm":
         x = x - x.mean(-1, keepdim=True)
     scale = kept["scale"].detach().double()
@@ -256,7 +260,14 @@ def test_hook_scale_is_on_the_autograd_graph(model_pair, name, norm):
 
 
 def _input_name(model, norm: str) -> str:
+    if model.config.n_streams > 1:  # AltUp: ln_final reads the streams' mean, ln1 the stream-0 prediction
+        return "streams_out.hook_mean" if norm == "ln_final" else "blocks.0.altup.hook_predictions"
     return f"blocks.{model.cfg.n_layers - 1}.hook_resid_post" if norm == "ln_final" else "blocks.0.hook_resid_pre"
+
+
+def _norm_input(model, cache, norm: str) -> torch.Tensor:
+    x = cache[_input_name(model, norm)]
+    return x[0] if _input_name(model, norm).endswith("hook_predictions") else x
 
 
 @pytest.mark.parametrize("name", ["tiny-bloom", "tiny-gemma2", "tiny-gemma4-ple"])

@@ -27,6 +27,10 @@ PLE_GLOBAL = ["hook_per_layer_inputs", "ple.hook_tokens", "ple.hook_proj", "ple.
               "ple.ln.hook_normalized"]
 PLE_BLOCK = ["hook_per_layer_input", "ple.hook_pre", "ple.hook_post", "ple.ln.hook_scale", "ple.ln.hook_normalized",
              "hook_ple_out"]
+ALTUP_GLOBAL = ["streams_in.hook_streams", "streams_out.hook_streams", "streams_out.hook_mean"]
+ALTUP_BLOCK = ["hook_streams_pre", "hook_streams_post", "altup.hook_predict_coefs", "altup.hook_predictions",
+               "altup.hook_correct_coefs", "altup.hook_corrected", "laurel.hook_low", "laurel.ln.hook_scale",
+               "laurel.ln.hook_normalized", "hook_laurel_out"]
 # KV-sharing consumer layers project no keys / values: these hooks are absent there (their source layer has them)
 KV_OWN = ["attn.hook_k", "attn.hook_v", "attn.hook_rot_k", "attn.k_norm.hook_scale", "attn.k_norm.hook_normalized",
           "attn.v_norm.hook_scale", "attn.v_norm.hook_normalized"]
@@ -40,6 +44,8 @@ GOLDEN = {
     "tiny-gemma4": (GLOBAL, COMMON_BLOCK + ROPE + SANDWICH + QK_NORM + V_NORM),
     "tiny-gemma4-ple": (GLOBAL + PLE_GLOBAL, COMMON_BLOCK + ROPE + SANDWICH + QK_NORM + V_NORM + PLE_BLOCK),
     "tiny-gemma4-moe": (GLOBAL, COMMON_BLOCK + ROPE + SANDWICH + QK_NORM + V_NORM + MOE),
+    "tiny-gemma3n": (GLOBAL + PLE_GLOBAL + ALTUP_GLOBAL,
+                     COMMON_BLOCK + ROPE + SANDWICH + QK_NORM + V_NORM + PLE_BLOCK + ALTUP_BLOCK),
 }
 
 
@@ -50,6 +56,8 @@ def test_golden_hook_names(model_pair, name):
     c = model.cfg
     expected = set(top) | {f"blocks.{i}.{h}" for i in range(c.n_layers) for h in per_block
                            if c.layer_kv_source(i) is None or h not in KV_OWN}
+    # the gaussian top-k gate's hook exists on the sparse layers only (Gemma 3n: 0, 1 and 4)
+    expected |= {f"blocks.{i}.mlp.hook_sparse_gate" for i, p in enumerate(model.config.gate_sparsity or ()) if p}
     assert set(model.hook_dict) == expected
 
 

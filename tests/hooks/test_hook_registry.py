@@ -56,7 +56,8 @@ def _sizes(model, name: str) -> dict[str, int]:
     sizes = {"batch": BATCH, "pos": POS, "key_pos": POS, "one": 1, "d_model": cfg.d_model, "d_vocab": cfg.d_vocab,
              "head": cfg.n_heads, "layer": cfg.n_layers, "d_ple": cfg.d_per_layer_input,
              "expert": cfg.n_experts, "top_k": cfg.n_experts_per_token, "d_expert": cfg.d_mlp_expert,
-             "d_in": cfg.d_model, "d_sae": D_SAE, "d_out": cfg.d_model}
+             "d_in": cfg.d_model, "d_sae": D_SAE, "d_out": cfg.d_model,
+             "stream": cfg.n_streams, "stream_from": cfg.n_streams, "d_laurel": cfg.laurel_rank}
     if name.startswith("blocks."):
         layer = int(name.split(".")[1])
         attn = model.blocks[layer].attn

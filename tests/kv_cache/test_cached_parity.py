@@ -58,7 +58,7 @@ def test_chunked_prefill_same_tokens_and_bounded_hook_gap(model_pair, name):
     assert len(ends) == 1
 
 
-@pytest.mark.parametrize("name", ["tiny-gemma3", "tiny-gemma4", "tiny-gemma4-ple"])
+@pytest.mark.parametrize("name", ["tiny-gemma3", "tiny-gemma4", "tiny-gemma4-ple", "tiny-gemma3n"])
 def test_cache_stores_what_hf_keeps(model_pair, name):
     """Sliding layers keep W - 1 positions, full layers everything; keys are post-RoPE (and post k-norm), values
     post v-norm (Gemma 4), each layer with its own kv heads and head dim. KV-sharing consumer layers store nothing
@@ -80,7 +80,8 @@ def test_cache_stores_what_hf_keeps(model_pair, name):
         assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
 
 
-@pytest.mark.parametrize("name", ["tiny-bloom", "tiny-gemma2", "tiny-gemma3", "tiny-gemma4", "tiny-gemma4-ple"])
+@pytest.mark.parametrize("name", ["tiny-bloom", "tiny-gemma2", "tiny-gemma3", "tiny-gemma4", "tiny-gemma4-ple",
+                                  "tiny-gemma3n"])
 def test_cache_bytes_formula(model_pair, name):
     """2 x layers x batch x stored positions x kv_heads x d_head x itemsize, sliding layers storing W - 1,
     KV-sharing consumer layers storing nothing (only the layers that project keys/values count)."""

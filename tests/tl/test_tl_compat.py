@@ -18,7 +18,9 @@ CONFIGS = ["tiny-bloom", "tiny-gemma2"]
 # decompose_resid sums to resid_post only when each block adds attn_out / mlp_out to its input; tiny-bloom-resid
 # (apply_residual_connection_post_layernorm) adds them to the norm output instead, so it is checked to NOT sum.
 # tiny-gemma4(-ple, -moe) multiply the residual stream by a per-block layer_scalar, so decompose_resid refuses.
-ADDITIVE = [n for n in ALL if n not in ("tiny-bloom-resid", "tiny-gemma4", "tiny-gemma4-ple", "tiny-gemma4-moe")]
+ADDITIVE = [n for n in ALL if n not in ("tiny-bloom-resid", "tiny-gemma4", "tiny-gemma4-ple", "tiny-gemma4-moe",
+                                        "tiny-gemma3n")]
+ONE_STREAM = [n for n in ALL if n != "tiny-gemma3n"]  # Gemma 3n's residual is AltUp's streams (tests/parity/test_gemma3n.py)
 REL = 1e-5
 
 
@@ -65,7 +67,7 @@ def test_run_with_cache_is_an_activation_cache(model_pair, name):
         assert torch.equal(one["resid_post", 1], cache["resid_post", 1][0])
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", ONE_STREAM)
 def test_accumulated_resid_and_logit_lens(model_pair, name):
     model = tl_model(model_pair, name)
     L = model.cfg.n_layers
@@ -266,7 +268,9 @@ def test_pos_slice_slices_every_hook_on_its_position_axis(model_pair, name):
         assert set(cache.keys()) == set(full.keys())
         for hook in full.keys():
             whole = full[hook]
-            dim = 2 if hook.endswith(("hook_pattern", "hook_attn_scores")) else 1
+            # patterns / scores are [batch, head, pos, key_pos]; AltUp's stream stacks [stream, batch, pos, d_model]
+            stacks = ("hook_streams", "hook_streams_pre", "hook_streams_post", "hook_predictions", "hook_corrected")
+            dim = 2 if hook.endswith(("hook_pattern", "hook_attn_scores", *stacks)) else 1
             assert whole.shape[dim] == 7, hook
             expected = whole[(slice(None),) * dim + (index,)]
             assert torch.equal(cache[hook], expected), (hook, pos_slice)
@@ -336,7 +340,7 @@ def test_direct_logit_attribution_sums_to_the_logit_difference(model_pair, name,
     torch.testing.assert_close(head_attrs.sum(0), expected, rtol=1e-4, atol=1e-4 * diff.abs().max().item())
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", ONE_STREAM)
 def test_stop_and_start_at_layer_are_bit_exact_pieces_of_the_forward(model_pair, name):
     _, model = model_pair(name)
     tokens, mask = batch("left", model.cfg.d_vocab)
@@ -418,7 +422,7 @@ def test_decompose_resid_refuses_a_scaled_residual_stream(model_pair):
 
 
 # tiny-gemma4(-ple, -moe)'s full layers have their own d_head / kv heads (and -ple's KV-sharing layers no K/V weights)
-UNIFORM = [n for n in ALL if n not in ("tiny-gemma4", "tiny-gemma4-ple", "tiny-gemma4-moe")]
+UNIFORM = [n for n in ALL if n not in ("tiny-gemma4", "tiny-gemma4-ple", "tiny-gemma4-moe", "tiny-gemma3n")]
 
 
 def test_weight_stacks_refuse_mixed_geometry_and_blocks_keep_tl_meaning(model_pair):
