@@ -197,6 +197,8 @@ _ENTRIES = [
              "module: the MLP act_fn's input (sparse layers only)"),
     HookKind("blocks.altup.hook_correct_coefs", ("batch", "pos", "stream"), "linear (router) + 1",
              "derived: altup.correction_coefs's output + 1.0"),
+    HookKind("blocks.altup.hook_innovation", _RESID, "subtract",
+             "derived: HF's (pre_feedforward_layernorm input + post_feedforward_layernorm output) - prediction 0"),
     HookKind("blocks.altup.hook_corrected", _STREAMS, "altup correct", "call: altup.correct's return (cloned)"),
     HookKind("blocks.hook_streams_post", _STREAMS, "per-layer add (streams 1..)",
              "module: the HF decoder layer's output"),

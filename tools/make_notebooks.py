@@ -43,18 +43,22 @@ fig.colorbar(image, ax=axes.tolist(), shrink=0.8, label="attention weight")
 fig.suptitle("attention patterns of the first prompt (row = query, column = key it attends to)", fontsize=10)
 plt.show()''',
         '''# Logit lens: the residual stream after each layer, through the final norm and the unembedding.
+# (Gemma 3n's final norm reads the mean of its AltUp streams, not one residual stream: no logit lens there.)
 from matplotlib.ticker import MaxNLocator
-resid, labels = cache.accumulated_resid(apply_ln=True, return_labels=True)
-lens_logits = resid[:, 0, -1] @ model.W_U
-final_token = logits[0, -1].argmax()
-rank = (lens_logits > lens_logits[:, final_token, None]).sum(-1)
-plt.figure(figsize=(6, 3.5), layout="constrained")
-plt.plot(labels, rank.numpy(), marker="o")
-plt.ylim(-0.5, max(5, 1.05 * int(rank.max()) + 1)); plt.gca().yaxis.set_major_locator(MaxNLocator(integer=True))
-plt.xticks(rotation=60); plt.xlabel("residual stream: i_pre = before layer i, final_post = after the final norm")
-plt.ylabel("rank of the final prediction\\n(0 = already the top token)")
-plt.title("logit lens, first prompt, last position")
-plt.show()''',
+if model.config.n_streams > 1:
+    print("logit lens: not defined on this multi-stream (AltUp) model; the final norm reads streams_out.hook_mean")
+else:
+    resid, labels = cache.accumulated_resid(apply_ln=True, return_labels=True)
+    lens_logits = resid[:, 0, -1] @ model.W_U
+    final_token = logits[0, -1].argmax()
+    rank = (lens_logits > lens_logits[:, final_token, None]).sum(-1)
+    plt.figure(figsize=(6, 3.5), layout="constrained")
+    plt.plot(labels, rank.numpy(), marker="o")
+    plt.ylim(-0.5, max(5, 1.05 * int(rank.max()) + 1)); plt.gca().yaxis.set_major_locator(MaxNLocator(integer=True))
+    plt.xticks(rotation=60); plt.xlabel("residual stream: i_pre = before layer i, final_post = after the final norm")
+    plt.ylabel("rank of the final prediction\\n(0 = already the top token)")
+    plt.title("logit lens, first prompt, last position")
+    plt.show()''',
     ],
     "02_kv_cache_parity": [
         '''# KV-cache parity

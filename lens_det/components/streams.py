@@ -83,6 +83,7 @@ class AltUp(nn.Module):
         self.hook_predict_coefs = HookPoint()  # [batch, pos, stream, stream]: C[i, j], prediction i's weight of j
         self.hook_predictions = HookPoint()  # [stream, batch, pos, d_model]
         self.hook_correct_coefs = HookPoint()  # [batch, pos, stream]: c_i + 1
+        self.hook_innovation = HookPoint()  # [batch, pos, d_model]: the block's output - prediction 0
         self.hook_corrected = HookPoint()  # [stream, batch, pos, d_model]
 
     def _modalities(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,7 +99,7 @@ class AltUp(nn.Module):
 
     def correct(self, predictions: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         coefs = self.hook_correct_coefs(ops.linear(self._modalities(output), self.w_correct) + 1.0)
-        innovation = (output - predictions[0]).repeat(self.n_streams, 1, 1, 1)
+        innovation = self.hook_innovation(output - predictions[0]).repeat(self.n_streams, 1, 1, 1)
         return self.hook_corrected((torch.mul(innovation, coefs.permute(2, 0, 1).unsqueeze(-1)) + predictions)
                                    .contiguous())
 

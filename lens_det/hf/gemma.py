@@ -281,7 +281,8 @@ ALTUP_BLOCK = {
     "laurel.linear_right.weight": "laurel.w_right",
     "laurel.post_laurel_norm.weight": "laurel.ln.w",
 }
-ALTUP_MODEL = {"altup_projections.{}.weight": "streams_in.w.{}", "altup_unembed_projections.{}.weight": "streams_out.w.{}"}
+ALTUP_MODEL = {"altup_projections.{}.weight": "streams_in.w.{}",
+               "altup_unembed_projections.{}.weight": "streams_out.w.{}"}
 # Gemma 4 per-layer embeddings, per decoder layer
 PLE_BLOCK = {"per_layer_input_gate.weight": "ple.w_gate", "per_layer_projection.weight": "ple.w_out",
              "post_per_layer_input_norm.weight": "ple.ln.w"}

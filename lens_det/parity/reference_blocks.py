@@ -81,9 +81,13 @@ def _streams_model(decoder: Any, layers: list, rec, cfg: LensConfig) -> None:
 
 def _collapse_streams(values: dict, cfg: LensConfig) -> None:
     """streams_out.hook_streams from HF's tensors with HF's collapse ops: stream 0, then each unembed projection
-    times stream 0's RMS over its own (mean square clamped at 1e-5); and AltUp's correction coefficients + 1.0."""
+    times stream 0's RMS over its own (mean square clamped at 1e-5); AltUp's correction coefficients + 1.0 and its
+    innovation (the block's output, resid_mid + mlp_out, minus prediction 0), with HF's ops on HF's tensors."""
     for key in [k for k in values if k.endswith("altup.hook_correct_coefs")]:
         values[key] = values[key] + 1.0  # HF's `correction_coefs(modalities) + 1.0`, in the model dtype
+        p = key.removesuffix("altup.hook_correct_coefs")  # HF: activated = attn_laurel + attn_ffw_norm; - pred 0
+        activated = values[p + "hook_resid_mid"] + values[p + "hook_mlp_out"]
+        values[p + "altup.hook_innovation"] = activated - values[p + "altup.hook_predictions"][0]
     s0 = values.pop("streams_out.last")[0]
     target = torch.mean(s0**2, dim=-1, keepdim=True) ** 0.5
     parts = [s0]

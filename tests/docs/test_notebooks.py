@@ -15,10 +15,11 @@ def test_all_five_notebooks_exist():
     assert [p.stem[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05"]
 
 
-@pytest.mark.parametrize("tiny", [None, "tiny-gemma4"], ids=["default", "gemma4"])
+@pytest.mark.parametrize("tiny", [None, "tiny-gemma4", "tiny-gemma3n"], ids=["default", "gemma4", "gemma3n"])
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_executes_and_renders_figures(path, tiny, monkeypatch):
-    """Each notebook on its own tiny default model, and on a tiny Gemma 4 (per-layer head dims, K = V)."""
+    """Each notebook on its own tiny default model, on a tiny Gemma 4 (per-layer head dims, K = V) and on a tiny
+    Gemma 3n (AltUp streams: notebook 01 says why it has no logit lens)."""
     monkeypatch.delenv("LENS_DET_MODEL", raising=False)
     if tiny is None:
         monkeypatch.delenv("LENS_DET_TINY", raising=False)

@@ -29,7 +29,8 @@ PLE_BLOCK = ["hook_per_layer_input", "ple.hook_pre", "ple.hook_post", "ple.ln.ho
              "hook_ple_out"]
 ALTUP_GLOBAL = ["streams_in.hook_streams", "streams_out.hook_streams", "streams_out.hook_mean"]
 ALTUP_BLOCK = ["hook_streams_pre", "hook_streams_post", "altup.hook_predict_coefs", "altup.hook_predictions",
-               "altup.hook_correct_coefs", "altup.hook_corrected", "laurel.hook_low", "laurel.ln.hook_scale",
+               "altup.hook_correct_coefs", "altup.hook_innovation", "altup.hook_corrected", "laurel.hook_low",
+               "laurel.ln.hook_scale",
                "laurel.ln.hook_normalized", "hook_laurel_out"]
 # KV-sharing consumer layers project no keys / values: these hooks are absent there (their source layer has them)
 KV_OWN = ["attn.hook_k", "attn.hook_v", "attn.hook_rot_k", "attn.k_norm.hook_scale", "attn.k_norm.hook_normalized",

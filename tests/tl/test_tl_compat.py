@@ -20,7 +20,8 @@ CONFIGS = ["tiny-bloom", "tiny-gemma2"]
 # tiny-gemma4(-ple, -moe) multiply the residual stream by a per-block layer_scalar, so decompose_resid refuses.
 ADDITIVE = [n for n in ALL if n not in ("tiny-bloom-resid", "tiny-gemma4", "tiny-gemma4-ple", "tiny-gemma4-moe",
                                         "tiny-gemma3n")]
-ONE_STREAM = [n for n in ALL if n != "tiny-gemma3n"]  # Gemma 3n's residual is AltUp's streams (tests/parity/test_gemma3n.py)
+# Gemma 3n's residual is AltUp's streams (what it refuses: tests/parity/test_gemma3n.py)
+ONE_STREAM = [n for n in ALL if n != "tiny-gemma3n"]
 REL = 1e-5
 
 
