@@ -94,14 +94,16 @@ class AltUp(nn.Module):
     def predict(self, streams: torch.Tensor) -> torch.Tensor:
         n, (b, t) = self.n_streams, streams.shape[1:3]
         coefs = self.hook_predict_coefs(ops.linear(self._modalities(streams[0]), self.w_predict).reshape(b, t, n, n))
-        mixed = torch.matmul(streams.permute(1, 2, 3, 0), coefs.permute(0, 1, 3, 2)).permute(3, 0, 1, 2)
-        return self.hook_predictions((mixed + streams).contiguous())
+        predictions = torch.matmul(streams.permute(1, 2, 3, 0), coefs.permute(0, 1, 3, 2)).permute(3, 0, 1, 2)
+        predictions += streams  # in place on the permuted view, as HF (its backward then runs HF's matmul layouts)
+        return self.hook_predictions(predictions.contiguous())
 
     def correct(self, predictions: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         coefs = self.hook_correct_coefs(ops.linear(self._modalities(output), self.w_correct) + 1.0)
         innovation = self.hook_innovation(output - predictions[0]).repeat(self.n_streams, 1, 1, 1)
-        return self.hook_corrected((torch.mul(innovation, coefs.permute(2, 0, 1).unsqueeze(-1)) + predictions)
-                                   .contiguous())
+        corrected = torch.mul(innovation, coefs.permute(2, 0, 1).unsqueeze(-1))
+        corrected += predictions  # in place, as HF
+        return self.hook_corrected(corrected.contiguous())
 
     def scale_for_gate(self, x: torch.Tensor) -> torch.Tensor:
         """What the per-layer gate reads with altup_correct_scale: corrected stream 0 times the learned scale."""
