@@ -79,7 +79,6 @@ class Block(nn.Module):
         if cfg.n_streams > 1:  # AltUp (Gemma 3n): the block reads and writes all streams (components.streams)
             self.altup = AltUp(cfg)
             self.laurel = Laurel(cfg)
-            self.altup_correct_scale = cfg.altup_correct_scale
             self.hook_streams_pre = HookPoint()  # [stream, batch, pos, d_model]: the streams this block reads
             self.hook_laurel_out = HookPoint()  # [batch, pos, d_model]: LAuReL's output (its input included)
             self.hook_streams_post = HookPoint()  # [stream, batch, pos, d_model]: the streams it writes
@@ -101,7 +100,7 @@ class Block(nn.Module):
         hook_resid_pre / hook_resid_post are stream 0 of the input / output and fire first (an edit replaces that
         stream); hook_streams_pre / _post then see the whole stack the block reads / writes, edits included."""
         streams = self.hook_streams_pre(self._stream0(streams, self.hook_resid_pre))
-        predictions = self.altup.predict(streams)
+        predictions = self.altup(streams)
         active = predictions[0]
         a = self.ln1(active)
         laurel = self.hook_laurel_out(self.laurel(a))
@@ -111,10 +110,8 @@ class Block(nn.Module):
         mid = self.hook_resid_mid(((active + attn_out) + laurel) / math.sqrt(2))
         mlp_in = self.hook_mlp_in(mid.clone()) if self.use_hook_mlp_in else mid
         output = mid + self.hook_mlp_out(self.ln2_post(self.mlp(self.ln2(mlp_in))))
-        corrected = self.altup.correct(predictions, output)
-        first = corrected[0]
-        gate_input = self.altup.scale_for_gate(first) if self.altup_correct_scale else first
-        per_layer_input = self.hook_per_layer_input(per_layer_input.to(first.device))
+        corrected, gate_input = self.altup(output, predictions)
+        per_layer_input = self.hook_per_layer_input(per_layer_input.to(gate_input.device))
         added = self.hook_ple_out(self.ple(gate_input, per_layer_input))
         return self.hook_streams_post(self._stream0(self._add_to_streams(corrected, added), self.hook_resid_post))
 

@@ -70,6 +70,7 @@ class AltUp(nn.Module):
         super().__init__()
         n, d = cfg.n_streams, cfg.d_model
         self.n_streams = n
+        self.correct_scale = cfg.altup_correct_scale
         # the router's RMSNorm runs twice per block (predict, correct), so it has no hook points of its own: the
         # router's outputs (hook_predict_coefs, hook_correct_coefs) are the hooks
         self.w_router_norm = nn.Parameter(torch.empty(d))
@@ -85,6 +86,15 @@ class AltUp(nn.Module):
         self.hook_correct_coefs = HookPoint()  # [batch, pos, stream]: c_i + 1
         self.hook_innovation = HookPoint()  # [batch, pos, d_model]: the block's output - prediction 0
         self.hook_corrected = HookPoint()  # [stream, batch, pos, d_model]
+
+    def forward(self, x: torch.Tensor, predictions: torch.Tensor | None = None):
+        """predict(x) for the block's input streams; with `predictions`, (correct(predictions, x), what the
+        per-layer gate reads) for the block's output x. One entry point, so that accelerate's offload hook on this
+        module loads its weights for both steps."""
+        if predictions is None:
+            return self.predict(x)
+        corrected = self.correct(predictions, x)
+        return corrected, self.scale_for_gate(corrected[0]) if self.correct_scale else corrected[0]
 
     def _modalities(self, x: torch.Tensor) -> torch.Tensor:
         normed = ops.rms_norm(x, self.w_router_norm, self.norm_eps, unit_offset=False, inv_sqrt=self.norm_inv_sqrt)

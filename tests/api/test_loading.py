@@ -26,7 +26,7 @@ def assert_same_model(a, b):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", ["tiny-bloom", "tiny-gemma2", "tiny-gemma3", "tiny-vaultgemma", "tiny-gemma4",
-                                  "tiny-gemma4-ple", "tiny-gemma4-moe"])
+                                  "tiny-gemma4-ple", "tiny-gemma4-moe", "tiny-gemma3n"])
 def test_save_pretrained_round_trip(tmp_path, name, dtype):
     hf = random_hf_model(name)
     hf.save_pretrained(tmp_path)
