@@ -114,6 +114,7 @@ EXACT_OPS = frozenset({
     # Gemma 3n: relu (exact), AltUp's stream repeat, and the icdf of the 0-d sparsity constant (erfinv on one
     # scalar, its argument check _is_all_true)
     "aten.relu", "aten.repeat", "aten.erfinv", "aten._is_all_true",
+    "aten.add_",  # AltUp's in-place adds (elementwise, as the audited add)
 })
 
 RAW_OPS = {

@@ -30,7 +30,14 @@ def valid_steps(config):
     return [s for s in STEPS if why_not(config, s) is None]
 
 
-def assert_same_function(processed, reference, tokens, mask, steps):
+# Random configs (the hypothesis tests) draw d_model down to 2 with a norm right after the attention / MLP output
+# (Gemma 2/3's post-norms): dividing by the RMS of a 2-4 element vector that happens to be small magnifies the one
+# rounding of a fold (measured 3.3e-5 on gemma2 with d_model 4: fold_value_biases before ln1_post). A wrong fold is
+# still O(1) off.
+REL_RANDOM = 1e-4
+
+
+def assert_same_function(processed, reference, tokens, mask, steps, rel: float = REL):
     pre_cap = {}  # the reference's logits before the final soft-cap (the identity without one)
     handle = reference.unembed.final_cap.register_forward_hook(lambda m, args, out: pre_cap.__setitem__("x", args[0]))
     try:
@@ -45,7 +52,7 @@ def assert_same_function(processed, reference, tokens, mask, steps):
     # relative to their size, and tanh (slope <= 1) passes at most that on, whatever it compresses the values to
     scale = max(ref[real].abs().max().item(), pre_cap["x"].float()[real].abs().max().item())
     err = (out - ref)[real].abs().max().item()
-    assert err <= REL * scale, f"{steps}: max |diff| {err:.3g} > {REL} * {scale:.3g}"
+    assert err <= rel * scale, f"{steps}: max |diff| {err:.3g} > {rel} * {scale:.3g}"
 
 
 def case_ids():
@@ -241,14 +248,14 @@ def check_random_config(data, config, seed):
     processed = lens_det.from_hf_model(hf, **{s: True for s in steps})
     n = data.draw(st.integers(1, 8), label="length")
     tokens = torch.tensor(data.draw(st.lists(st.integers(0, model.cfg.d_vocab - 1), min_size=n, max_size=n)))[None]
-    assert_same_function(processed, model, tokens, torch.ones_like(tokens), steps)
+    assert_same_function(processed, model, tokens, torch.ones_like(tokens), steps, rel=REL_RANDOM)
 
 
 @settings(max_examples=40, derandomize=True, **COMMON)
 @given(data=st.data(), config=config_kwargs(), seed=st.integers(0, 2**16))
 def test_processing_keeps_the_function_on_random_configs(data, config, seed):
     """Random valid configs of every family (biases, GQA, soft-caps, tied or not) and a random subset of the steps
-    valid for it: same logits (log-probs with center_unembed) at REL."""
+    valid for it: same logits (log-probs with center_unembed) at REL_RANDOM."""
     check_random_config(data, config, seed)
 
 
