@@ -38,11 +38,15 @@ def match_magnitude(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (x * target) / norm
 
 
+def _stream_projections(cfg: LensConfig) -> nn.ParameterList:
+    """One [d_model, d_model] projection per stream 1.. (HF's altup_projections / altup_unembed_projections)."""
+    return nn.ParameterList(nn.Parameter(torch.empty(cfg.d_model, cfg.d_model)) for _ in range(cfg.n_streams - 1))
+
+
 class StreamsIn(nn.Module):
     def __init__(self, cfg: LensConfig):
         super().__init__()
-        self.w = nn.ParameterList(nn.Parameter(torch.empty(cfg.d_model, cfg.d_model)) for _ in
-                                  range(cfg.n_streams - 1))
+        self.w = _stream_projections(cfg)
         self.hook_streams = HookPoint()  # [stream, batch, pos, d_model]: the streams block 0 reads
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
@@ -54,8 +58,7 @@ class StreamsIn(nn.Module):
 class StreamsOut(nn.Module):
     def __init__(self, cfg: LensConfig):
         super().__init__()
-        self.w = nn.ParameterList(nn.Parameter(torch.empty(cfg.d_model, cfg.d_model)) for _ in
-                                  range(cfg.n_streams - 1))
+        self.w = _stream_projections(cfg)
         self.hook_streams = HookPoint()  # [stream, batch, pos, d_model]: stream 0 and the matched projections
         self.hook_mean = HookPoint()  # [batch, pos, d_model]: their mean, what ln_final reads
 

@@ -23,8 +23,8 @@ from lens_det import ops
 from lens_det.config import LensConfig
 from lens_det.hf import FAMILIES, decoder_of, hf_attn_implementation, module_names
 from lens_det.hooks import HOOK_KINDS
-from lens_det.parity.reference_blocks import _altup_block, _collapse_streams, _per_layer_block, _per_layer_embeddings, \
-    _streams_model
+from lens_det.parity.reference_blocks import (_altup_block, _derived_altup_values, _per_layer_block,
+                                             _per_layer_embeddings, _streams_model)
 
 # How each hook kind's reference is obtained ("module": an HF module's input/output; "attention": recorded in
 # HF's eager attention call; "derived": computed from HF tensors with HF's operations; "call": the input or output of
@@ -327,7 +327,7 @@ def capture_reference(
     values = {k: v for k, v in rec.values.items() if k not in rec.skip}
     with torch.no_grad():
         if cfg.n_streams > 1:
-            _collapse_streams(values, cfg)
+            _derived_altup_values(values, cfg)
         for i in range(len(layers)):
             if f"blocks.{i}.moe.calls" in values:
                 _expert_activations(values, f"blocks.{i}.", cfg.n_experts, (b, t, cfg.n_experts_per_token))

@@ -59,7 +59,7 @@ def _altup_block(layer: Any, rec, cfg: LensConfig, p: str, b: int, t: int) -> No
         rec.tap(layer.input_layernorm, f"{p}hook_{name}", "in",
                 lambda x, heads=heads: x[:, :, None, :].expand(-1, -1, heads, -1))
     rec.tap(layer.altup.prediction_coefs, p + "altup.hook_predict_coefs", "out", lambda x: x.reshape(b, t, n, n))
-    rec.tap(layer.altup.correction_coefs, p + "altup.hook_correct_coefs", "out")  # + 1.0 after (_collapse_streams)
+    rec.tap(layer.altup.correction_coefs, p + "altup.hook_correct_coefs", "out")  # + 1.0 after (_derived_altup_values)
     _wrap(rec, layer.altup, "predict", p + "altup.hook_predictions")
     _wrap(rec, layer.altup, "correct", p + "altup.hook_corrected")  # HF adds the per-layer branch into it after
     rec.tap(layer.laurel, p + "hook_laurel_out", "out")
@@ -71,7 +71,7 @@ def _altup_block(layer: Any, rec, cfg: LensConfig, p: str, b: int, t: int) -> No
 
 def _streams_model(decoder: Any, layers: list, rec, cfg: LensConfig) -> None:
     """Gemma 3n, model level: the stacked streams layer 0 reads, the unembed projections' outputs (turned into the
-    collapsed streams by _collapse_streams) and the mean the final norm reads."""
+    collapsed streams by _derived_altup_values) and the mean the final norm reads."""
     rec.tap(layers[0], "streams_in.hook_streams", "in")
     rec.tap(layers[-1], "streams_out.last", "out")
     for k, proj in enumerate(decoder.altup_unembed_projections):
@@ -79,7 +79,7 @@ def _streams_model(decoder: Any, layers: list, rec, cfg: LensConfig) -> None:
     rec.tap(decoder.norm, "streams_out.hook_mean", "in")
 
 
-def _collapse_streams(values: dict, cfg: LensConfig) -> None:
+def _derived_altup_values(values: dict, cfg: LensConfig) -> None:
     """streams_out.hook_streams from HF's tensors with HF's collapse ops: stream 0, then each unembed projection
     times stream 0's RMS over its own (mean square clamped at 1e-5); AltUp's correction coefficients + 1.0 and its
     innovation (the block's output, resid_mid + mlp_out, minus prediction 0), with HF's ops on HF's tensors."""

@@ -73,8 +73,13 @@ class SAEMixin:
     """model.add_sae & co (module docstring); mixed into HookedDecoder."""
 
     @property
+    def _sae_splices(self) -> dict[str, _Splice]:
+        """{output hook: the splice there}; each splice holds its SAE and, for a transcoder, its input reader."""
+        return self.__dict__.setdefault("_sae_splices", {})
+
+    @property
     def acts_to_saes(self) -> dict[str, SAE]:
-        return dict(self.__dict__.setdefault("_saes", {}))
+        return {hook: splice.sae for hook, splice in self._sae_splices.items()}
 
     def _check_site(self, name: str, width: int, what: str) -> None:
         if name not in self.hook_dict or ".hook_sae_" in name:
@@ -114,29 +119,28 @@ class SAEMixin:
         reader = _Reader() if cfg.is_transcoder else None
         if reader is not None:
             self.hook_dict[cfg.hook_name].splices.append(reader)
-        out_site = self.hook_dict[cfg.out_hook]
-        out_site.splices.append(_Splice(sae, reader))
+        splice = _Splice(sae, reader)
+        self.hook_dict[cfg.out_hook].splices.append(splice)
         home = self.hook_dict[cfg.hook_name]
         for name in SAE_HOOKS:
             home.add_module(name, getattr(sae, name))
-        self.__dict__.setdefault("_saes", {})[cfg.out_hook] = sae
-        self.__dict__.setdefault("_sae_parts", {})[cfg.out_hook] = (reader, out_site.splices[-1])
+        self._sae_splices[cfg.out_hook] = splice
         self.setup()
         return sae
 
     def remove_sae(self, which: SAE | str) -> None:
         """Detach one SAE (by object, or by its output hook's name)."""
-        saes = self.__dict__.setdefault("_saes", {})
-        key = next((k for k, s in saes.items() if s is which), None) if isinstance(which, SAE) else which
-        if key not in saes:
+        splices = self._sae_splices
+        key = next((k for k, s in splices.items() if s.sae is which), None) if isinstance(which, SAE) else which
+        if key not in splices:
             raise ValueError(f"no SAE is attached at {which if isinstance(which, str) else which.cfg.out_hook}; "
-                             f"attached: {sorted(saes) or 'none'}")
-        sae = saes.pop(key)
-        reader, splice = self.__dict__["_sae_parts"].pop(key)
+                             f"attached: {sorted(splices) or 'none'}")
+        splice = splices.pop(key)
+        sae = splice.sae
         self.hook_dict[sae.cfg.out_hook].splices.remove(splice)
         home = self.hook_dict[sae.cfg.hook_name]
-        if reader is not None:
-            home.splices.remove(reader)
+        if splice.reader is not None:
+            home.splices.remove(splice.reader)
         for name in SAE_HOOKS:
             getattr(home, name).remove_hooks("both", including_permanent=True)
             delattr(home, name)
@@ -144,7 +148,7 @@ class SAEMixin:
 
     def reset_saes(self) -> None:
         """Detach every SAE."""
-        for key in list(self.__dict__.get("_saes", {})):
+        for key in list(self._sae_splices):
             self.remove_sae(key)
 
     @contextlib.contextmanager

@@ -138,19 +138,20 @@ def test_residual_sae_on_bloom_and_gemma1(model_pair, name):
     check_against_hf(model_pair, name, torch.float32, "resid", 1, "jumprelu")
 
 
+SPLICE_DRAWS = dict(name=st.sampled_from(SANDWICH), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+                    site=st.sampled_from(list(SITES)), layer=st.integers(0, 1),
+                    architecture=st.sampled_from(["relu", "jumprelu", "topk"]), skip=st.booleans())
+
+
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(name=st.sampled_from(SANDWICH), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-       site=st.sampled_from(list(SITES)), layer=st.integers(0, 1),
-       architecture=st.sampled_from(["relu", "jumprelu", "topk"]), skip=st.booleans())
+@given(**SPLICE_DRAWS)
 def test_property_spliced_equals_hf(model_pair, name, dtype, site, layer, architecture, skip):
     check_against_hf(model_pair, name, dtype, site, layer, architecture, skip and site == "transcoder")
 
 
 @pytest.mark.slow
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(name=st.sampled_from(SANDWICH), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-       site=st.sampled_from(list(SITES)), layer=st.integers(0, 1),
-       architecture=st.sampled_from(["relu", "jumprelu", "topk"]), skip=st.booleans())
+@given(**SPLICE_DRAWS)
 def test_property_spliced_equals_hf_long(model_pair, name, dtype, site, layer, architecture, skip):
     check_against_hf(model_pair, name, dtype, site, layer, architecture, skip and site == "transcoder")
 
